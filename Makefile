@@ -1,0 +1,80 @@
+# WSSS with frozen CLIP: `make demo` (whole pipeline on the synthetic set, CPU) and `make test`.
+# Every target installs what it needs first (`make setup`, idempotent through a stamp file).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+DATASET   ?= synthetic
+RUN       ?= default
+SCHEDULER ?= local
+GPUS      ?= 1
+SHARDS    ?=
+HEAD      ?= weclip
+MODEL     ?=
+CONFIG_voc       := configs/stage1/weclip_vit-b16_voc12aug-320x320_30k.py
+CONFIG_coco      := configs/stage1/weclip_vit-b16_coco14-320x320_80k.py
+CONFIG_synthetic := configs/stage1/weclip_tiny-clip_synthetic-160x160_300i.py
+CONFIG    ?= $(CONFIG_$(DATASET))
+OVERWRITE ?= 0
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.wsss-installed
+RUN_DIR    = runs/$(DATASET)/$(RUN)
+PYTEST_ARGS ?=
+OPTIONS   ?=
+COMMON     = --config $(CONFIG) --run $(RUN) --scheduler $(SCHEDULER) --gpus $(GPUS) $(if $(OPTIONS),--cfg-options $(OPTIONS)) $(if $(filter 1,$(OVERWRITE)),--overwrite)
+
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: help setup test test-slow test-all data cams world demo pseudo-labels retrain report bench status cancel clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
+
+$(STAMP): setup.cfg pyproject.toml pipelines/setup_env.sh
+	VENV=$(VENV) bash pipelines/setup_env.sh
+	@touch $@
+
+setup: $(STAMP)  ## create .venv and install the pinned stack (mmcv built once, wheel cached in ~/.cache/wsss-clip)
+
+test: $(STAMP)  ## fast offline CPU tests (not slow)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)  ## slow end-to-end tests (CI runs these too)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: test test-slow  ## both
+
+data: $(STAMP)  ## generate (synthetic) or check (voc, coco) the dataset under $$WSSS_DATA_ROOT
+	$(PY) -m stage1_cam.data --config $(CONFIG)
+
+cams: $(STAMP)  ## initial CLIP CAMs for a split + their evaluation table (issue 3)
+	$(PY) -m stage1_cam.cams $(CONFIG) --run $(RUN)
+
+world: $(STAMP)  ## tiny CLIP trained on the synthetic world (issue 9)
+	@echo "make world: the tiny synthetic-world CLIP (issue 9) is not implemented yet" >&2; exit 2
+
+pseudo-labels: $(STAMP)  ## stage 1: train the head (if no checkpoint), dump shards, manifest, evaluate
+	$(PY) -m pipelines pseudo-labels $(COMMON) $(if $(SHARDS),--shards $(SHARDS)) --head $(HEAD)
+
+retrain: $(STAMP)  ## stage 2: MMSegmentation on the shards, evaluated on val
+	$(PY) -m pipelines retrain $(COMMON) $(if $(MODEL),--model $(MODEL))
+
+report: $(STAMP)  ## one report: pseudo-mask quality, retrained model, cost, environment
+	$(PY) -m pipelines report $(COMMON)
+
+demo: $(STAMP)  ## pseudo-labels + retrain + report on the synthetic set, locally on CPU
+	$(MAKE) --no-print-directory pseudo-labels retrain report DATASET=synthetic RUN=demo SCHEDULER=local
+
+bench: $(STAMP)  ## benchmarks: print and save JSON figures under bench/results/
+	$(PY) -m pipelines.bench --out bench/results
+
+status: $(STAMP)  ## show a run's jobs and shards
+	$(PY) -m pipelines status $(COMMON)
+
+cancel: $(STAMP)  ## cancel a run's SLURM jobs
+	$(PY) -m pipelines cancel $(COMMON)
+
+clean:  ## remove caches and test outputs (keeps .venv, data/ and runs/)
+	rm -rf .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
