@@ -1,0 +1,76 @@
+"""Stage-1 configs: every file loads and validates, unknown keys are errors, hashes are stable."""
+
+from pathlib import Path
+
+import pytest
+
+from stage1_cam.config import ConfigError, config_hash, default_config, load_config
+
+CONFIGS = sorted(p for p in Path("configs/stage1").glob("*.py"))
+
+
+def test_there_are_leaf_configs():
+    names = {p.name for p in CONFIGS}
+    assert "weclip_vit-b16_voc12aug-320x320_30k.py" in names
+    assert "weclip_tiny-clip_synthetic-160x160_300i.py" in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_stage1_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.data.dataset in ("voc", "coco", "synthetic")
+    assert cfg.head.type == "weclip"
+    assert len(config_hash(cfg)) == 12
+
+
+def test_voc_config_matches_reference_settings():
+    cfg = load_config("configs/stage1/weclip_vit-b16_voc12aug-320x320_30k.py")
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_iters, cfg.train.max_iters) == (2e-3, 0.01, 50, 30000)
+    assert (cfg.train.batch_size, cfg.data.crop_size, tuple(cfg.data.scale_range)) == (4, 320, (0.5, 2.0))
+    assert cfg.data.normalization == "imagenet" and cfg.clip.template == "a clean origami {}."
+    assert (cfg.cam.box_threshold, cfg.cam.attn_layers, cfg.head.rfm.layers, cfg.head.rfm.score) == (0.4, 8, 6, "signed")
+    assert tuple(cfg.dump.scales) == (1.0, 0.75) and cfg.dump.long_side == 512
+    crf = cfg.dump.crf
+    assert (crf.iterations, crf.pos_xy_std, crf.pos_w, crf.bi_xy_std, crf.bi_rgb_std, crf.bi_w) == (10, 3, 3, 64, 5, 4)
+
+
+def test_unknown_key_is_an_error_naming_the_file(tmp_path):
+    f = tmp_path / "bad.py"
+    f.write_text("train = dict(max_iter=5)\n")
+    with pytest.raises(ConfigError, match=r"bad.py.*train\.max_iter.*valid keys under train.*max_iters"):
+        load_config(f)
+
+
+def test_unknown_override_is_an_error():
+    with pytest.raises(ConfigError, match="head.rfm.start"):
+        load_config("configs/stage1/weclip_tiny-clip_synthetic-160x160_300i.py", {"head.rfm.start": 3})
+
+
+def test_wrong_type_is_an_error(tmp_path):
+    f = tmp_path / "bad.py"
+    f.write_text("train = dict(max_iters='many')\n")
+    with pytest.raises(ConfigError, match="max_iters: expected an integer"):
+        load_config(f)
+
+
+def test_missing_file_message():
+    with pytest.raises(FileNotFoundError, match="configs/stage1"):
+        load_config("configs/stage1/nope.py")
+
+
+def test_hash_ignores_run_name_but_not_settings():
+    a = default_config()
+    b = default_config()
+    b.run.name = "other"
+    assert config_hash(a) == config_hash(b)
+    b.train.lr = 1e-3
+    assert config_hash(a) != config_hash(b)
+
+
+def test_defaults_filled_and_inheritance(tmp_path):
+    base = tmp_path / "base.py"
+    base.write_text("train = dict(max_iters=10)\n")
+    leaf = tmp_path / "leaf.py"
+    leaf.write_text("_base_ = ['./base.py']\ntrain = dict(batch_size=2)\n")
+    cfg = load_config(leaf)
+    assert (cfg.train.max_iters, cfg.train.batch_size, cfg.train.lr) == (10, 2, 2e-3)
