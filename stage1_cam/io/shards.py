@@ -1,0 +1,1083 @@
+"""HDF5 pseudo-mask shards: the on-disk contract between stage 1 (dump) and stage 2 (retraining).
+
+Format ``wsss-pseudo-masks`` version 1. A shard directory holds ``shard-00000-of-00016.h5`` ...
+``shard-00015-of-00016.h5`` and a ``manifest.json``. Each shard file looks like::
+
+    /                       attrs: format, format_version, dataset, split, class_names (JSON),
+                                   palette (JSON), ignore_index, config_hash, git_sha, checkpoint_hash,
+                                   extra (JSON), shard_index, num_shards; once finished: complete, num_images
+    /images/<quoted id>/    attrs: name, height, width, complete
+        label               (H, W) uint8, class ids, ``ignore_index`` = ignore; lzf-compressed
+        confidence          (H, W) float16; lzf-compressed
+        image_labels        (L,) int64, the image-level class ids
+        probs               optional (K, H, W) float16, probabilities of the K classes in ``prob_keys``
+        prob_keys           optional (K,) int64
+
+Writing rules:
+
+* One writer per shard, enforced by ``<shard>.h5.lock`` (created with ``O_CREAT | O_EXCL``, holding
+  host, pid and SLURM job id). A lock left by a dead process on this host, or by an earlier run of the
+  same (requeued) SLURM job, is taken over with a warning.
+* A writer appends to ``<shard>.h5.partial``. Every image group is written fully, then marked complete,
+  then the file is flushed; a killed writer therefore leaves a partial file from which the next writer
+  resumes (complete images are kept and listed in ``done_ids``; an incomplete trailing group is deleted).
+* ``finalize()`` renames the partial file to ``<shard>.h5`` atomically. A finished shard is never
+  rewritten, and a partial file made with other settings (dataset, classes, config or checkpoint hash)
+  is never mixed with new output.
+
+``write_manifest`` summarises the finished shards; ``ShardReader`` gives random access by image id and is
+safe to use from forked ``DataLoader`` workers (files are opened lazily, per process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import time
+import weakref
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+from urllib.parse import quote, unquote
+
+import h5py
+import numpy as np
+
+from ..constants import IGNORE_INDEX
+
+_logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "wsss-pseudo-masks"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+_SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.h5(\.partial)?$")
+_PARTIAL_SUFFIX = ".partial"
+_LOCK_SUFFIX = ".lock"
+_IMAGES = "images"
+# Settings that must agree between a partial shard and the writer resuming it, and across the shards
+# of one directory. ``git_sha`` and ``extra`` may differ (a warning is logged).
+_MUST_MATCH = ("dataset", "split", "class_names", "palette", "ignore_index", "config_hash", "checkpoint_hash")
+_EMPTY_LOCK_GRACE_S = 60.0
+
+
+class ShardFormatError(ValueError):
+    """A shard or manifest has another format/version, other classes or dataset, or is unreadable."""
+
+
+class ShardLockedError(RuntimeError):
+    """Another writer holds the shard's lock file."""
+
+
+def shard_filename(index: int, num_shards: int) -> str:
+    """File name of one shard, e.g. ``shard_filename(0, 16) == "shard-00000-of-00016.h5"``.
+
+    Raises:
+        ValueError: ``num_shards < 1`` or ``index`` outside ``[0, num_shards)``.
+    """
+    if int(num_shards) < 1 or int(num_shards) > 99999:
+        raise ValueError(f"num_shards must be in [1, 99999], got {num_shards}")
+    if not 0 <= int(index) < int(num_shards):
+        raise ValueError(f"shard index {index} is outside [0, {num_shards})")
+    return f"shard-{int(index):05d}-of-{int(num_shards):05d}.h5"
+
+
+def assign_shards(ids: Sequence[str], num_shards: int) -> list[list[str]]:
+    """Split image ids over shards: deterministic, balanced, and independent of the input order.
+
+    The ids are sorted and dealt round-robin, so shard sizes differ by at most one and every id lands in
+    exactly one shard. Each shard's list is sorted.
+
+    Args:
+        ids: unique image ids.
+        num_shards: number of shards (>= 1); shards may be empty when ``num_shards > len(ids)``.
+
+    Returns:
+        ``num_shards`` lists of ids.
+
+    Raises:
+        ValueError: duplicate ids or ``num_shards < 1``.
+    """
+    if int(num_shards) < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    ordered = sorted(str(i) for i in ids)
+    dups = sorted({a for a, b in zip(ordered, ordered[1:]) if a == b})
+    if dups:
+        raise ValueError(f"image ids must be unique; duplicated: {dups[:5]}{' ...' if len(dups) > 5 else ''}")
+    return [ordered[k::num_shards] for k in range(num_shards)]
+
+
+@dataclass
+class ShardMeta:
+    """Settings recorded in every shard file and in ``manifest.json``.
+
+    Attributes:
+        dataset: dataset name (e.g. ``voc``, ``coco``, ``synthetic``).
+        split: split the masks were made for (e.g. ``train_aug``).
+        class_names: label names, index = class id (background first).
+        palette: RGB colour per class id (at least one per class; 256 entries for VOC).
+        ignore_index: label value meaning "ignore" (must not be a class id).
+        config_hash: hash of the stage-1 config that produced the masks.
+        git_sha: commit of the code that produced the masks.
+        checkpoint_hash: hash of the stage-1 checkpoint used for the dump.
+        extra: any further JSON-serialisable information (e.g. dump settings).
+    """
+
+    dataset: str
+    split: str
+    class_names: tuple[str, ...]
+    palette: list[tuple[int, int, int]]
+    ignore_index: int = IGNORE_INDEX
+    config_hash: str = ""
+    git_sha: str = ""
+    checkpoint_hash: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.class_names = tuple(str(c) for c in self.class_names)
+        self.palette = [tuple(int(v) for v in rgb) for rgb in self.palette]  # type: ignore[misc]
+        self.ignore_index = int(self.ignore_index)
+        if not self.dataset:
+            raise ValueError("ShardMeta.dataset must be a non-empty name")
+        if not self.class_names:
+            raise ValueError("ShardMeta.class_names must not be empty")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(f"ShardMeta.class_names has duplicates: {self.class_names}")
+        if len(self.class_names) > 255:
+            raise ValueError(f"uint8 label maps hold at most 255 classes, got {len(self.class_names)}")
+        if not len(self.class_names) <= self.ignore_index <= 255:
+            raise ValueError(
+                f"ShardMeta.ignore_index={self.ignore_index} must be in [{len(self.class_names)}, 255] "
+                f"(a uint8 value that is not a class id)")
+        if len(self.palette) < len(self.class_names):
+            raise ValueError(f"ShardMeta.palette has {len(self.palette)} colours for {len(self.class_names)} classes")
+        for rgb in self.palette:
+            if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+                raise ValueError(f"ShardMeta.palette entries must be (r, g, b) in [0, 255], got {rgb}")
+        try:
+            json.dumps(self.extra)
+        except TypeError as e:
+            raise ValueError(f"ShardMeta.extra must be JSON-serialisable: {e}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (lists instead of tuples)."""
+        d = asdict(self)
+        d["class_names"] = list(self.class_names)
+        d["palette"] = [list(rgb) for rgb in self.palette]
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _key(name: str) -> str:
+    """HDF5 group name of an image id (ids may contain ``/``; ``.`` and ``..`` are refused)."""
+    if not isinstance(name, str) or name in ("", ".", ".."):
+        raise ValueError(f"image id must be a non-empty string other than '.' and '..', got {name!r}")
+    return quote(name, safe="")
+
+
+def _file_attrs(meta: ShardMeta, shard_index: int, num_shards: int) -> dict[str, Any]:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "dataset": meta.dataset,
+        "split": meta.split,
+        "class_names": json.dumps(list(meta.class_names)),
+        "palette": json.dumps([list(rgb) for rgb in meta.palette]),
+        "ignore_index": meta.ignore_index,
+        "config_hash": meta.config_hash,
+        "git_sha": meta.git_sha,
+        "checkpoint_hash": meta.checkpoint_hash,
+        "extra": json.dumps(meta.extra, sort_keys=True),
+        "shard_index": int(shard_index),
+        "num_shards": int(num_shards),
+    }
+
+
+def _attr_str(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _meta_from_attrs(attrs: h5py.AttributeManager, path: Path) -> dict[str, Any]:
+    """Format-checked metadata dict (manifest-style) from a shard file's attributes."""
+    if "format" not in attrs or "format_version" not in attrs:
+        raise ShardFormatError(f"{path} is not a pseudo-mask shard (no 'format' attributes); "
+                               f"expected format {FORMAT_NAME!r} written by stage1_cam.io.ShardWriter")
+    meta = {"format": _attr_str(attrs["format"]), "format_version": int(attrs["format_version"])}
+    _check_format(meta, str(path))
+    try:
+        meta.update({
+            "dataset": _attr_str(attrs["dataset"]),
+            "split": _attr_str(attrs["split"]),
+            "class_names": json.loads(_attr_str(attrs["class_names"])),
+            "palette": json.loads(_attr_str(attrs["palette"])),
+            "ignore_index": int(attrs["ignore_index"]),
+            "config_hash": _attr_str(attrs["config_hash"]),
+            "git_sha": _attr_str(attrs["git_sha"]),
+            "checkpoint_hash": _attr_str(attrs["checkpoint_hash"]),
+            "extra": json.loads(_attr_str(attrs["extra"])),
+            "shard_index": int(attrs["shard_index"]),
+            "num_shards": int(attrs["num_shards"]),
+        })
+    except (KeyError, ValueError) as e:
+        raise ShardFormatError(f"{path} has missing or malformed attributes ({e}); delete it and re-run the dump "
+                               f"to regenerate this shard") from e
+    return meta
+
+
+def _check_format(meta: dict[str, Any], source: str) -> None:
+    if meta.get("format") != FORMAT_NAME:
+        raise ShardFormatError(f"{source} has format {meta.get('format')!r}, expected {FORMAT_NAME!r}; "
+                               f"it was not written by stage1_cam.io.ShardWriter")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        hint = ("it was written by a newer version of this package; upgrade stage1_cam to read it"
+                if isinstance(version, int) and version > FORMAT_VERSION else
+                "re-run the pseudo-mask dump with this version of stage1_cam to regenerate it")
+        raise ShardFormatError(f"{source} has format version {version}, but this reader understands only "
+                               f"version {FORMAT_VERSION}: {hint}")
+
+
+def _meta_mismatches(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    out = []
+    for k in _MUST_MATCH:
+        va, vb = a.get(k), b.get(k)
+        if k in ("class_names", "palette"):
+            va = [list(x) if isinstance(x, (list, tuple)) else x for x in (va or [])]
+            vb = [list(x) if isinstance(x, (list, tuple)) else x for x in (vb or [])]
+        if va != vb:
+            out.append(f"{k}: {_short(va)} vs {_short(vb)}")
+    return out
+
+
+def _short(v: Any, n: int = 120) -> str:
+    s = repr(v)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _open_h5(path: Path, mode: str, *, partial: bool) -> h5py.File:
+    try:
+        # Our own lock file guarantees one writer; HDF5's advisory locking fails on some network filesystems.
+        return h5py.File(path, mode, locking=False)
+    except OSError as e:
+        if partial:
+            fix = (f"it holds an unfinished shard (probably cut off by a crash or a full disk); delete it and "
+                   f"re-run the dump to regenerate that shard")
+        else:
+            fix = "delete it and re-run the dump for that shard, then rebuild the manifest (write_manifest)"
+        raise ShardFormatError(f"{path} is truncated or unreadable as HDF5 ({e}); {fix}") from e
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """NumPy view of an array-like; torch tensors are detached and moved to the CPU."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# lock
+
+
+class _ShardLock:
+    """An exclusive lock file (``O_CREAT | O_EXCL``) holding host, pid and SLURM job id as JSON."""
+
+    # Locks held by live objects of this process: path -> weak reference to the holder.
+    _held: dict[str, weakref.ref] = {}
+
+    def __init__(self, path: Path, owner: object) -> None:
+        self.path = Path(path)
+        self._owner = weakref.ref(owner)
+        self._acquired = False
+
+    @staticmethod
+    def _info() -> dict[str, Any]:
+        return {"host": socket.gethostname(), "pid": os.getpid(),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+                "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return None
+
+    def _stale_reason(self, holder: dict[str, Any] | None) -> str | None:
+        me = self._info()
+        if holder is None or not isinstance(holder, dict) or "pid" not in holder:
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except FileNotFoundError:
+                return "lock vanished"
+            return f"unreadable lock file {age:.0f}s old" if age > _EMPTY_LOCK_GRACE_S else None
+        pid, host = int(holder.get("pid", -1)), str(holder.get("host", ""))
+        if host == me["host"]:
+            if pid == me["pid"]:
+                ref = self._held.get(str(self.path))
+                return None if ref is not None and ref() is not None else "left by a writer of this process"
+            if not _pid_alive(pid):
+                return f"process {pid} on {host} is no longer running"
+        job = str(holder.get("slurm_job_id", ""))
+        if job and job == me["slurm_job_id"] and (host, pid) != (me["host"], me["pid"]):
+            return f"left by an earlier run of SLURM job {job} (requeued)"
+        return None
+
+    def acquire(self) -> None:
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read()
+                if holder == {}:  # released between our open and read: try again
+                    continue
+                reason = self._stale_reason(holder)
+                if reason is None:
+                    h = holder or {}
+                    raise ShardLockedError(
+                        f"{self.path} is held by pid {h.get('pid', '?')} on host {h.get('host', '?')}"
+                        f"{' (SLURM job ' + str(h['slurm_job_id']) + ')' if h.get('slurm_job_id') else ''}: "
+                        f"another writer is producing this shard. Wait for it to finish; if no such process is "
+                        f"running any more (e.g. it was killed on another machine), delete the lock file and "
+                        f"re-run.")
+                _logger.warning("taking over stale shard lock %s (%s; holder %s)", self.path, reason, holder)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._info(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            self._held[str(self.path)] = self._owner
+            self._acquired = True
+            return
+        raise ShardLockedError(f"could not acquire {self.path}: the lock keeps changing hands; "
+                               f"is more than one writer running for this shard?")
+
+    def release(self) -> None:
+        if not self._acquired:
+            return
+        self._acquired = False
+        self._held.pop(str(self.path), None)
+        holder = self._read()
+        if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            self.path.unlink(missing_ok=True)
+        else:  # pragma: no cover - somebody broke our lock
+            _logger.warning("lock %s was taken over by %s while we held it", self.path, holder)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# writer
+
+
+class ShardWriter:
+    """Writes one shard, resumably; use as a context manager and call :meth:`finalize` when all images are in.
+
+    Example::
+
+        with ShardWriter(out_dir, i, n, meta=meta) as w:
+            for name in assign_shards(ids, n)[i]:
+                if name in w.done_ids:
+                    continue
+                w.write(name, label=label, confidence=conf, image_labels=cls_ids)
+            w.finalize()
+
+    Leaving the ``with`` block without ``finalize()`` (or crashing) keeps ``<shard>.h5.partial``; the next
+    writer for the same shard resumes from it.
+
+    Args:
+        out_dir: shard directory (created if missing).
+        shard_index: this shard's index in ``[0, num_shards)``.
+        num_shards: total number of shards.
+        meta: dataset, classes, hashes recorded in the file.
+
+    Raises:
+        ShardLockedError: another live writer holds this shard.
+        ShardFormatError: an existing partial or finished shard was made with other settings, another format
+            version, or is unreadable.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, shard_index: int, num_shards: int, *, meta: ShardMeta) -> None:
+        if not isinstance(meta, ShardMeta):
+            raise TypeError(f"meta must be a ShardMeta, got {type(meta).__name__}")
+        fname = shard_filename(shard_index, num_shards)
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.shard_index, self.num_shards, self.meta = int(shard_index), int(num_shards), meta
+        self.path = self.out_dir / fname
+        self.partial_path = self.out_dir / (fname + _PARTIAL_SUFFIX)
+        self.lock_path = self.out_dir / (fname + _LOCK_SUFFIX)
+        self.done_ids: set[str] = set()
+        self._file: h5py.File | None = None
+        self._complete = False
+        self._lock = _ShardLock(self.lock_path, self)
+        self._lock.acquire()
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening / resuming --------------------------------------------------------------------------------
+
+    def _expected_meta(self) -> dict[str, Any]:
+        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **self.meta.to_dict()}
+
+    def _check_meta(self, found: dict[str, Any], path: Path, partial: bool) -> None:
+        bad = _meta_mismatches(found, self._expected_meta())
+        if found.get("shard_index") != self.shard_index or found.get("num_shards") != self.num_shards:
+            bad.append(f"shard: {found.get('shard_index')}/{found.get('num_shards')} vs "
+                       f"{self.shard_index}/{self.num_shards}")
+        if bad:
+            what = "an unfinished shard" if partial else "a finished shard"
+            raise ShardFormatError(
+                f"{path} is {what} made with other settings ({'; '.join(bad)}; file vs this writer). Shards "
+                f"from different settings are never mixed: write to another directory, or delete "
+                f"{path.name} to regenerate it with the current settings.")
+        if found.get("git_sha") != self.meta.git_sha:
+            _logger.warning("%s was started by code %s; continuing with %s", path, found.get("git_sha"),
+                            self.meta.git_sha)
+
+    def _open(self) -> None:
+        if self.path.is_file():
+            with _open_h5(self.path, "r", partial=False) as f:
+                self._check_meta(_meta_from_attrs(f.attrs, self.path), self.path, partial=False)
+                self.done_ids = {unquote(k) for k in f[_IMAGES]}
+            self._complete = True
+            if self.partial_path.exists():
+                _logger.warning("%s is finished; ignoring the leftover %s", self.path, self.partial_path.name)
+            _logger.info("%s is already complete (%d images); nothing to write", self.path, len(self.done_ids))
+            return
+        if self.partial_path.is_file():
+            self._recover()
+            self._file = _open_h5(self.partial_path, "a", partial=True)
+            return
+        f = h5py.File(self.partial_path, "w-", locking=False)
+        f.attrs.update(_file_attrs(self.meta, self.shard_index, self.num_shards))
+        f.create_group(_IMAGES, track_order=True)
+        f.flush()
+        self._file = f
+
+    def _recover(self) -> None:
+        """Rebuild the partial file from its complete images (resume after a crash or an interruption).
+
+        HDF5 files are not crash-consistent: a writer killed between flushes can leave half-written groups
+        (or links to objects that never reached the disk). Rather than editing such a file in place, the
+        complete, readable image groups are copied into a fresh file, which then replaces the partial one.
+        """
+        tmp = self.partial_path.with_name(self.partial_path.name + ".recover")
+        tmp.unlink(missing_ok=True)
+        dropped: list[str] = []
+        src = _open_h5(self.partial_path, "r", partial=True)
+        try:
+            self._check_meta(_meta_from_attrs(src.attrs, self.partial_path), self.partial_path, partial=True)
+            try:
+                keys = list(src[_IMAGES])
+            except (KeyError, OSError, RuntimeError) as e:
+                raise ShardFormatError(f"{self.partial_path} has an unreadable image index ({e}); delete it and "
+                                       f"re-run the dump to regenerate that shard") from e
+            with h5py.File(tmp, "w", locking=False) as dst:
+                dst.attrs.update({k: v for k, v in src.attrs.items() if k not in ("complete", "num_images")})
+                images = dst.create_group(_IMAGES, track_order=True)
+                for key in keys:
+                    try:
+                        g = src[_IMAGES][key]
+                        if not bool(g.attrs.get("complete", False)):
+                            raise KeyError("not marked complete")
+                        src.copy(g, images, name=key)
+                    except (KeyError, OSError, RuntimeError, ValueError):
+                        dropped.append(unquote(key))
+                        if key in images:
+                            del images[key]
+                        continue
+                    self.done_ids.add(unquote(key))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            src.close()
+        os.replace(tmp, self.partial_path)
+        _logger.info("resuming %s: %d images complete%s", self.partial_path, len(self.done_ids),
+                     f", dropped unfinished {dropped}" if dropped else "")
+
+    # -- public API ----------------------------------------------------------------------------------------
+
+    @property
+    def is_complete(self) -> bool:
+        """Whether this shard is finished (renamed to its final name)."""
+        return self._complete
+
+    @classmethod
+    def shard_complete(cls, out_dir: str | os.PathLike, shard_index: int, num_shards: int) -> bool:
+        """Whether ``out_dir`` holds the finished shard ``shard_index`` of ``num_shards`` (no lock taken)."""
+        return (Path(out_dir) / shard_filename(shard_index, num_shards)).is_file()
+
+    def write(self, name: str, *, label: np.ndarray, confidence: np.ndarray, image_labels: Sequence[int],
+              probs: np.ndarray | None = None, prob_keys: Sequence[int] | None = None) -> None:
+        """Add one image; it is complete on disk (flushed) when this returns.
+
+        Args:
+            name: image id (unique in the shard).
+            label: (H, W) integer class ids in ``[0, num_classes)`` or ``ignore_index``; stored as uint8.
+            confidence: (H, W) float confidence of ``label``; stored as float16.
+            image_labels: image-level class ids.
+            probs: optional (K, H, W) float probabilities of the classes ``prob_keys``; stored as float16.
+            prob_keys: (K,) class ids of the ``probs`` channels (required with ``probs``).
+
+        Raises:
+            ValueError: the id is already written, the shard is finished, or an array has a bad shape,
+                dtype or value.
+        """
+        if self._complete:
+            raise ValueError(f"{self.path} is finished and is never rewritten (cannot add {name!r}); "
+                             f"skip the ids in writer.done_ids, or delete the shard to regenerate it")
+        if self._file is None:
+            raise ValueError(f"the writer for {self.partial_path} is closed; create a new ShardWriter to resume")
+        if name in self.done_ids:
+            raise ValueError(f"{name!r} is already in {self.partial_path}; skip the ids in writer.done_ids")
+        key = _key(name)
+        num_classes, ignore = len(self.meta.class_names), self.meta.ignore_index
+
+        lab = _to_numpy(label)
+        if lab.ndim != 2 or lab.shape[0] < 1 or lab.shape[1] < 1:
+            raise ValueError(f"{name}: label must be a non-empty (H, W) array, got shape {lab.shape}")
+        if lab.dtype.kind not in "iu":
+            raise ValueError(f"{name}: label must hold integer class ids, got dtype {lab.dtype}")
+        if lab.dtype != np.uint8:
+            if lab.size and (lab.min() < 0 or lab.max() > 255):
+                raise ValueError(f"{name}: label values must be in [0, 255], got [{lab.min()}, {lab.max()}]")
+            lab = lab.astype(np.uint8)
+        counts = np.bincount(lab.ravel(), minlength=256)
+        counts[ignore] = 0
+        bad = np.flatnonzero(counts[num_classes:]) + num_classes
+        if bad.size:
+            raise ValueError(f"{name}: label has values {bad.tolist()} that are neither class ids "
+                             f"(< {num_classes}) nor the ignore index {ignore}")
+
+        conf = _to_numpy(confidence)
+        if conf.shape != lab.shape:
+            raise ValueError(f"{name}: confidence shape {conf.shape} differs from label shape {lab.shape}")
+        if conf.dtype.kind != "f":
+            raise ValueError(f"{name}: confidence must be floating point, got dtype {conf.dtype}")
+        conf16 = conf.astype(np.float16)
+        if not np.isfinite(conf16).all():
+            raise ValueError(f"{name}: confidence has NaN/inf values or values beyond the float16 range")
+
+        cls_ids = np.asarray(_to_numpy(image_labels) if not isinstance(image_labels, (list, tuple))
+                             else list(image_labels))
+        if cls_ids.size == 0:
+            cls_ids = np.zeros((0,), np.int64)
+        if cls_ids.ndim != 1 or cls_ids.dtype.kind not in "iu":
+            raise ValueError(f"{name}: image_labels must be a 1-D sequence of class ids, got {image_labels!r}")
+        cls_ids = cls_ids.astype(np.int64)
+        if cls_ids.size and (cls_ids.min() < 0 or cls_ids.max() >= num_classes or
+                             len(np.unique(cls_ids)) != cls_ids.size):
+            raise ValueError(f"{name}: image_labels must be unique class ids in [0, {num_classes}), "
+                             f"got {cls_ids.tolist()}")
+
+        p16 = keys = None
+        if (probs is None) != (prob_keys is None):
+            raise ValueError(f"{name}: pass probs and prob_keys together (got only one of them)")
+        if probs is not None:
+            p = _to_numpy(probs)
+            keys = np.asarray(list(prob_keys), dtype=np.int64).reshape(-1)  # type: ignore[arg-type]
+            if p.ndim != 3 or p.shape[1:] != lab.shape or p.shape[0] != keys.size:
+                raise ValueError(f"{name}: probs must have shape (K={keys.size}, {lab.shape[0]}, {lab.shape[1]}) "
+                                 f"to match prob_keys and label, got {p.shape}")
+            if p.dtype.kind != "f":
+                raise ValueError(f"{name}: probs must be floating point, got dtype {p.dtype}")
+            if keys.size and (keys.min() < 0 or keys.max() >= num_classes or len(np.unique(keys)) != keys.size):
+                raise ValueError(f"{name}: prob_keys must be unique class ids in [0, {num_classes}), "
+                                 f"got {keys.tolist()}")
+            p16 = p.astype(np.float16)
+            if not np.isfinite(p16).all():
+                raise ValueError(f"{name}: probs has NaN/inf values or values beyond the float16 range")
+
+        images = self._file[_IMAGES]
+        if key in images:  # left over by an earlier failed write() of this writer
+            del images[key]
+        g = images.create_group(key)
+        try:
+            h, w = lab.shape
+            g.create_dataset("label", data=lab, chunks=(h, w), compression="lzf")
+            g.create_dataset("confidence", data=conf16, chunks=(h, w), compression="lzf")
+            g.create_dataset("image_labels", data=cls_ids)
+            if p16 is not None:
+                if p16.shape[0]:
+                    g.create_dataset("probs", data=p16, chunks=(1, h, w), compression="lzf")
+                else:
+                    g.create_dataset("probs", data=p16)
+                g.create_dataset("prob_keys", data=keys)
+            g.attrs["name"] = name
+            g.attrs["height"], g.attrs["width"] = h, w
+            g.attrs["complete"] = True  # written last: a group without it is dropped on resume
+            self._file.flush()
+        except BaseException as e:
+            try:  # best effort; a group left incomplete is dropped when the shard is resumed
+                del images[key]
+            except Exception:
+                pass
+            if isinstance(e, OSError):
+                raise OSError(f"{self.partial_path}: writing image {name!r} failed ({e}). Check free disk space "
+                              f"and re-run; the shard resumes after the {len(self.done_ids)} images already "
+                              f"complete") from e
+            raise
+        self.done_ids.add(name)
+
+    def finalize(self) -> Path:
+        """Close the partial file and rename it atomically to the final name; a no-op for a finished shard.
+
+        Returns:
+            Path of the finished shard.
+        """
+        if self._complete:
+            self._lock.release()
+            return self.path
+        if self._file is None:
+            raise ValueError(f"the writer for {self.partial_path} is closed; create a new ShardWriter to resume")
+        self._file.attrs["num_images"] = len(self.done_ids)
+        self._file.attrs["complete"] = True
+        self._file.flush()
+        self._file.close()
+        self._file = None
+        with open(self.partial_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self.partial_path, self.path)
+        _fsync_dir(self.out_dir)
+        self._complete = True
+        self._lock.release()
+        _logger.info("finished %s (%d images)", self.path, len(self.done_ids))
+        return self.path
+
+    def close(self) -> None:
+        """Close the file and release the lock without finalizing (the partial file stays resumable)."""
+        if getattr(self, "_file", None) is not None:
+            try:
+                self._file.close()  # type: ignore[union-attr]
+            finally:
+                self._file = None
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# manifest
+
+
+def _scan_finished(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """(format-checked metadata, ids in write order) of a finished shard file."""
+    with _open_h5(path, "r", partial=False) as f:
+        meta = _meta_from_attrs(f.attrs, path)
+        if not bool(f.attrs.get("complete", False)) or _IMAGES not in f:
+            raise ShardFormatError(f"{path} is not marked complete; it was renamed by hand or damaged. Delete it "
+                                   f"and re-run the dump for that shard")
+        ids = [unquote(k) for k in f[_IMAGES]]
+        if int(f.attrs.get("num_images", -1)) != len(ids):
+            raise ShardFormatError(f"{path} holds {len(ids)} images but records {f.attrs.get('num_images')}; "
+                                   f"delete it and re-run the dump for that shard")
+    name_match = _SHARD_RE.match(path.name)
+    assert name_match is not None
+    if (meta["shard_index"], meta["num_shards"]) != (int(name_match.group(1)), int(name_match.group(2))):
+        raise ShardFormatError(f"{path} records shard {meta['shard_index']} of {meta['num_shards']}, which does not "
+                               f"match its file name; it was renamed by hand. Restore the original name")
+    return meta, ids
+
+
+def _shard_counts_in(out_dir: Path) -> set[int]:
+    counts = set()
+    for p in out_dir.iterdir():
+        m = _SHARD_RE.match(p.name)
+        if m:
+            counts.add(int(m.group(2)))
+    return counts
+
+
+def _collect(out_dir: Path, num_shards: int, *, checksum: bool, previous: dict[str, Any] | None) -> dict[str, Any]:
+    """Manifest dict of ``out_dir`` (see :func:`write_manifest`)."""
+    other = sorted(_shard_counts_in(out_dir) - {int(num_shards)})
+    if other:
+        raise ShardFormatError(
+            f"{out_dir} also holds shards of a {'/'.join(str(n) for n in other)}-way split, besides the requested "
+            f"{num_shards}-way one; remove the other shard files (or use that num_shards) so they are not mixed")
+    prev = {s["file"]: s for s in (previous or {}).get("shards", []) if isinstance(s, dict) and "file" in s}
+    shards: list[dict[str, Any]] = []
+    missing: list[int] = []
+    incomplete: list[int] = []
+    meta: dict[str, Any] | None = None
+    meta_src: Path | None = None
+    seen: dict[str, str] = {}
+    for i in range(num_shards):
+        fname = shard_filename(i, num_shards)
+        path = out_dir / fname
+        if not path.is_file():
+            (incomplete if (out_dir / (fname + _PARTIAL_SUFFIX)).is_file() else missing).append(i)
+            continue
+        m, ids = _scan_finished(path)
+        if meta is None:
+            meta, meta_src = m, path
+        else:
+            bad = _meta_mismatches(m, meta)
+            if bad:
+                raise ShardFormatError(f"{path} and {meta_src} were made with different settings "
+                                       f"({'; '.join(bad)}); keep only shards from one dump in {out_dir}")
+        for name in ids:
+            if name in seen:
+                raise ShardFormatError(f"image {name!r} is in both {seen[name]} and {fname}; the shards come from "
+                                       f"different id assignments. Regenerate the shard directory")
+            seen[name] = fname
+        st = path.stat()
+        entry: dict[str, Any] = {"index": i, "file": fname, "num_images": len(ids), "size": st.st_size,
+                                 "mtime_ns": st.st_mtime_ns}
+        old = prev.get(fname)
+        if checksum:
+            if old and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns and old.get("sha256"):
+                entry["sha256"] = old["sha256"]
+            else:
+                entry["sha256"] = _sha256(path)
+        entry["ids"] = ids
+        shards.append(entry)
+    common = {k: (meta or {}).get(k) for k in ("dataset", "split", "class_names", "palette", "ignore_index",
+                                               "config_hash", "git_sha", "checkpoint_hash", "extra")}
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        **common,
+        "num_shards": int(num_shards),
+        "num_images": sum(s["num_images"] for s in shards),
+        "complete": not missing and not incomplete,
+        "missing_shards": missing,
+        "incomplete_shards": incomplete,
+        "shards": shards,
+    }
+
+
+def write_manifest(out_dir: str | os.PathLike, num_shards: int) -> dict[str, Any]:
+    """(Re)build ``manifest.json`` in ``out_dir`` from the finished shards.
+
+    The manifest holds the format name and version, dataset, split, class names, palette, ignore index,
+    config hash, git SHA and checkpoint hash; per finished shard its file, image count, size, sha256 and ids;
+    the total image count; and which shards are missing or still partial (``complete`` is true only when
+    none are). Checksums of shards unchanged since the previous manifest (same size and mtime) are reused.
+
+    Args:
+        out_dir: shard directory.
+        num_shards: number of shards the dump was split into.
+
+    Returns:
+        The manifest dict (as written).
+
+    Raises:
+        FileNotFoundError: ``out_dir`` does not exist.
+        ShardFormatError: a finished shard is unreadable or from another format, or shards disagree on
+            dataset/classes/hashes.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"shard directory {out_dir} does not exist; run the pseudo-mask dump first")
+    shard_filename(0, num_shards)  # validates num_shards
+    previous = None
+    mpath = out_dir / MANIFEST_NAME
+    if mpath.is_file():
+        try:
+            previous = json.loads(mpath.read_text())
+        except ValueError:
+            _logger.warning("ignoring unreadable previous manifest %s", mpath)
+    manifest = _collect(out_dir, int(num_shards), checksum=True, previous=previous)
+    tmp = mpath.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, mpath)
+    if not manifest["complete"]:
+        _logger.warning("%s: %d/%d shards finished; missing %s, unfinished %s", mpath, len(manifest["shards"]),
+                        num_shards, manifest["missing_shards"], manifest["incomplete_shards"])
+    else:
+        _logger.info("wrote %s: %d images in %d shards", mpath, manifest["num_images"], num_shards)
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reader
+
+
+class ShardReader:
+    """Random access to pseudo-masks by image id; fork-safe (each process opens the files it needs lazily).
+
+    The index comes from ``manifest.json``; without one, the directory's finished shard files are scanned.
+
+    Args:
+        shard_dir: directory with the shards (and ``manifest.json``).
+        expected_classes: if given, the class names the caller expects; a different list is refused.
+        expected_dataset: if given, the dataset name the caller expects; another dataset is refused.
+        allow_incomplete: read even if some shards are missing or unfinished (by default refused, so that
+            a training run never silently uses a subset of the pseudo-masks).
+
+    Raises:
+        FileNotFoundError: ``shard_dir`` or a listed shard file does not exist.
+        ShardFormatError: another format version, dataset or class list, an incomplete shard set, or files
+            that changed since the manifest was written.
+    """
+
+    def __init__(self, shard_dir: str | os.PathLike, *, expected_classes: Sequence[str] | None = None,
+                 expected_dataset: str | None = None, allow_incomplete: bool = False) -> None:
+        self.shard_dir = Path(shard_dir)
+        if not self.shard_dir.is_dir():
+            raise FileNotFoundError(f"shard directory {self.shard_dir} does not exist; run the pseudo-mask dump "
+                                    f"first (make pseudo-labels)")
+        mpath = self.shard_dir / MANIFEST_NAME
+        if mpath.is_file():
+            try:
+                meta = json.loads(mpath.read_text())
+            except ValueError as e:
+                raise ShardFormatError(f"{mpath} is not valid JSON ({e}); rebuild it with "
+                                       f"stage1_cam.io.write_manifest") from e
+            source = str(mpath)
+            self._from_manifest = True
+        else:
+            counts = _shard_counts_in(self.shard_dir)
+            if not counts:
+                raise FileNotFoundError(f"{self.shard_dir} holds no pseudo-mask shards (shard-*-of-*.h5); run the "
+                                        f"pseudo-mask dump first")
+            if len(counts) > 1:
+                raise ShardFormatError(f"{self.shard_dir} mixes shards of {sorted(counts)}-way splits; keep one")
+            _logger.warning("%s has no %s; scanning the shard files", self.shard_dir, MANIFEST_NAME)
+            meta = _collect(self.shard_dir, counts.pop(), checksum=False, previous=None)
+            source = str(self.shard_dir)
+            self._from_manifest = False
+        if not isinstance(meta, dict):
+            raise ShardFormatError(f"{source} is not a pseudo-mask manifest")
+        _check_format(meta, source)
+        self.meta: dict[str, Any] = meta
+        if not meta.get("complete", False):
+            msg = (f"{source}: the shard set is incomplete (missing shards {meta.get('missing_shards')}, "
+                   f"unfinished {meta.get('incomplete_shards')} of {meta.get('num_shards')})")
+            if not allow_incomplete:
+                raise ShardFormatError(msg + "; resume the dump to finish them and rebuild the manifest, or pass "
+                                             "allow_incomplete=True to read the finished ones only")
+            _logger.warning(msg + "; reading the finished shards only")
+        if expected_dataset is not None and meta.get("dataset") != expected_dataset:
+            raise ShardFormatError(f"{source} holds pseudo-masks of dataset {meta.get('dataset')!r}, not "
+                                   f"{expected_dataset!r}; point to the shard directory of the right run")
+        if expected_classes is not None:
+            want, have = [str(c) for c in expected_classes], list(meta.get("class_names") or [])
+            if want != have:
+                diff = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), min(len(want), len(have)))
+                raise ShardFormatError(
+                    f"{source} has {len(have)} classes {_short(have, 80)}, but {len(want)} are expected; they first "
+                    f"differ at index {diff} ({_short(have[diff:diff + 1])} vs {_short(want[diff:diff + 1])}). "
+                    f"Use shards dumped for this class list, or fix the class names in the config")
+        self._shards: list[dict[str, Any]] = list(meta.get("shards", []))
+        self._index: dict[str, tuple[int, str]] = {}
+        ids: list[str] = []
+        for pos, s in enumerate(self._shards):
+            path = self.shard_dir / s["file"]
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is listed in {source} but does not exist; restore it, or re-run the "
+                                        f"dump for that shard and rebuild the manifest (write_manifest)")
+            if self._from_manifest and "size" in s and path.stat().st_size != s["size"]:
+                raise ShardFormatError(f"{path} has {path.stat().st_size} bytes but the manifest recorded "
+                                       f"{s['size']}: the file was truncated or replaced. Re-run the dump for that "
+                                       f"shard (delete it first) and rebuild the manifest (write_manifest)")
+            for name in s.get("ids", []):
+                if name in self._index:
+                    raise ShardFormatError(f"{source} lists image {name!r} in two shards; rebuild the manifest")
+                self._index[name] = (pos, _key(name))
+                ids.append(name)
+        self.ids: list[str] = ids
+        self._files: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+
+    # -- files -------------------------------------------------------------------------------------------
+
+    def _file(self, pos: int) -> h5py.File:
+        if os.getpid() != self._pid:  # forked (DataLoader worker): never use the parent's HDF5 handles
+            self._files = {}
+            self._pid = os.getpid()
+        f = self._files.get(pos)
+        if f is None:
+            path = self.shard_dir / self._shards[pos]["file"]
+            f = _open_h5(path, "r", partial=False)
+            try:
+                found = _meta_from_attrs(f.attrs, path)
+                bad = _meta_mismatches(found, self.meta)
+                if bad:
+                    raise ShardFormatError(f"{path} does not match {self.shard_dir / MANIFEST_NAME} "
+                                           f"({'; '.join(bad)}); it changed after the manifest was written. "
+                                           f"Rebuild the manifest (write_manifest)")
+            except BaseException:
+                f.close()
+                raise
+            self._files[pos] = f
+        return f
+
+    def _group(self, name: str) -> tuple[h5py.Group, Path]:
+        try:
+            pos, key = self._index[name]
+        except KeyError:
+            raise KeyError(f"image id {name!r} is not in the pseudo-mask shards at {self.shard_dir} "
+                           f"({len(self.ids)} images of dataset {self.meta.get('dataset')!r}, split "
+                           f"{self.meta.get('split')!r})") from None
+        f = self._file(pos)
+        path = self.shard_dir / self._shards[pos]["file"]
+        try:
+            return f[_IMAGES][key], path
+        except KeyError:
+            raise ShardFormatError(f"{path} has no image {name!r} although the manifest lists it; rebuild the "
+                                   f"manifest (write_manifest)") from None
+
+    def _read(self, name: str, dset: str) -> np.ndarray | None:
+        g, path = self._group(name)
+        if dset not in g:
+            return None
+        try:
+            return g[dset][()]
+        except OSError as e:
+            raise ShardFormatError(f"{path}: cannot read {dset!r} of image {name!r} ({e}); the file is damaged. "
+                                   f"Delete it, re-run the dump for that shard and rebuild the manifest") from e
+
+    # -- public API ----------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ids)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.meta.get("class_names") or ())
+
+    @property
+    def ignore_index(self) -> int:
+        return int(self.meta.get("ignore_index", IGNORE_INDEX))
+
+    def label(self, name: str) -> np.ndarray:
+        """(H, W) uint8 label map of image ``name`` (``ignore_index`` = ignore)."""
+        out = self._read(name, "label")
+        assert out is not None
+        return out.astype(np.uint8, copy=False)
+
+    def confidence(self, name: str) -> np.ndarray:
+        """(H, W) float32 confidence map of image ``name``."""
+        out = self._read(name, "confidence")
+        assert out is not None
+        return out.astype(np.float32)
+
+    def image_labels(self, name: str) -> np.ndarray:
+        """(L,) int64 image-level class ids of image ``name``."""
+        out = self._read(name, "image_labels")
+        assert out is not None
+        return out.astype(np.int64, copy=False)
+
+    def probs(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """((K, H, W) float16 probabilities, (K,) int64 class ids), or None if none were stored."""
+        p = self._read(name, "probs")
+        if p is None:
+            return None
+        keys = self._read(name, "prob_keys")
+        assert keys is not None
+        return p, keys.astype(np.int64, copy=False)
+
+    def read(self, name: str) -> dict[str, Any]:
+        """All stored fields of one image: ``label``, ``confidence``, ``image_labels``, ``probs`` (or None)."""
+        return {"name": name, "label": self.label(name), "confidence": self.confidence(name),
+                "image_labels": self.image_labels(name), "probs": self.probs(name)}
+
+    def verify(self) -> None:
+        """Check every shard file against the manifest's sha256 (reads all bytes).
+
+        Raises:
+            ShardFormatError: a checksum differs or is missing.
+        """
+        for s in self._shards:
+            path = self.shard_dir / s["file"]
+            if s.get("sha256") is None or _sha256(path) != s["sha256"]:
+                raise ShardFormatError(f"{path} does not match the sha256 in the manifest; it was modified or "
+                                       f"damaged. Re-run the dump for that shard and rebuild the manifest")
+
+    def close(self) -> None:
+        """Close the files this process opened."""
+        if os.getpid() == getattr(self, "_pid", None):
+            for f in self._files.values():
+                try:
+                    f.close()
+                except Exception:  # pragma: no cover
+                    pass
+        self._files = {}
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_files"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    def __repr__(self) -> str:
+        return (f"ShardReader({str(self.shard_dir)!r}, dataset={self.meta.get('dataset')!r}, "
+                f"split={self.meta.get('split')!r}, images={len(self.ids)}, shards={len(self._shards)})")
