@@ -1,0 +1,238 @@
+"""Frozen CLIP backbone, weight resolution and prompt embeddings (tiny random CLIP, CPU, offline)."""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stage1_cam.constants import ENV_CLIP_WEIGHTS
+from stage1_cam.models.clip_backbone import ClipFeatures, FrozenClipBackbone, load_clip
+from stage1_cam.models.text import build_dataset_text_embeddings, build_text_embeddings, get_tokenizer
+
+TINY = "wsss-tiny-ViT-16"
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_clip):
+    return FrozenClipBackbone(tiny_clip)
+
+
+def _images(b=2, h=64, w=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, h, w, generator=g)
+
+
+def test_shapes_320_square(backbone):
+    feats = backbone(_images(2, 320, 320))
+    assert isinstance(feats, ClipFeatures)
+    assert feats.grid == (20, 20)
+    assert len(feats.tokens) == len(feats.attn) == backbone.num_blocks == 12
+    for t, a in zip(feats.tokens, feats.attn):
+        assert t.shape == (2, 401, 64)
+        assert a.shape == (2, 401, 401) and a.dtype == torch.float32
+        torch.testing.assert_close(a.sum(-1), torch.ones(2, 401), atol=1e-5, rtol=0)
+        assert (a >= 0).all()
+    assert not feats.tokens[-1].requires_grad
+
+
+def test_non_square_and_partial_blocks(backbone):
+    feats = backbone(_images(2, 64, 96), num_blocks=5)
+    assert feats.grid == (4, 6)
+    assert len(feats.tokens) == 5 and feats.tokens[0].shape == (2, 25, 64) and feats.attn[4].shape == (2, 25, 25)
+    # Remainder pixels beyond a multiple of the patch size are dropped by the stride-16 conv.
+    odd = backbone(_images(1, 70, 100), num_blocks=1)
+    assert odd.grid == (4, 6)
+    with pytest.raises(ValueError, match="num_blocks"):
+        backbone(_images(1), num_blocks=13)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        backbone(torch.zeros(1, 1, 64, 64))
+
+
+def test_blocks_match_open_clip(backbone, tiny_clip):
+    """At the native 64x64 size our block-by-block pass equals open_clip's own modules."""
+    x = _images(2, 64, 64)
+    feats = backbone(x)
+    with torch.no_grad():
+        y = tiny_clip.visual._embeds(x)
+        for i, blk in enumerate(tiny_clip.visual.transformer.resblocks):
+            y = blk(y)
+            torch.testing.assert_close(feats.tokens[i], y, atol=1e-5, rtol=0)
+        ref = tiny_clip.encode_image(x)
+    ours = tiny_clip.visual.ln_post(feats.tokens[-1][:, 0]) @ tiny_clip.visual.proj
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_attention_matches_torch_mha(backbone):
+    """Head-averaged weights equal nn.MultiheadAttention's own (average_attn_weights=True)."""
+    x = backbone.embed(_images(2, 64, 96))[0]
+    blk = backbone.blocks[0]
+    with torch.no_grad():
+        xn = blk.ln_1(x)
+        _, ref = blk.attn(xn, xn, xn, need_weights=True, average_attn_weights=True)
+        out = backbone.run_block(0, x)
+    torch.testing.assert_close(out.attn, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.normed, xn)
+
+
+def test_positional_embedding_interpolation(backbone, tiny_clip):
+    pos = tiny_clip.visual.positional_embedding
+    same = backbone.positional_embedding(4, 4, device=torch.device("cpu"), dtype=torch.float32)
+    torch.testing.assert_close(same, pos.detach())
+    big = backbone.positional_embedding(8, 12, device=torch.device("cpu"), dtype=torch.float32)
+    assert big.shape == (1 + 96, 64)
+    torch.testing.assert_close(big[0], pos[0].detach())  # CLS position kept
+    grid = pos[1:].detach().reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
+    ref = F.interpolate(grid, size=(8, 12), mode="bilinear", align_corners=False).permute(0, 2, 3, 1).reshape(96, 64)
+    torch.testing.assert_close(big[1:], ref)
+    again = backbone.positional_embedding(8, 12, device=torch.device("cpu"), dtype=torch.float32)
+    assert again is big  # cached per size
+
+
+def test_frozen_and_always_eval(tiny_clip):
+    bb = FrozenClipBackbone(tiny_clip)
+    assert sum(p.numel() for p in bb.parameters() if p.requires_grad) == 0
+    bb.train()
+    assert not bb.training and not any(m.training for m in bb.modules())
+    assert (bb.width, bb.num_blocks, bb.patch_size, bb.embed_dim) == (64, 12, 16, 64)
+
+
+def test_last_block_autograd_and_equivalence(backbone):
+    x = _images(2, 64, 64)
+    feats = backbone(x)
+    out, attn = backbone.last_block(feats.tokens[-2])
+    torch.testing.assert_close(out, feats.tokens[-1])
+    torch.testing.assert_close(attn, feats.attn[-1])
+    assert out.grad_fn is None
+    tokens = feats.tokens[-2].clone().requires_grad_(True)
+    with torch.no_grad():  # last_block turns autograd back on for inputs that require grad
+        out, _ = backbone.last_block(tokens)
+    assert out.grad_fn is not None
+    out.sum().backward()
+    assert tokens.grad is not None and tokens.grad.abs().sum() > 0
+    assert all(p.grad is None for p in backbone.parameters())
+
+
+def test_pool_project_ignores_cls(backbone):
+    tokens = backbone(_images(2, 64, 64)).tokens[-1]
+    pooled = backbone.pool_project(tokens)
+    assert pooled.shape == (2, backbone.embed_dim)
+    changed = tokens.clone()
+    changed[:, 0] += 5.0
+    torch.testing.assert_close(backbone.pool_project(changed), pooled)
+    changed[:, 3] += 5.0
+    assert not torch.allclose(backbone.pool_project(changed), pooled)
+
+
+def test_text_embeddings(tiny_clip, backbone):
+    tok = get_tokenizer(TINY)
+    fg, bg = build_dataset_text_embeddings(tiny_clip, tok, "voc")
+    assert fg.shape == (20, 64) and bg.shape == (25, 64)
+    torch.testing.assert_close(fg.norm(dim=-1), torch.ones(20))
+    fg2, _ = build_dataset_text_embeddings(tiny_clip, tok, "voc")
+    assert fg2 is fg  # cached
+    ids = tok(["a clean origami cat."])
+    ref = F.normalize(backbone.encode_text(ids), dim=-1)[0]
+    torch.testing.assert_close(fg[7], ref)  # VOC id 8 = cat
+    two, _ = build_text_embeddings(tiny_clip, tok, class_prompts=["cat"], background_words=["sky"],
+                                   template=["a clean origami {}.", "a photo of a {}."])
+    one_a, _ = build_text_embeddings(tiny_clip, tok, class_prompts=["cat"], background_words=["sky"])
+    one_b, _ = build_text_embeddings(tiny_clip, tok, class_prompts=["cat"], background_words=["sky"],
+                                     template="a photo of a {}.")
+    torch.testing.assert_close(two, F.normalize(one_a + one_b, dim=-1))
+    with pytest.raises(ValueError, match="placeholder"):
+        build_text_embeddings(tiny_clip, tok, class_prompts=["cat"], background_words=[], template="no slot")
+
+
+def _isolate_caches(monkeypatch, tmp_path):
+    """Empty caches, offline hub, and any network access turned into a test failure."""
+    for var in ("HF_HUB_CACHE", "XDG_CACHE_HOME", ENV_CLIP_WEIGHTS):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def _no_network(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    import open_clip.pretrained
+
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained", _no_network)
+    monkeypatch.setattr(urllib.request, "urlopen", _no_network)
+
+
+def test_missing_weights_error_is_actionable(monkeypatch, tmp_path):
+    _isolate_caches(monkeypatch, tmp_path)
+    with pytest.raises(FileNotFoundError) as exc:
+        load_clip("ViT-B-16", pretrained="openai")
+    msg = str(exc.value)
+    assert "ViT-B-16.pt" in msg and "5806e77c" in msg
+    assert f"{ENV_CLIP_WEIGHTS}=/path/ViT-B-16.pt" in msg
+    assert str(tmp_path / "home" / ".cache" / "clip") in msg  # where the open_clip cache was searched
+
+
+def test_bad_weight_sources(monkeypatch, tmp_path):
+    _isolate_caches(monkeypatch, tmp_path)
+    monkeypatch.setenv(ENV_CLIP_WEIGHTS, str(tmp_path / "nope.pt"))
+    with pytest.raises(FileNotFoundError, match=ENV_CLIP_WEIGHTS):
+        load_clip("ViT-B-16", pretrained="openai")
+    with pytest.raises(FileNotFoundError, match="nope2.pt"):
+        load_clip(TINY, pretrained=None, weights=str(tmp_path / "nope2.pt"))
+    monkeypatch.delenv(ENV_CLIP_WEIGHTS)
+    with pytest.raises(ValueError, match="valid tags"):
+        load_clip("ViT-B-16", pretrained="no-such-tag")
+    with pytest.raises(ValueError, match="precision"):
+        load_clip(TINY, pretrained=None, precision="fp8")
+    with pytest.raises(ValueError, match="unknown CLIP model"):
+        load_clip("no-such-model", pretrained=None)
+
+
+def test_weights_from_file_env_and_torchscript(monkeypatch, tmp_path, tiny_clip):
+    _isolate_caches(monkeypatch, tmp_path)
+    ref = tiny_clip.state_dict()
+    sd_path = tmp_path / "tiny_state.pt"
+    torch.save(ref, sd_path)
+    loaded = load_clip(TINY, pretrained=None, weights=str(sd_path))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ref.items())
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+
+    monkeypatch.setenv(ENV_CLIP_WEIGHTS, str(sd_path))  # the environment variable wins over the tag
+    from_env = load_clip(TINY, pretrained="openai")
+    assert torch.equal(from_env.visual.proj, tiny_clip.visual.proj)
+    monkeypatch.delenv(ENV_CLIP_WEIGHTS)
+
+    # OpenAI releases TorchScript archives; build one from the tiny model and load it strictly.
+    ids = get_tokenizer(TINY)(["a cat"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(tiny_clip, (torch.zeros(1, 3, 64, 64), ids), check_trace=False)
+    ts_path = tmp_path / "tiny_openai.pt"
+    traced.save(str(ts_path))
+    from_ts = load_clip(TINY, pretrained=None, weights=str(ts_path))
+    assert all(torch.equal(from_ts.state_dict()[k], v) for k, v in ref.items())
+
+    broken = dict(ref)
+    broken.pop("visual.proj")
+    bad_path = tmp_path / "broken.pt"
+    torch.save(broken, bad_path)
+    with pytest.raises(ValueError, match="strict"):
+        load_clip(TINY, pretrained=None, weights=str(bad_path))
+    assert os.path.isfile(bad_path)
+
+
+def test_weights_found_in_hub_cache_offline(monkeypatch, tmp_path):
+    from stage1_cam.models.clip_backbone import resolve_clip_weights
+
+    _isolate_caches(monkeypatch, tmp_path)
+    repo = tmp_path / "hf" / "hub" / "models--timm--vit_base_patch16_clip_224.openai"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "open_clip_pytorch_model.bin").write_bytes(b"stub")
+    assert resolve_clip_weights("ViT-B-16", "openai") == str(snap / "open_clip_pytorch_model.bin")
+    assert resolve_clip_weights("ViT-B-16", None) is None  # random init ignores caches and the environment
