@@ -1,0 +1,175 @@
+"""``python -m stage1_cam.cams CONFIG``: initial CAMs for a split, stored in HDF5 shards, and their evaluation.
+
+For every image of ``data.eval_split`` with image-level labels: CAM source (``cam.source``) on the
+image resized to a multiple of the patch size, affinity refinement (mean of the last ``cam.attn_layers``
+attention maps, Sinkhorn, box masks; CLIP-ES), per-class min-max and bilinear resize to the original
+size. The refined CAMs are stored as float16 present-class maps with their class ids in a shard set
+(``runs/<dataset>/<run>/cams/``); the label map stored next to them uses background (1 - max)^bg_exponent.
+Re-running skips finished images. Images without any foreground label are skipped with one counted warning.
+
+Evaluation against ground truth: mIoU for background exponents 1 and 2 and for a sweep of constant
+background scores, printed as a table and saved to ``cams/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..build import build_cam_stack, normalization
+from ..config import ConfigError, DictAction, config_hash, load_config
+from ..data import build_dataset
+from ..data.class_names import voc_palette
+from ..data.transforms import normalize
+from ..io.shards import ShardMeta, ShardReader, ShardWriter, write_manifest
+from ..metrics import ConfusionMatrix
+from ..refine.affinity import attention_affinity, refine_cams
+from ..refine.sinkhorn import transition_matrix
+from ..utils.dist import device_for, init_distributed
+from ..utils.logging import EveryN, setup_logging
+from ..utils.run_dir import RunDir, RunDirError, git_sha
+from . import minmax_scale
+
+_logger = logging.getLogger("stage1_cam.cams")  # not __name__: it is "__main__" under -m
+
+BG_CONSTANTS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
+
+
+def network_size(h: int, w: int, patch: int) -> tuple:
+    """CLIP-ES input size: each side rounded up to a multiple of the patch size."""
+    return (int(np.ceil(h / patch)) * patch, int(np.ceil(w / patch)) * patch)
+
+
+@torch.no_grad()
+def refined_cams(cams: torch.Tensor, attn: torch.Tensor, *, out_size: tuple, attn_layers: int,
+                 box_threshold: float, parity: bool) -> torch.Tensor:
+    """(K, h, w) CAMs + (n_blocks, hw, hw) attention -> (K, H, W) refined, min-max scaled, resized maps."""
+    if cams.shape[0] == 0:
+        return cams.new_zeros((0, *out_size))
+    t = transition_matrix(attention_affinity(attn.float(), last=attn_layers))
+    r = minmax_scale(refine_cams(cams.float(), t, box_threshold=box_threshold, parity=parity))
+    return F.interpolate(r[None], size=out_size, mode="bilinear", align_corners=False)[0].clamp_(0, 1)
+
+
+def labels_from_cams(cams: np.ndarray, keys: np.ndarray, *, bg: str, value: float) -> np.ndarray:
+    """(K, H, W) maps -> label ids with background ``(1 - max)^value`` (bg='exp') or constant ``value``."""
+    if cams.shape[0] == 0:
+        return np.zeros(cams.shape[1:], np.uint8)
+    cams = cams.astype(np.float32)
+    b = (1.0 - cams.max(0, keepdims=True)) ** value if bg == "exp" else np.full((1, *cams.shape[1:]), value,
+                                                                                   np.float32)
+    full = np.concatenate([b, cams], 0)
+    lut = np.concatenate([[0], keys]).astype(np.uint8)
+    return lut[full.argmax(0)]
+
+
+def evaluate_cams(shard_dir: Path, dataset) -> Dict[str, object]:
+    """mIoU of stored CAMs for bg exponents 1, 2 and constant bg scores; returns the table."""
+    reader = ShardReader(shard_dir)
+    settings = [("exp", 1.0), ("exp", 2.0)] + [("const", c) for c in BG_CONSTANTS]
+    cms = {s: ConfusionMatrix(dataset.num_classes) for s in settings}
+    for name in reader.ids:
+        gt = dataset.load_gt(name)
+        probs = reader.probs(name)
+        if gt is None or probs is None:
+            continue
+        cams, keys = probs
+        for s in settings:
+            cms[s].update(labels_from_cams(cams, keys, bg=s[0], value=s[1]), gt)
+    reader.close()
+    table = {(f"bg=(1-max)^{v:g}" if k == "exp" else f"bg={v:g}"): cms[(k, v)].compute()["miou"] for k, v in settings}
+    best = max(table, key=lambda k: -1 if table[k] is None else table[k])
+    return {"split": dataset.split, "table": table, "best": best,
+            "per_class_best": cms[settings[list(table).index(best)]].compute(list(dataset.class_names))["per_class"]}
+
+
+def run_cams(cfg, run_dir: RunDir, device: torch.device) -> Path:
+    """Compute (or resume) the CAM shard for ``cfg.data.eval_split``; returns the shard directory."""
+    ds = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.eval_split)
+    out = run_dir.cams_dir
+    meta = ShardMeta(dataset=cfg.data.dataset, split=ds.split, class_names=ds.class_names,
+                     palette=voc_palette(256), config_hash=config_hash(cfg, ("data", "clip", "cam")),
+                     git_sha=git_sha(), extra={"kind": "initial-cam", "cam_source": cfg.cam.source})
+    mean, std = normalization(cfg)
+    _, backbone, cam_source = build_cam_stack(cfg, device)
+    patch = backbone.patch_size
+    with ShardWriter(out, 0, 1, meta=meta) as writer:
+        todo = [n for n in ds.names if n not in writer.done_ids]
+        skipped, t0, every = 0, time.time(), EveryN(seconds=30)
+        _logger.info("CAMs (%s) for %d images of %s/%s (%d already done)", cfg.cam.source, len(todo),
+                     cfg.data.dataset, ds.split, len(ds.names) - len(todo))
+        for i, name in enumerate(todo):
+            labels = ds.image_labels(name)
+            if len(labels) == 0:
+                skipped += 1
+                continue
+            image = ds.load_image(name)
+            h, w = image.shape[:2]
+            x = torch.from_numpy(normalize(image, mean, std)).permute(2, 0, 1)[None].to(device)
+            x = F.interpolate(x, size=network_size(h, w, patch), mode="bicubic", align_corners=False)
+            out_cam = cam_source(x, [labels])
+            maps = refined_cams(out_cam.cams[0], out_cam.attn[0], out_size=(h, w),
+                                attn_layers=cfg.cam.attn_layers, box_threshold=cfg.cam.box_threshold,
+                                parity=cfg.cam.parity).cpu().numpy()
+            keys = out_cam.keys[0]
+            label = labels_from_cams(maps, keys, bg="exp", value=cfg.cam.bg_exponent)
+            full = np.concatenate([(1 - maps.max(0, keepdims=True)) ** cfg.cam.bg_exponent, maps], 0)
+            conf = full.max(0) / np.maximum(full.sum(0), 1e-7)
+            writer.write(name, label=label, confidence=conf, image_labels=keys.tolist(),
+                         probs=maps.astype(np.float16), prob_keys=keys.tolist())
+            if every(i):
+                _logger.info("%d/%d images, %.2f images/s", i + 1, len(todo), (i + 1) / (time.time() - t0))
+        if skipped:
+            _logger.warning("%d image(s) without any foreground label were skipped", skipped)
+        writer.finalize()
+    write_manifest(out, 1)
+    return out
+
+
+def format_table(result: Dict[str, object]) -> str:
+    rows = [f"{'background':<20} {'mIoU':>6}"] + [
+        f"{k:<20} {('%.1f' % (100 * v)) if v is not None else 'n/a':>6}" for k, v in result["table"].items()]
+    return "\n".join(rows + [f"best: {result['best']}"])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stage1_cam.cams", description=__doc__.splitlines()[0])
+    p.add_argument("config")
+    p.add_argument("--run", help="run name (default: run.name in the config)")
+    p.add_argument("--overwrite", action="store_true", help="accept a config that differs from the run's")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, default={})
+    args = p.parse_args(argv)
+    setup_logging()
+    try:
+        opts = dict(args.cfg_options)
+        if args.run:
+            opts["run.name"] = args.run
+        cfg = load_config(args.config, opts)
+        run_dir = RunDir.from_config(cfg).prepare(cfg, overwrite=args.overwrite, seed=cfg.run.seed)
+        device = device_for(init_distributed())
+        torch.manual_seed(cfg.run.seed)
+        out = run_cams(cfg, run_dir, device)
+        ds = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.eval_split)
+        if not ds.has_gt:
+            _logger.warning("split %s has no ground truth: CAMs written to %s, no evaluation", ds.split, out)
+            return 0
+        result = evaluate_cams(out, ds)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(format_table(result))
+        _logger.info("CAMs in %s, metrics in %s", out, out / "metrics.json")
+        return 0
+    except (FileNotFoundError, ConfigError, RunDirError, ValueError, KeyError) as e:
+        logging.getLogger("stage1_cam").error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

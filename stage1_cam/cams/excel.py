@@ -1,0 +1,305 @@
+"""ExCEL patch-text alignment maps from static visual calibration (reference_spec 4.2-4.6; oracles 17-19).
+
+Gradient-free and batched over images and classes:
+
+1. blocks ``0 .. N-1-svc_blocks`` run normally; from there on two paths run side by side over the last
+   ``svc_blocks`` blocks (ExCEL's ``layers=6`` modifies 5 blocks, blocks 7..11 of ViT-B/16):
+
+   - original path: the standard block, ``x_ori <- block(x_ori)``;
+   - calibrated path (no MLP): ``x_new <- x_new + out_proj(A_svc v)`` with ``q, k, v`` from
+     ``ln_1(x_ori)`` and the intra-correlation attention
+     ``A_svc = [softmax(q q^T s) + softmax(k k^T s) + softmax(v v^T s)] / 3`` (``s = 1 / sqrt(head dim)``),
+     combined over heads and shared by every head;
+
+2. the CLS token of ``x_new`` is replaced by ``x_ori``'s, then ``ln_post`` and ``@ proj`` give patch
+   features ``I (B, L, E)``;
+3. CLIP-Surgery similarity with the text set ``T = [fg; bg]``: ``w = softmax(2 I_cls T^T) / mean``,
+   ``s[n, t] = w_t (I_n . T_t) - mean_t' w_t' (I_n . T_t')`` (the element-wise "redundant feature"
+   subtraction summed over channels, computed in closed form), then min-max over tokens per text;
+4. the patch rows and the fg columns of the present classes are the CAMs.
+
+``parity=True`` reproduces two reference quirks: the SVC attention is *summed* over heads (the block
+output is scaled by the number of heads and the returned attention rows of those blocks sum to H), and
+the image features are normalised per channel across tokens (``norm(dim=1)`` of ``(B, N, E)``).
+``parity=False`` (documented behaviour) averages over heads and L2-normalises each token.
+
+Optional text semantic enrichment (TSE, 4.4): :func:`enrich_text` with an attribute bank, loaded from
+ExCEL's released ``*_embedding_bank.pth`` (:func:`load_attribute_bank`) or clustered from class
+descriptions (:func:`build_attribute_bank`, needs scikit-learn).
+
+Other deliberate differences: the positional embedding is interpolated per input size (the reference
+assumed square inputs), and the CAMs are not re-min-maxed over patches (the reference's per-text min-max
+includes the CLS token, so a CAM's maximum can be below 1).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models.clip_backbone import ClipFeatures, FrozenClipBackbone, block_mlp, merge_heads, qkv_heads, \
+    softmax_attention
+from . import CAM_SOURCES, CamOutput, attention_without_cls, normalize_labels
+
+_logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure functions (oracles 18, 19)
+# ----------------------------------------------------------------------------------------------------
+
+
+def enrich_text(fg_text: torch.Tensor, bank: torch.Tensor, topk: float = 0.9) -> torch.Tensor:
+    """TSE aggregation (ExCEL ``attr_aggregate``): add a softmax-weighted mix of attribute embeddings.
+
+    ``logits = t @ bank``; the lowest ``int((1 - topk) * n_attr)`` logits per class are dropped; ``w =
+    softmax(logits)`` (no temperature); ``t_enr = w @ bank^T + t``; rows L2-normalised.
+
+    Args:
+        fg_text: ``(C, E)`` foreground prompt embeddings (normalised here).
+        bank: ``(E, n_attr)`` attribute embeddings (cluster centres, one per column).
+        topk: fraction of attributes kept, in ``(0, 1]``.
+
+    Returns:
+        ``(C, E)`` float32 enriched, L2-normalised embeddings.
+    """
+    if not 0.0 < topk <= 1.0:
+        raise ValueError(f"topk must be in (0, 1], got {topk}")
+    if bank.ndim != 2 or bank.shape[0] != fg_text.shape[1]:
+        raise ValueError(f"attribute bank must be (E={fg_text.shape[1]}, n_attr), got {tuple(bank.shape)}")
+    t = F.normalize(fg_text.float(), dim=-1)
+    bank = bank.float().to(t.device)
+    n_attr = bank.shape[1]
+    logits = t @ bank  # (C, n_attr)
+    n_drop = int((1.0 - topk) * n_attr)
+    if n_drop > 0:
+        order = logits.argsort(dim=1, descending=True)
+        logits = logits.scatter(1, order[:, n_attr - n_drop:], float("-inf"))
+    weights = torch.softmax(logits, dim=1)
+    return F.normalize(weights @ bank.t() + t, dim=-1)
+
+
+def feature_surgery(image_features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """CLIP-Surgery patch-text similarity with redundant-feature subtraction (ExCEL ``clip_feature_surgery``).
+
+    Equals ``sum_e (I[n,e] T[t,e] w[t] - mean_t' I[n,e] T[t',e] w[t'])`` with ``w = softmax(2 I_cls T^T) /
+    mean(...)``, computed without the ``(B, N, T, E)`` intermediate.
+
+    Args:
+        image_features: ``(B, N, E)``, token 0 is CLS.
+        text: ``(T, E)``.
+
+    Returns:
+        ``(B, N, T)`` similarities (not min-maxed).
+    """
+    sim = image_features @ text.t()  # (B, N, T)
+    prob = torch.softmax(2.0 * sim[:, :1], dim=-1)  # (B, 1, T)
+    weighted = sim * (prob / prob.mean(dim=-1, keepdim=True))
+    return weighted - weighted.mean(dim=-1, keepdim=True)
+
+
+def minmax_over_tokens(sim: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise ``(B, N, T)`` over the token axis N for each (b, t); flat maps become 0."""
+    mn = sim.min(dim=1, keepdim=True).values
+    rng = (sim.max(dim=1, keepdim=True).values - mn).clamp_min(torch.finfo(sim.dtype).tiny)
+    return (sim - mn) / rng
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attribute bank
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_attribute_bank(path: Union[str, Path]) -> torch.Tensor:
+    """Load an attribute bank ``(E, n_attr)``: ExCEL's ``*_embedding_bank.pth`` (a list whose first
+    element is the bank) or a plain tensor file; read with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"attribute bank {path} not found; build one with build_attribute_bank() from a "
+                                f"descriptors JSON, or point cam.descriptors at an existing file")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    bank = obj[0] if isinstance(obj, (list, tuple)) else obj
+    if not isinstance(bank, torch.Tensor) or bank.ndim != 2:
+        raise ValueError(f"{path}: expected a (E, n_attr) tensor or a list starting with one")
+    return bank.float()
+
+
+def load_descriptions(path: Union[str, Path]) -> Dict[str, List[str]]:
+    """Read a descriptors JSON ``{class name: [sentence, ...]}`` (ExCEL's GPT-4 descriptors format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class descriptors file {path} not found (JSON {{class: [sentences]}})")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(s, str) for s in v)
+                                             for v in data.values()):
+        raise ValueError(f"{path}: expected a JSON object mapping class names to lists of sentences")
+    return {str(k): list(v) for k, v in data.items()}
+
+
+@torch.no_grad()
+def build_attribute_bank(descriptions: Dict[str, Sequence[str]], clip_model: nn.Module,
+                         tokenizer: Callable[..., torch.Tensor], n_attr: int, seed: int = 0,
+                         batch_size: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cluster the L2-normalised CLIP text embeddings of class descriptions into an attribute bank.
+
+    ``sklearn.cluster.KMeans(n_clusters=n_attr, random_state=seed)`` on all sentences (ExCEL's
+    ``attr_clustering``; the reference used ``random_state=0``).
+
+    Args:
+        descriptions: class name -> description sentences (class order = dict order).
+        clip_model: open_clip CLIP model (text tower used, no gradients).
+        tokenizer: its tokenizer.
+        n_attr: number of clusters (ExCEL: 112 for VOC, 224 for COCO).
+        seed: KMeans random state.
+        batch_size: sentences per text-tower batch.
+
+    Returns:
+        bank ``(E, n_attr)`` float32 (cluster centres as columns) and membership ``(C, n_attr)`` float32
+        (one-hot: the class holding most of each cluster's sentences).
+    """
+    try:
+        from sklearn.cluster import KMeans
+    except ImportError as e:
+        raise ImportError("build_attribute_bank needs scikit-learn (pip install 'scikit-learn>=1.4')") from e
+    sentences: List[str] = []
+    owner: List[int] = []
+    for ci, sents in enumerate(descriptions.values()):
+        sentences.extend(str(s) for s in sents)
+        owner.extend([ci] * len(sents))
+    if n_attr < 1 or n_attr > len(sentences):
+        raise ValueError(f"n_attr={n_attr} clusters need between 1 and {len(sentences)} (the number of sentences)")
+    device = next(clip_model.parameters()).device
+    chunks = []
+    for i in range(0, len(sentences), batch_size):
+        ids = tokenizer(sentences[i:i + batch_size]).to(device)
+        chunks.append(F.normalize(clip_model.encode_text(ids).float(), dim=-1).cpu())
+    emb = torch.cat(chunks).numpy().astype(np.float64)
+    km = KMeans(n_clusters=n_attr, random_state=seed).fit(emb)
+    bank = torch.from_numpy(km.cluster_centers_.T.copy()).float()
+    owner_arr = np.asarray(owner)
+    membership = torch.zeros((len(descriptions), n_attr), dtype=torch.float32)
+    for c in range(n_attr):
+        members = owner_arr[km.labels_ == c]
+        membership[int(np.bincount(members, minlength=len(descriptions)).argmax()), c] = 1.0
+    return bank, membership
+
+
+# ----------------------------------------------------------------------------------------------------
+# CAM source
+# ----------------------------------------------------------------------------------------------------
+
+
+@CAM_SOURCES.register("excel_svc")
+class ExcelSVC:
+    """ExCEL's gradient-free CAM source (SVC attention + surgery alignment maps).
+
+    Args:
+        backbone: the frozen CLIP image tower.
+        fg_text: ``(C_fg, E)`` foreground prompt embeddings (row ``k - 1`` for class id ``k``).
+        bg_text: ``(N_bg, E)`` background prompt embeddings.
+        parity: reproduce the reference's head-sum SVC attention and across-token feature normalisation.
+        svc_blocks: number of final blocks with the calibrated path (reference: 5).
+        attribute_bank: optional ``(E, n_attr)`` bank; when given, ``fg_text`` is enriched (TSE).
+        topk: fraction of attributes kept by the enrichment.
+    """
+
+    def __init__(self, *, backbone: FrozenClipBackbone, fg_text: torch.Tensor, bg_text: torch.Tensor,
+                 parity: bool = False, svc_blocks: int = 5, attribute_bank: Optional[torch.Tensor] = None,
+                 topk: float = 0.9) -> None:
+        e = backbone.embed_dim
+        for name, t in (("fg_text", fg_text), ("bg_text", bg_text)):
+            if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[1] != e:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be a (n, {e}) tensor (embed_dim of the backbone), got {shape}")
+        if fg_text.shape[0] == 0:
+            raise ValueError("fg_text is empty")
+        if not 1 <= svc_blocks <= backbone.num_blocks - 1:
+            raise ValueError(f"svc_blocks must be in [1, {backbone.num_blocks - 1}], got {svc_blocks}")
+        self.backbone = backbone
+        self.parity = bool(parity)
+        self.svc_blocks = int(svc_blocks)
+        fg = fg_text.detach().float()
+        if attribute_bank is not None:
+            fg = enrich_text(fg, attribute_bank.to(fg.device), topk)
+        self.num_classes = int(fg.shape[0])
+        self.text = F.normalize(torch.cat([fg, bg_text.detach().float().to(fg.device)], dim=0), dim=-1)  # (T, E)
+
+    def image_features(self, images: torch.Tensor) -> Tuple[torch.Tensor, ClipFeatures, torch.Tensor]:
+        """Dual-path forward.
+
+        Args:
+            images: ``(B, 3, H, W)`` normalised images.
+
+        Returns:
+            features ``I (B, 1 + h*w, E)`` float32 (normalised as described in the module docstring),
+            :class:`ClipFeatures` of the original path (all N blocks, head-averaged attention), and the
+            attention ``(B, N, h*w, h*w)`` to return (head-summed in SVC blocks when ``parity``).
+        """
+        bb = self.backbone
+        n_blocks = bb.num_blocks
+        start = n_blocks - self.svc_blocks
+        with torch.no_grad():
+            feats = bb(images, num_blocks=start)
+            tokens, attn_mean = list(feats.tokens), list(feats.attn)
+            attn_out = list(feats.attn)
+            x_ori = x_new = feats.tokens[-1]
+            for i in range(start, n_blocks):
+                blk = bb.blocks[i]
+                q, k, v = qkv_heads(blk, blk.ln_1(x_ori))
+                a_ori = softmax_attention(q, k)  # (B, H, L, L)
+                a_svc = (softmax_attention(q, q) + softmax_attention(k, k) + softmax_attention(v, v)) / 3.0
+                a_svc = a_svc.sum(dim=1, keepdim=True) if self.parity else a_svc.mean(dim=1, keepdim=True)
+                x_new = x_new + blk.ls_1(merge_heads(blk, a_svc.to(v.dtype) @ v))  # calibrated path, no MLP
+                x_ori = block_mlp(blk, x_ori + blk.ls_1(merge_heads(blk, a_ori.to(v.dtype) @ v)))
+                tokens.append(x_ori)
+                attn_mean.append(a_ori.mean(dim=1))
+                attn_out.append(a_ori.sum(dim=1) if self.parity else a_ori.mean(dim=1))
+            x_new = torch.cat([x_ori[:, :1], x_new[:, 1:]], dim=1)
+            feat = (bb.visual.ln_post(x_new) @ bb.visual.proj).float()  # (B, L, E)
+            if self.parity:
+                feat = feat / feat.norm(dim=1, keepdim=True)  # reference: per channel, across tokens
+            else:
+                feat = F.normalize(feat, dim=-1)
+        features = ClipFeatures(tokens=tokens, attn=attn_mean, grid=feats.grid)
+        return feat, features, attention_without_cls(attn_out)
+
+    def alignment_maps(self, images: torch.Tensor) -> Tuple[torch.Tensor, ClipFeatures, torch.Tensor]:
+        """Patch-text maps for every foreground class.
+
+        Returns:
+            maps ``(B, h*w, C_fg)`` in ``[0, 1]``, the original-path :class:`ClipFeatures`, and the
+            attention ``(B, N, h*w, h*w)``.
+        """
+        feat, features, attn = self.image_features(images)
+        with torch.no_grad():
+            if self.text.device != feat.device:
+                self.text = self.text.to(feat.device)
+            sim = minmax_over_tokens(feature_surgery(feat, self.text))
+        return sim[:, 1:, : self.num_classes], features, attn
+
+    def __call__(self, images: torch.Tensor, labels: Sequence[Sequence[int]]) -> CamOutput:
+        """CAMs of the present classes of each image.
+
+        Args:
+            images: ``(B, 3, H, W)`` normalised images.
+            labels: per image, present foreground class ids (1-based).
+
+        Returns:
+            :class:`~stage1_cam.cams.CamOutput` (no autograd graph anywhere).
+        """
+        keys = normalize_labels(labels, batch_size=images.shape[0], num_classes=self.num_classes)
+        maps, features, attn = self.alignment_maps(images)
+        h, w = features.grid
+        cams = []
+        for b, k in enumerate(keys):
+            idx = torch.from_numpy(k - 1).to(maps.device)
+            cams.append(maps[b][:, idx].t().reshape(len(k), h, w).contiguous())
+        return CamOutput(cams=cams, keys=keys, attn=attn, features=features, grid=(h, w))

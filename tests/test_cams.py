@@ -1,0 +1,215 @@
+"""CAM sources on the tiny random CLIP: batched GradCAM vs the reference loop, ExCEL SVC maps, registry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stage1_cam.cams import CAM_SOURCES, CamOutput, attention_without_cls, build_cam_source, minmax_scale
+from stage1_cam.cams.excel import (ExcelSVC, build_attribute_bank, enrich_text, feature_surgery,
+                                   load_attribute_bank, minmax_over_tokens)
+from stage1_cam.cams.gradcam import ClipESGradCAM
+from stage1_cam.models.clip_backbone import FrozenClipBackbone
+from stage1_cam.models.text import build_dataset_text_embeddings, get_tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_clip):
+    bb = FrozenClipBackbone(tiny_clip)
+    fg, bg = build_dataset_text_embeddings(tiny_clip, get_tokenizer("wsss-tiny-ViT-16"), "voc")
+    return bb, fg, bg
+
+
+def _images(b, h, w, seed=0):
+    return torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_batched_gradcam_equals_reference_loop(setup):
+    bb, fg, bg = setup
+    x = _images(3, 64, 96)
+    labels = [[15, 3, 7], [], [20]]  # unsorted on purpose; an image without labels
+    batched = ClipESGradCAM(backbone=bb, fg_text=fg, bg_text=bg)(x, labels)
+    looped = ClipESGradCAM(backbone=bb, fg_text=fg, bg_text=bg, looped=True)(x, labels)
+    assert isinstance(batched, CamOutput) and batched.grid == (4, 6)
+    assert [k.tolist() for k in batched.keys] == [[3, 7, 15], [], [20]]
+    assert all(k.dtype == np.int64 for k in batched.keys)
+    assert [tuple(c.shape) for c in batched.cams] == [(3, 4, 6), (0, 4, 6), (1, 4, 6)]
+    for a, b in zip(batched.cams, looped.cams):
+        assert a.dtype == torch.float32
+        if a.numel():
+            assert (a - b).abs().max().item() < 1e-5
+    torch.testing.assert_close(batched.attn, looped.attn, atol=1e-6, rtol=0)
+    assert batched.cams[0].grad_fn is None
+    with torch.no_grad():  # callers may hold no_grad (e.g. while dumping); the last block re-enables autograd
+        again = ClipESGradCAM(backbone=bb, fg_text=fg, bg_text=bg)(x, [torch.tensor([7, 3, 15]), (), np.array([20])])
+    for a, b in zip(batched.cams, again.cams):
+        torch.testing.assert_close(a, b)
+
+
+def test_sources_with_no_labels_at_all(setup):
+    bb, fg, bg = setup
+    x = _images(2, 64, 64)
+    for name in ("clip_es_gradcam", "excel_svc"):
+        out = build_cam_source(name, backbone=bb, fg_text=fg, bg_text=bg)(x, [[], []])
+        assert [tuple(c.shape) for c in out.cams] == [(0, 4, 4), (0, 4, 4)]
+        assert out.attn.shape == (2, 12, 16, 16) and len(out.features.tokens) == 12
+
+
+def test_gradcam_against_hooked_open_clip_block(setup, tiny_clip):
+    """Independent oracle: GradCAM through open_clip's own last block with a hook on its ln_1 (as the reference)."""
+    bb, fg, bg = setup
+    x = _images(1, 64, 64, seed=3)
+    classes = [2, 9]
+    out = ClipESGradCAM(backbone=bb, fg_text=fg, bg_text=bg)(x, [classes])
+    tokens = bb(x, num_blocks=bb.num_blocks - 1).tokens[-1]
+    last = tiny_clip.visual.transformer.resblocks[-1]
+    text = torch.cat([fg[[c - 1 for c in classes]], bg])
+    for j in range(len(classes)):
+        captured = {}
+        handle = last.ln_1.register_forward_hook(lambda m, i, o: captured.setdefault("a", o))
+        with torch.enable_grad():
+            inp = tokens.clone().requires_grad_(True)
+            y = last(inp)
+            handle.remove()
+            img = F.normalize((tiny_clip.visual.ln_post(y)[:, 1:].mean(1) @ tiny_clip.visual.proj), dim=-1)
+            prob = (tiny_clip.logit_scale.exp() * img @ text.t()).softmax(-1)
+            (grad,) = torch.autograd.grad(prob[0, j], captured["a"])
+        act = captured["a"][0, 1:].detach()
+        cam = torch.relu(act @ grad[0, 1:].mean(0)).reshape(4, 4)
+        cam = cam - cam.min()
+        cam = cam / (cam.max() + 1e-7)
+        torch.testing.assert_close(out.cams[0][j], cam, atol=1e-5, rtol=0)
+
+
+def test_gradcam_range_features_and_attention(setup):
+    bb, fg, bg = setup
+    x = _images(2, 64, 64, seed=1)
+    out = ClipESGradCAM(backbone=bb, fg_text=fg, bg_text=bg, logit_scale=100.0)(x, [[1, 12], [5]])
+    for cam in out.cams:
+        assert cam.min() >= 0 and cam.max() <= 1
+        peaks = cam.flatten(1).max(1).values
+        assert torch.all(peaks > 0.999), peaks  # max 1 per present class (up to the reference's 1e-7 eps)
+    full = bb(x)
+    assert len(out.features.tokens) == bb.num_blocks
+    for ours, ref in zip(out.features.tokens, full.tokens):
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+    assert out.attn.shape == (2, bb.num_blocks, 16, 16)
+    torch.testing.assert_close(out.attn, attention_without_cls(full.attn), atol=1e-6, rtol=0)
+
+
+def test_gradcam_bad_inputs(setup):
+    bb, fg, bg = setup
+    cam = build_cam_source("clip_es_gradcam", backbone=bb, fg_text=fg, bg_text=bg)
+    x = _images(1, 64, 64)
+    with pytest.raises(ValueError, match="outside 1..20"):
+        cam(x, [[0]])
+    with pytest.raises(ValueError, match="outside 1..20"):
+        cam(x, [[21]])
+    with pytest.raises(ValueError, match="label lists"):
+        cam(x, [[1], [2]])
+    with pytest.raises(ValueError, match="fg_text"):
+        ClipESGradCAM(backbone=bb, fg_text=fg[:, :10], bg_text=bg)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        cam(x, [[1]])
+
+
+def test_minmax_scale_reference_formula():
+    cam = torch.tensor([[[2.0, 4.0], [6.0, 10.0]]])
+    torch.testing.assert_close(minmax_scale(cam), (cam - 2.0) / (8.0 + 1e-7))
+    assert torch.equal(minmax_scale(torch.zeros(1, 2, 2)), torch.zeros(1, 2, 2))
+
+
+def test_excel_svc_shapes_gradient_free_and_parity(setup):
+    bb, fg, bg = setup
+    x = _images(2, 64, 96, seed=2)
+    labels = [[4, 11], [20]]
+    doc = ExcelSVC(backbone=bb, fg_text=fg, bg_text=bg)
+    par = build_cam_source("excel_svc", backbone=bb, fg_text=fg, bg_text=bg, parity=True)
+    out, out_p = doc(x, labels), par(x, labels)
+    assert out.grid == (4, 6)
+    assert [tuple(c.shape) for c in out.cams] == [(2, 4, 6), (1, 4, 6)]
+    for c in out.cams + out_p.cams:
+        assert c.dtype == torch.float32 and c.grad_fn is None and not c.requires_grad
+        assert c.min() >= 0 and c.max() <= 1
+    assert out.attn.shape == (2, 12, 24, 24) and out.attn.grad_fn is None
+    assert max((a - b).abs().max().item() for a, b in zip(out.cams, out_p.cams)) > 1e-3  # parity changes maps
+    # The original path is the plain CLIP: features equal a normal pass.
+    full = bb(x)
+    for ours, ref in zip(out.features.tokens, full.tokens):
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+    # Parity: SVC blocks (the last 5) return head-summed attention, earlier blocks head-averaged.
+    heads = bb.num_heads
+    torch.testing.assert_close(out_p.attn[:, 7:], heads * out.attn[:, 7:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_p.attn[:, :7], out.attn[:, :7])
+    # The CAMs are the present-class columns of the full alignment maps.
+    maps, _, _ = doc.alignment_maps(x)
+    assert maps.shape == (2, 24, 20)
+    torch.testing.assert_close(out.cams[0][1], maps[0, :, 10].reshape(4, 6))
+
+
+def test_excel_svc_batch_independent_and_svc_blocks(setup):
+    bb, fg, bg = setup
+    x = _images(2, 64, 64, seed=4)
+    src = ExcelSVC(backbone=bb, fg_text=fg, bg_text=bg, svc_blocks=3)
+    both = src(x, [[1, 2], [3]])
+    alone = src(x[1:], [[3]])
+    torch.testing.assert_close(both.cams[1], alone.cams[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(both.cams[0], ExcelSVC(backbone=bb, fg_text=fg, bg_text=bg)(x, [[1, 2], [3]]).cams[0])
+    with pytest.raises(ValueError, match="svc_blocks"):
+        ExcelSVC(backbone=bb, fg_text=fg, bg_text=bg, svc_blocks=12)
+
+
+def test_feature_surgery_matches_explicit_formula():
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(2, 7, 16, generator=g), dim=-1)
+    text = F.normalize(torch.randn(5, 16, generator=g), dim=-1)
+    prob = (2 * img[:, :1] @ text.t()).softmax(-1)
+    w = prob / prob.mean(-1, keepdim=True)
+    feats = img[:, :, None, :] * text[None, None] * w[..., None]  # (B, N, T, E)
+    ref = (feats - feats.mean(2, keepdim=True)).sum(-1)
+    torch.testing.assert_close(feature_surgery(img, text), ref, atol=1e-6, rtol=0)
+    mm = minmax_over_tokens(ref)
+    assert torch.allclose(mm.amin(1), torch.zeros(2, 5)) and torch.allclose(mm.amax(1), torch.ones(2, 5))
+
+
+def test_enrich_text_drops_lowest_attributes():
+    g = torch.Generator().manual_seed(0)
+    t = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    bank = torch.randn(8, 112, generator=g)
+    out = enrich_text(t, bank, topk=0.9)
+    logits = t @ bank
+    keep = logits >= logits.sort(dim=1, descending=True).values[:, 100:101]  # 112 - int(0.1 * 112) = 101 kept
+    assert keep.sum(1).tolist() == [101] * 3
+    w = torch.where(keep, logits, torch.full_like(logits, float("-inf"))).softmax(1)
+    torch.testing.assert_close(out, F.normalize(w @ bank.t() + t, dim=-1))
+    with pytest.raises(ValueError, match="topk"):
+        enrich_text(t, bank, topk=0.0)
+
+
+def test_attribute_bank_roundtrip_and_enrichment(setup, tmp_path):
+    bb, fg, bg = setup
+    bank = torch.randn(64, 6)
+    torch.save([bank, torch.zeros(20, 6)], tmp_path / "bank.pth")
+    torch.testing.assert_close(load_attribute_bank(tmp_path / "bank.pth"), bank)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_attribute_bank(tmp_path / "missing.pth")
+    enriched = ExcelSVC(backbone=bb, fg_text=fg, bg_text=bg, attribute_bank=bank)
+    torch.testing.assert_close(enriched.text[:20], enrich_text(fg, bank))
+
+
+def test_build_attribute_bank_kmeans(tiny_clip):
+    pytest.importorskip("sklearn")
+    desc = {"cat": ["a clean origami cat. it has whiskers.", "a clean origami cat. it has fur."],
+            "dog": ["a clean origami dog. it barks.", "a clean origami dog. it has a tail.",
+                    "a clean origami dog. it has paws."]}
+    built, membership = build_attribute_bank(desc, tiny_clip, get_tokenizer("wsss-tiny-ViT-16"), n_attr=3)
+    assert built.shape == (64, 3) and membership.shape == (2, 3)
+    assert torch.equal(membership.sum(0), torch.ones(3))
+
+
+def test_registry_lists_valid_names():
+    assert {"clip_es_gradcam", "excel_svc"} <= set(CAM_SOURCES.list_names())
+    with pytest.raises(KeyError, match="clip_es_gradcam.*excel_svc"):
+        build_cam_source("no_such_source")
