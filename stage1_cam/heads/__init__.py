@@ -1,0 +1,5 @@
+"""Refinement heads (registry ``HEADS``): ``weclip``."""
+
+from .weclip import HEADS, PseudoLabelCfg, WeCLIPHead, build_weclip_head
+
+__all__ = ["HEADS", "PseudoLabelCfg", "WeCLIPHead", "build_weclip_head"]

@@ -1,0 +1,169 @@
+"""The WeCLIP refinement head: decoder + online pseudo labels from CAM, affinity (RFM) and PAR.
+
+Per training step (reference_spec 9): the CAM source runs CLIP (blocks 0..N-2 without grad, the last
+block with grad for GradCAM) and returns per-image CAMs, keys and head-averaged attention maps; the
+decoder fuses blocks 0..N-2; the online pseudo label is built per image from the CAMs refined by a
+Sinkhorn transition of an attention affinity (mean of the last ``attn_layers`` maps before
+``rfm_start_step``, the RFM-filtered mean times the decoder affinity after), box masks, background
+(1 - max)^alpha, PAR and argmax. No file I/O, no hidden counters: the step is passed in.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..losses import weclip_loss
+from ..refine.affinity import attention_affinity, refine_cams, rfm_affinity
+from ..refine.labels import cams_to_label_batch
+from ..refine.par import PAR
+from ..refine.sinkhorn import transition_matrix
+from ..registry import Registry
+from .decoder import WeCLIPDecoder
+
+_logger = logging.getLogger(__name__)
+
+HEADS = Registry("head")
+
+
+@dataclass
+class PseudoLabelCfg:
+    attn_layers: int = 8  # affinity = mean of the last N attention maps (before RFM)
+    box_threshold: float = 0.4
+    bg_exponent: float = 1.0
+    use_par: bool = True
+    parity: bool = False
+    rfm_enabled: bool = True
+    rfm_start_step: int = 15000
+    rfm_layers: int = 6
+    rfm_score: str = "signed"
+
+
+class WeCLIPHead(nn.Module):
+    """Trainable decoder plus the (non-trainable) online pseudo-label generator.
+
+    Only ``self.decoder`` holds parameters; the backbone and CAM source are held by reference (not
+    registered as submodules), so ``state_dict()`` is the head only.
+
+    Args:
+        backbone: a :class:`~stage1_cam.models.clip_backbone.FrozenClipBackbone`.
+        cam_source: a CAM source (``stage1_cam.cams``) over the same backbone.
+        num_classes: classes including background.
+        embed_dim, decoder_layers, decoder_heads, dropout: decoder sizes.
+        aff_weight, aff_radius: affinity-loss weight and window radius.
+        pseudo: pseudo-label settings.
+    """
+
+    def __init__(self, *, backbone: nn.Module, cam_source: Any, num_classes: int, embed_dim: int = 256,
+                 decoder_layers: int = 3, decoder_heads: int = 8, dropout: float = 0.1, aff_weight: float = 0.1,
+                 aff_radius: int = 8, pseudo: Optional[PseudoLabelCfg] = None) -> None:
+        super().__init__()
+        object.__setattr__(self, "backbone", backbone)
+        object.__setattr__(self, "cam_source", cam_source)
+        self.num_classes = num_classes
+        self.num_inputs = backbone.num_blocks - 1  # blocks 0..N-2 feed the decoder (reference: 11 of 12)
+        self.decoder = WeCLIPDecoder(in_dim=backbone.width, num_inputs=self.num_inputs, embed_dim=embed_dim,
+                                     num_classes=num_classes, decoder_layers=decoder_layers,
+                                     decoder_heads=decoder_heads, dropout=dropout)
+        self.aff_weight, self.aff_radius = aff_weight, aff_radius
+        self.pseudo = pseudo or PseudoLabelCfg()
+        self.par = PAR() if self.pseudo.use_par else None
+        object.__setattr__(self, "_decoder_call", self.decoder)
+
+    def wrap_decoder(self, wrapper: nn.Module) -> None:
+        """Route decoder calls through ``wrapper`` (e.g. DDP) without adding it to the state dict."""
+        object.__setattr__(self, "_decoder_call", wrapper)
+
+    # ------------------------------------------------------------------ pseudo labels
+    def use_rfm(self, step: Optional[int]) -> bool:
+        """RFM is on from ``rfm_start_step``; ``step=None`` (evaluation) means on, as the reference's val mode."""
+        return self.pseudo.rfm_enabled and (step is None or step >= self.pseudo.rfm_start_step)
+
+    @torch.no_grad()
+    def pseudo_labels(self, images: torch.Tensor, cams: Sequence[torch.Tensor], keys: Sequence[np.ndarray],
+                      attn: torch.Tensor, dec_aff: Optional[torch.Tensor], *, out_size: Tuple[int, int],
+                      par_images: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Online pseudo labels.
+
+        Args:
+            images: (B, 3, H, W) normalised network input (for PAR unless ``par_images`` is given).
+            cams: per image (K_b, h, w) CAMs in [0, 1].
+            keys: per image sorted foreground class ids (K_b,).
+            attn: (B, n_blocks, hw, hw) head-averaged attention, CLS removed.
+            dec_aff: (B, hw, hw) decoder affinity, or None to disable RFM.
+            out_size: (H, W) of the labels.
+
+        Returns:
+            labels (B, H, W) int64 and confidence (B, H, W) float32.
+        """
+        par_src = images if par_images is None else par_images
+        if dec_aff is not None:
+            m, _ = rfm_affinity(attn.float(), dec_aff.float(), last=self.pseudo.rfm_layers, score=self.pseudo.rfm_score)
+        else:
+            m = attention_affinity(attn.float(), last=self.pseudo.attn_layers)
+        trans = transition_matrix(m)  # (B, hw, hw)
+        b = len(cams)
+        h, w = cams[0].shape[-2:]
+        kmax = max(len(k) for k in keys)
+        padded = attn.new_zeros((b, kmax, h, w))
+        padded_keys = torch.full((b, kmax), -1, dtype=torch.long, device=attn.device)
+        for i in range(b):
+            k = len(keys[i])
+            if k:
+                padded[i, :k] = refine_cams(cams[i].float(), trans[i], box_threshold=self.pseudo.box_threshold,
+                                            parity=self.pseudo.parity)
+                padded_keys[i, :k] = torch.as_tensor(keys[i], device=attn.device)
+        use_par = self.par is not None and kmax > 0
+        labels, confs = cams_to_label_batch(padded, padded_keys, out_size=out_size, bg_exponent=self.pseudo.bg_exponent,
+                                            images=par_src if use_par else None, par=self.par if use_par else None)
+        return labels.long(), confs.float()
+
+    # ------------------------------------------------------------------ training / inference
+    def decode(self, features: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decoder on a :class:`ClipFeatures`: (logits (B,C,h,w), F_u (B,E,h,w), A_f (B,hw,hw))."""
+        return self._decoder_call(features.tokens[: self.num_inputs], features.grid)
+
+    def forward_train(self, images: torch.Tensor, labels: List[np.ndarray], step: int) -> Dict[str, torch.Tensor]:
+        """One training forward: CAM -> decoder -> online pseudo label -> losses.
+
+        Args:
+            images: (B, 3, S, S) normalised crops.
+            labels: per image sorted foreground class ids.
+            step: 0-based training step (decides RFM).
+        """
+        cam_out = self.cam_source(images, labels)
+        logits, _, aff = self.decode(cam_out.features)
+        dec_aff = aff.detach() if self.use_rfm(step) else None
+        pseudo, _ = self.pseudo_labels(images, cam_out.cams, cam_out.keys, cam_out.attn, dec_aff,
+                                       out_size=tuple(images.shape[-2:]))
+        losses = weclip_loss(logits.float(), aff.float(), pseudo, grid=cam_out.grid, radius=self.aff_radius,
+                             aff_weight=self.aff_weight)
+        losses["pseudo_label"] = pseudo
+        return losses
+
+    @torch.no_grad()
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Decoder-only inference (the dump path): (B, 3, H, W) -> logits (B, C, H//p, W//p)."""
+        feats = self.backbone(images, num_blocks=self.num_inputs)
+        return self.decode(feats)[0].float()
+
+
+def build_weclip_head(*, cfg: Any, backbone: nn.Module, cam_source: Any, num_classes: int) -> WeCLIPHead:
+    """Map a validated stage-1 config to :class:`WeCLIPHead` keyword arguments."""
+    h, c = cfg.head, cfg.cam
+    pseudo = PseudoLabelCfg(attn_layers=c.attn_layers, box_threshold=c.box_threshold, bg_exponent=c.bg_exponent,
+                            use_par=c.par, parity=c.parity, rfm_enabled=h.rfm.enabled,
+                            rfm_start_step=h.rfm.start_step, rfm_layers=h.rfm.layers, rfm_score=h.rfm.score)
+    if h.options:
+        raise ValueError(f"head 'weclip' takes no head.options, got {sorted(h.options)}")
+    return WeCLIPHead(backbone=backbone, cam_source=cam_source, num_classes=num_classes, embed_dim=h.embed_dim,
+                      decoder_layers=h.decoder_layers, decoder_heads=h.decoder_heads, dropout=h.dropout,
+                      aff_weight=h.aff_loss_weight, aff_radius=h.aff_radius, pseudo=pseudo)
+
+
+HEADS.register("weclip")(build_weclip_head)

@@ -1,0 +1,348 @@
+"""Stage-1 training: ``python -m stage1_cam.train CONFIG [--run NAME] [--resume [CKPT]] [--cfg-options k=v]``.
+
+Iteration-based training of the refinement head on the frozen CLIP, from image-level labels only.
+AdamW on the head only, linear warmup then poly decay; autocast (bf16/fp16) on GPU, float32 on CPU;
+DDP under torchrun (one process per GPU). Checkpoints hold the head, optimizer, scheduler, data
+position and every RNG state, so ``--resume`` (or re-running the same command) continues exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch.utils.data import DataLoader, Sampler
+
+from .build import build_stage1
+from .config import ConfigError, DictAction, config_hash, load_config
+from .data import TrainAugment, TrainCropDataset, build_dataset
+from .metrics import ConfusionMatrix
+from .utils.dist import DistInfo, device_for, init_distributed, peak_memory_mb
+from .utils.logging import setup_logging
+from .utils.run_dir import RunDir, RunDirError, git_sha
+
+_logger = logging.getLogger("stage1_cam.train")  # not __name__: it is "__main__" under -m
+CKPT_FORMAT = "wsss-stage1-head"
+
+
+class EpochSampler(Sampler[int]):
+    """Seeded permutation per epoch, split across ranks, resumable from a position within the epoch."""
+
+    def __init__(self, n: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> List[int]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        per_rank = self.n // self.world  # equal share per rank (drop the remainder, like drop_last)
+        return perm[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start:])
+
+    def __len__(self) -> int:
+        return max(self.n // self.world - self.start, 0)
+
+
+def lr_multiplier(step: int, *, warmup_iters: int, warmup_ratio: float, max_iters: int, power: float) -> float:
+    """Linear warmup from ``warmup_ratio`` to 1 over ``warmup_iters`` steps, then (1 - step/max)^power."""
+    if step < warmup_iters:
+        return 1.0 - (1.0 - step / warmup_iters) * (1.0 - warmup_ratio)
+    return max(1.0 - step / max_iters, 0.0) ** power
+
+
+def _collate(batch: List[Dict[str, Any]]) -> Dict[str, Any]:
+    return {
+        "img": torch.stack([b["img"] for b in batch]),
+        "cls_label": torch.stack([b["cls_label"] for b in batch]),
+        "name": [b["name"] for b in batch],
+    }
+
+
+def labels_from_multi_hot(cls_label: torch.Tensor) -> List[np.ndarray]:
+    """(B, C-1) multi-hot -> per image sorted class ids in 1..C-1."""
+    return [np.flatnonzero(row.cpu().numpy() > 0.5).astype(np.int64) + 1 for row in cls_label]
+
+
+def _rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    py = state["python"]
+    random.setstate((py[-2], tuple(py[:-2]), py[-1]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
+    """Atomic save (tmp file + rename): an interrupted save never leaves a truncated checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    """Load a stage-1 checkpoint with ``weights_only=True``; refuses files of another format."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path} is not a stage-1 head checkpoint (format {CKPT_FORMAT!r} expected)")
+    return ckpt
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def validate(stack: Any, cfg: Any, device: torch.device, *, max_images: int = 0) -> Dict[str, float]:
+    """Online pseudo-label mIoU (CAM -> RFM -> PAR at full resolution) and decoder mIoU on ``cfg.data.val_split``.
+
+    Runs with the head in eval mode (dropout off), batch 1, full-resolution images cropped to a
+    multiple of the patch size on the network side and labels resized to the original size.
+    """
+    from .data.transforms import normalize
+
+    head = stack.head
+    was_training = head.training
+    head.eval()
+    ds = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.val_split)
+    if not ds.has_gt:
+        _logger.warning("validation split %s has no ground truth; skipped", cfg.data.val_split)
+        return {}
+    n_cls = len(stack.class_names)
+    cm_pseudo, cm_dec = ConfusionMatrix(n_cls), ConfusionMatrix(n_cls)
+    n = len(ds) if not max_images else min(max_images, len(ds))
+    p = stack.backbone.patch_size
+    for i in range(n):
+        item = ds[i]
+        if len(item["labels"]) == 0:
+            continue
+        img = torch.from_numpy(normalize(item["image"], stack.mean, stack.std)).permute(2, 0, 1)[None].to(device)
+        h, w = img.shape[-2:]
+        ph, pw = max(p, h // p * p), max(p, w // p * p)
+        net_in = torch.nn.functional.interpolate(img, size=(ph, pw), mode="bilinear", align_corners=False)
+        cam_out = stack.cam_source(net_in, [item["labels"]])
+        logits, _, aff = head.decode(cam_out.features)
+        dec_aff = aff if head.use_rfm(None) else None
+        pseudo, _ = head.pseudo_labels(net_in, cam_out.cams, cam_out.keys, cam_out.attn, dec_aff,
+                                       out_size=(h, w), par_images=img)
+        up = torch.nn.functional.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+        cm_pseudo.update(pseudo[0].cpu().numpy(), item["gt"])
+        cm_dec.update(up.argmax(1)[0].cpu().numpy(), item["gt"])
+    head.train(was_training)
+    return {"pseudo_miou": cm_pseudo.compute()["miou"], "decoder_miou": cm_dec.compute()["miou"], "images": n}
+
+
+def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Optional[DistInfo] = None) -> Path:
+    """Train the head; returns the final checkpoint path. Resumes from ``resume`` or the run's latest checkpoint."""
+    dist = dist or DistInfo()
+    device = device_for(dist)
+    seed = cfg.run.seed + dist.rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tc = cfg.train
+    chash = config_hash(cfg)
+
+    stack = build_stage1(cfg, device)
+    head = stack.head
+    head.train()
+    params = [p for p in head.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, warmup_iters=tc.warmup_iters, warmup_ratio=tc.warmup_ratio,
+                                           max_iters=tc.max_iters, power=tc.power))
+    if dist.enabled:
+        head.wrap_decoder(torch.nn.parallel.DistributedDataParallel(
+            head.decoder, device_ids=[dist.local_rank] if device.type == "cuda" else None))
+
+    base = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.train_split)
+    augment = TrainAugment(crop_size=cfg.data.crop_size, scale_range=tuple(cfg.data.scale_range),
+                           flip=cfg.data.flip, mean=stack.mean, std=stack.std)
+    train_ds = TrainCropDataset(base, augment, seed=cfg.run.seed)
+    if len(train_ds) < tc.batch_size * dist.world_size:
+        raise ValueError(f"split {cfg.data.train_split} has {len(train_ds)} usable images, fewer than one batch")
+    sampler = EpochSampler(len(train_ds), seed=cfg.run.seed, rank=dist.rank, world_size=dist.world_size)
+    steps_per_epoch = len(sampler) // tc.batch_size
+
+    step, epoch, pos = 0, 0, 0
+    ckpt_dir = run_dir.ckpt_dir
+    latest = ckpt_dir / "latest.pth"
+    resume_path = resume if resume is not None else (latest if latest.is_file() else None)
+    if resume_path is not None:
+        ckpt = load_checkpoint(resume_path)
+        if ckpt["config_hash"] != chash:
+            raise RunDirError(f"{resume_path} was written with config hash {ckpt['config_hash']}, current is {chash}; "
+                              f"resume with the same config or start another run")
+        head.decoder.load_state_dict(ckpt["head"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        step, epoch, pos = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        _set_rng_state(ckpt["rng"][min(dist.rank, len(ckpt["rng"]) - 1)] if isinstance(ckpt["rng"], list)
+                       else ckpt["rng"])
+        _logger.info("resumed from %s at step %d", resume_path, step)
+
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp)
+    use_amp = device.type == "cuda" and amp_dtype is not None
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    loader_gen = torch.Generator()
+
+    def make_loader() -> Iterator[Dict[str, Any]]:
+        sampler.set_position(epoch, pos * tc.batch_size)
+        train_ds.set_epoch(epoch)
+        loader_gen.manual_seed(cfg.run.seed * 7919 + epoch)
+        return iter(DataLoader(train_ds, batch_size=tc.batch_size, sampler=sampler, drop_last=True,
+                               num_workers=cfg.data.num_workers, collate_fn=_collate, generator=loader_gen,
+                               pin_memory=device.type == "cuda", persistent_workers=False))
+
+    def checkpoint(path: Path, metrics: Optional[Dict[str, Any]] = None) -> None:
+        rng = [_rng_state()]
+        if dist.enabled:
+            gathered: List[Any] = [None] * dist.world_size
+            torch_dist.all_gather_object(gathered, rng[0])
+            rng = gathered
+        if not dist.is_main:
+            return
+        payload = {"format": CKPT_FORMAT, "head_type": cfg.head.type, "head": head.decoder.state_dict(),
+                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                   "epoch": epoch, "batch_in_epoch": pos, "rng": rng, "config": json.dumps(cfg.to_dict()),
+                   "config_hash": chash, "git_sha": git_sha(), "metrics": json.dumps(metrics or {})}
+        save_checkpoint(path, payload)
+        if path != latest:
+            save_checkpoint(latest, payload)
+        _logger.info("saved checkpoint %s", path)
+
+    it = make_loader()
+    t0, t_last, history, curve = time.time(), time.time(), [], []
+    val_log = run_dir.path / "stage1" / "val_metrics.jsonl"
+    _logger.info("training %s for %d iterations (batch %d x %d process(es), %d steps/epoch) on %s",
+                 cfg.head.type, tc.max_iters, tc.batch_size, dist.world_size, steps_per_epoch, device)
+    while step < tc.max_iters:
+        try:
+            batch = next(it)
+        except StopIteration:
+            epoch, pos = epoch + 1, 0
+            it = make_loader()
+            continue
+        images = batch["img"].to(device, non_blocking=True)
+        labels = labels_from_multi_hot(batch["cls_label"])
+        with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
+            out = head.forward_train(images, labels, step)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} (images {batch['name']})")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        step, pos = step + 1, pos + 1
+        history.append(float(loss.detach()))
+        if step % tc.log_interval == 0 or step == tc.max_iters:
+            dt = (time.time() - t_last) / max(1, min(tc.log_interval, len(history)))
+            t_last = time.time()
+            curve.append([step, float(np.mean(history[-tc.log_interval:]))])
+            _logger.info("step %d/%d loss %.4f (seg %.4f aff %.4f) lr %.3e %.3f s/iter eta %s peak %.0f MiB",
+                         step, tc.max_iters, np.mean(history[-tc.log_interval:]), out["loss_seg"].item(),
+                         out["loss_aff"].item(), optimizer.param_groups[0]["lr"], dt,
+                         time.strftime("%H:%M:%S", time.gmtime(dt * (tc.max_iters - step))),
+                         peak_memory_mb(device))
+        if tc.val_interval and step % tc.val_interval == 0 and dist.is_main:
+            metrics = validate(stack, cfg, device, max_images=tc.val_max_images)
+            _logger.info("validation at step %d: %s", step, metrics)
+            val_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(val_log, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if step % tc.ckpt_interval == 0 and step < tc.max_iters:
+            checkpoint(ckpt_dir / f"iter_{step:06d}.pth")
+
+    final = run_dir.final_ckpt
+    summary = {"steps": step, "seconds": time.time() - t0, "peak_memory_mib": peak_memory_mb(device),
+               "device": str(device), "final_loss": float(np.mean(history[-tc.log_interval:])) if history else None,
+               "loss_curve": curve}
+    checkpoint(final, summary)
+    if dist.is_main:
+        (run_dir.path / "stage1" / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return final
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m stage1_cam.train", description=__doc__.splitlines()[0])
+    p.add_argument("config", help="stage-1 config file (configs/stage1/...)")
+    p.add_argument("--run", help="run name (default: run.name in the config)")
+    p.add_argument("--resume", nargs="?", const="latest", help="resume from CKPT (default: the run's latest)")
+    p.add_argument("--overwrite", action="store_true", help="accept a config that differs from the run's saved one")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, default={}, help="override config keys: a.b=v")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    dist = init_distributed()
+    try:
+        opts = dict(args.cfg_options)
+        if args.run:
+            opts["run.name"] = args.run
+        cfg = load_config(args.config, opts)
+        run_dir = RunDir.from_config(cfg)
+        setup_logging(run_dir.path / "stage1" / "train.log", rank=dist.rank)
+        if dist.is_main:
+            run_dir.prepare(cfg, overwrite=args.overwrite, seed=cfg.run.seed)
+        if dist.enabled:
+            torch_dist.barrier()
+        if run_dir.final_ckpt.is_file() and args.resume is None:
+            ck = load_checkpoint(run_dir.final_ckpt)
+            if ck["config_hash"] == config_hash(cfg):
+                _logger.info("%s exists for this config: nothing to do", run_dir.final_ckpt)
+                return 0
+        resume = None if args.resume in (None, "latest") else Path(args.resume)
+        final = train(cfg, run_dir, resume=resume, dist=dist)
+        _logger.info("final checkpoint: %s", final)
+        return 0
+    except (FileNotFoundError, ConfigError, RunDirError, ValueError) as e:
+        logging.getLogger("stage1_cam").error("%s", e)
+        return 2
+    finally:
+        if dist.enabled and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

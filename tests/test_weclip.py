@@ -1,0 +1,136 @@
+"""WeCLIP head: decoder shapes and parameter count, losses, gradients, training, checkpoint/resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stage1_cam.heads.decoder import WeCLIPDecoder
+from stage1_cam.losses import affinity_label, affinity_loss, balanced_seg_loss, radius_mask
+from stage1_cam.train import load_checkpoint, lr_multiplier, main as train_main
+
+TINY = "configs/stage1/weclip_tiny-clip_synthetic-160x160_300i.py"
+
+
+def test_parameter_count_vit_b16_voc():
+    dec = WeCLIPDecoder(in_dim=768, num_inputs=11, embed_dim=256, num_classes=21, decoder_layers=3, decoder_heads=8)
+    n = sum(p.numel() for p in dec.parameters())
+    assert n == 5_985_045
+    assert n == WeCLIPDecoder.expected_num_params(in_dim=768, num_inputs=11, embed_dim=256, num_classes=21,
+                                                  decoder_layers=3)
+    coco = WeCLIPDecoder(in_dim=768, num_inputs=11, num_classes=81)
+    assert sum(p.numel() for p in coco.parameters()) == 6_000_465
+
+
+def test_decoder_shapes():
+    dec = WeCLIPDecoder(in_dim=32, num_inputs=3, embed_dim=16, num_classes=5, decoder_layers=1, decoder_heads=2)
+    toks = [torch.randn(2, 1 + 4 * 6, 32) for _ in range(3)]
+    logits, fu, aff = dec(toks, (4, 6))
+    assert logits.shape == (2, 5, 4, 6) and fu.shape == (2, 16, 4, 6) and aff.shape == (2, 24, 24)
+    assert torch.all((aff >= 0) & (aff <= 1))
+    with pytest.raises(ValueError, match="expects 3 block outputs"):
+        dec(toks[:2], (4, 6))
+
+
+def test_balanced_loss_equals_reference_and_is_finite_without_foreground():
+    logits = torch.randn(2, 4, 8, 8)
+    label = torch.randint(0, 4, (2, 8, 8))
+    label[0, 0, :3] = 255
+    bg = label.clone()
+    bg[label != 0] = 255
+    fg = label.clone()
+    fg[label == 0] = 255
+    ref = 0.5 * (torch.nn.functional.cross_entropy(logits, bg, ignore_index=255)
+                 + torch.nn.functional.cross_entropy(logits, fg, ignore_index=255))
+    assert torch.allclose(balanced_seg_loss(logits, label), ref, atol=1e-5)
+    only_bg = torch.zeros(2, 8, 8, dtype=torch.long)
+    assert torch.isfinite(balanced_seg_loss(logits, only_bg))
+    only_fg = torch.full((2, 8, 8), 2)
+    assert torch.isfinite(balanced_seg_loss(logits, only_fg))
+
+
+def test_affinity_label_and_loss():
+    m = radius_mask(3, 3, 1)
+    assert m.shape == (9, 9) and m[0, 8].item() is False and m[0, 4].item() is True and torch.equal(m, m.T)
+    label = torch.zeros(1, 48, 48, dtype=torch.long)
+    label[:, :, 24:] = 5  # right half class 5; nearest downsample to 3x3 picks pixels 16*i
+    al = affinity_label(label, (3, 3), radius=1)
+    assert al.shape == (1, 9, 9)
+    assert al[0, 0, 1] == 1  # (0,0) and (0,1): both background
+    assert al[0, 0, 2] == 255  # outside radius 1
+    assert al[0, 1, 2] == 0  # (0,1) bg vs (0,2) class 5
+    perfect = (al == 1).float()
+    assert affinity_loss(perfect, al) < affinity_loss(1 - perfect, al)
+
+
+def test_lr_schedule_matches_reference():
+    kw = dict(warmup_iters=50, warmup_ratio=1e-6, max_iters=30000, power=1.0)
+    assert lr_multiplier(0, **kw) == pytest.approx(1e-6)
+    assert lr_multiplier(25, **kw) == pytest.approx(1 - 0.5 * (1 - 1e-6))
+    assert lr_multiplier(50, **kw) == pytest.approx(1 - 50 / 30000)
+    assert lr_multiplier(29999, **kw) == pytest.approx(1 / 30000)
+
+
+def _opts(synthetic_root, tmp_path, **extra):
+    opts = {"data.root": str(synthetic_root), "run.root": str(tmp_path / "runs"), "data.crop_size": 64,
+            "data.num_workers": 0, "train.batch_size": 2, "train.log_interval": 1, "train.val_interval": 0,
+            "head.rfm.start_step": 2}
+    opts.update(extra)
+    return [f"{k}={v}" for k, v in opts.items()]
+
+
+def test_gradients_reach_only_the_head(synthetic_root):
+    from stage1_cam.build import build_stage1
+    from stage1_cam.config import load_config
+
+    cfg = load_config(TINY, {"data.root": str(synthetic_root), "head.rfm.start_step": 0})
+    stack = build_stage1(cfg, torch.device("cpu"))
+    out = stack.head.forward_train(torch.randn(2, 3, 64, 64), [np.array([3]), np.array([5, 7])], step=1)
+    out["loss"].backward()
+    assert all(p.grad is None for p in stack.clip_model.parameters())
+    assert not any(p.requires_grad for p in stack.clip_model.parameters())
+    head_params = [p for p in stack.head.parameters()]
+    assert head_params and all(p.grad is not None for p in head_params)
+    assert set(stack.head.state_dict()) == {f"decoder.{k}" for k in stack.head.decoder.state_dict()}
+    label = out["pseudo_label"]
+    assert label.shape == (2, 64, 64)
+    assert set(label[0].unique().tolist()) <= {0, 3} and set(label[1].unique().tolist()) <= {0, 5, 7}
+
+
+def test_twenty_steps_lower_the_loss_and_write_a_checkpoint(synthetic_root, tmp_path):
+    assert train_main([TINY, "--run", "t20", "--cfg-options",
+                       *_opts(synthetic_root, tmp_path, **{"train.max_iters": 20, "train.ckpt_interval": 10})]) == 0
+    run = tmp_path / "runs" / "synthetic" / "t20"
+    summary = json.loads((run / "stage1" / "train_summary.json").read_text())
+    losses = [v for _, v in summary["loss_curve"]]
+    assert len(losses) == 20 and all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    ckpt = load_checkpoint(run / "stage1" / "checkpoints" / "final.pth")
+    assert ckpt["step"] == 20 and ckpt["head_type"] == "weclip" and ckpt["config_hash"]
+    assert (run / "stage1" / "checkpoints" / "iter_000010.pth").is_file()
+    # Re-running the same command is a no-op (the final checkpoint exists for this config).
+    mtime = (run / "stage1" / "checkpoints" / "final.pth").stat().st_mtime
+    assert train_main([TINY, "--run", "t20", "--cfg-options",
+                       *_opts(synthetic_root, tmp_path, **{"train.max_iters": 20, "train.ckpt_interval": 10})]) == 0
+    assert (run / "stage1" / "checkpoints" / "final.pth").stat().st_mtime == mtime
+
+
+def test_resume_continues_exactly(synthetic_root, tmp_path):
+    common = _opts(synthetic_root, tmp_path, **{"train.max_iters": 4, "train.ckpt_interval": 2})
+    assert train_main([TINY, "--run", "full", "--cfg-options", *common]) == 0
+    full = load_checkpoint(tmp_path / "runs" / "synthetic" / "full" / "stage1" / "checkpoints" / "final.pth")
+    mid = tmp_path / "runs" / "synthetic" / "full" / "stage1" / "checkpoints" / "iter_000002.pth"
+    assert train_main([TINY, "--run", "resumed", "--resume", str(mid), "--cfg-options", *common]) == 0
+    resumed = load_checkpoint(tmp_path / "runs" / "synthetic" / "resumed" / "stage1" / "checkpoints" / "final.pth")
+    assert resumed["step"] == 4
+    for k, v in full["head"].items():
+        assert torch.equal(v, resumed["head"][k]), k
+
+
+def test_resume_refuses_other_config(synthetic_root, tmp_path):
+    common = _opts(synthetic_root, tmp_path, **{"train.max_iters": 2, "train.ckpt_interval": 1})
+    assert train_main([TINY, "--run", "a", "--cfg-options", *common]) == 0
+    ck = tmp_path / "runs" / "synthetic" / "a" / "stage1" / "checkpoints" / "iter_000001.pth"
+    other = _opts(synthetic_root, tmp_path, **{"train.max_iters": 3, "train.ckpt_interval": 1, "train.lr": 1e-3})
+    assert train_main([TINY, "--run", "b", "--resume", str(ck), "--cfg-options", *other]) == 2
