@@ -660,6 +660,9 @@ def evaluate_shards(shard_dir: Path, dataset: Any) -> Dict[str, Any]:
     results = {key: cm.compute(names) for key, cm in cms.items()}
     out["miou"] = results["final"]["miou"]
     out["final"], out["final_confident"] = results["final"], results["final_confident"]
+    out["per_class"] = results["final"]["per_class"]
+    out["class_names"] = names
+    out["confusion"] = cms["final"].matrix.tolist()  # (C, C): rows ground truth, columns pseudo-mask label
     if n_probs == n and n > 0:
         out["no_crf"] = results["no_crf"]
     return json_safe(out)

@@ -1,0 +1,1 @@
+"""Orchestration only: run directories, the stage DAG with skip-if-done, local/SLURM schedulers, the report."""

@@ -1,0 +1,183 @@
+"""``python -m pipelines {pseudo-labels,retrain,report,status,cancel}``: the Makefile's stages.
+
+Each command resolves the stage-1 config once (with RUN/SHARDS/HEAD overrides) into the run
+directory (``runs/<dataset>/<run>/config.py``); every later stage reads that resolved file, so all
+stages of a run see the same configuration and the config hash guards against silent changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from stage1_cam.config import ConfigError, DictAction, config_hash, load_config
+from stage1_cam.utils.logging import setup_logging
+from stage1_cam.utils.run_dir import RunDir, RunDirError
+
+from .stages import Paths, StageError, manifest_complete, python_cmd, run_cmd, stage2_config
+
+_logger = logging.getLogger("pipelines")
+
+
+def _resolve(args: argparse.Namespace, *, prepare: bool) -> tuple:
+    opts = dict(getattr(args, "cfg_options", None) or {})
+    opts["run.name"] = args.run
+    if getattr(args, "shards", None):
+        opts["dump.num_shards"] = args.shards
+    if getattr(args, "head", None):
+        opts["head.type"] = args.head
+    cfg = load_config(args.config, opts)
+    run = RunDir.from_config(cfg)
+    if prepare:
+        run.prepare(cfg, overwrite=args.overwrite, seed=cfg.run.seed)
+    else:
+        if not run.config_file.is_file():
+            raise StageError(f"{run.path} has no resolved config; run `make pseudo-labels` for this DATASET/RUN first")
+        cfg = load_config(run.config_file)  # later stages use the run's resolved config, not the template
+    return cfg, run
+
+
+def _data_root(cfg) -> str:
+    from stage1_cam.data import resolve_root
+
+    return str(resolve_root(cfg.data.dataset, cfg.data.root))
+
+
+def cmd_pseudo_labels(args: argparse.Namespace) -> None:
+    cfg, run = _resolve(args, prepare=True)
+    paths = Paths(run)
+    conf = str(run.config_file)
+    if args.scheduler == "slurm":
+        from .slurm import submit_pseudo_labels
+
+        submit_pseudo_labels(cfg, run, gpus=args.gpus)
+        return
+    run_cmd(python_cmd("stage1_cam.data", "--config", conf))
+    from stage1_cam.train import load_checkpoint
+
+    done = run.final_ckpt.is_file() and load_checkpoint(run.final_ckpt)["config_hash"] == config_hash(cfg)
+    if done:
+        _logger.info("stage-1 checkpoint %s exists for this config: training skipped", run.final_ckpt)
+    else:
+        run_cmd(python_cmd("stage1_cam.train", conf, gpus=args.gpus))
+    if manifest_complete(paths, cfg):
+        _logger.info("%s is complete: dump skipped", paths.manifest)
+    else:
+        run_cmd(python_cmd("stage1_cam.dump", conf, "--checkpoint", str(run.final_ckpt), "--shard", "all",
+                           "--num-shards", str(cfg.dump.num_shards)))
+    if not paths.mask_metrics.is_file():
+        run_cmd(python_cmd("stage1_cam.dump", conf, "--evaluate"))
+    _logger.info("pseudo-masks: %s (metrics %s)", run.shard_dir, paths.mask_metrics)
+
+
+def cmd_retrain(args: argparse.Namespace) -> None:
+    cfg, run = _resolve(args, prepare=False)
+    paths = Paths(run)
+    if not manifest_complete(paths, cfg):
+        raise StageError(f"{paths.manifest} is missing or incomplete: run `make pseudo-labels "
+                         f"DATASET={cfg.data.dataset} RUN={cfg.run.name}` first")
+    s2 = stage2_config(cfg.data.dataset, args.model)
+    if args.scheduler == "slurm":
+        from .slurm import submit_retrain
+
+        submit_retrain(cfg, run, s2, gpus=args.gpus)
+        return
+    if paths.stage2_metrics.is_file() and not args.overwrite:
+        _logger.info("%s exists: retraining skipped", paths.stage2_metrics)
+        return
+    work = run.stage2_dir
+    ckpt = work / "final.pth"
+    if not ckpt.is_file():
+        run_cmd(python_cmd("stage2_seg.train", s2, "--shards", str(run.shard_dir), "--work-dir", str(work),
+                           "--data-root", _data_root(cfg), *(["--resume"] if (work / "last_checkpoint").is_file()
+                                                             else []),
+                           *(["--launcher", "pytorch"] if args.gpus > 1 else []), gpus=args.gpus))
+    run_cmd(python_cmd("stage2_seg.test", s2, str(ckpt), "--work-dir", str(work), "--data-root", _data_root(cfg),
+                       "--aug-test"))
+    _logger.info("stage-2 metrics: %s", paths.stage2_metrics)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    cfg, run = _resolve(args, prepare=False)
+    if args.scheduler == "slurm":
+        from .slurm import submit_report
+
+        submit_report(cfg, run)
+        return
+    from .report import build_report
+
+    out = build_report(cfg, run)
+    print(f"report: {out}")
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    cfg, run = _resolve(args, prepare=False)
+    paths = Paths(run)
+    lines = [f"run {run.path} (config {config_hash(cfg)})",
+             f"  stage-1 checkpoint: {'yes' if run.final_ckpt.is_file() else 'no'}"]
+    if paths.manifest.is_file():
+        m = json.loads(paths.manifest.read_text())
+        lines.append(f"  shards: {len(m.get('shards', []))}/{m.get('num_shards')} complete, "
+                     f"missing {m.get('missing_shards') or 'none'}, partial {m.get('incomplete_shards') or 'none'}, "
+                     f"{m.get('num_images', 0)} images")
+    else:
+        lines.append("  shards: no manifest")
+    lines.append(f"  stage-2 metrics: {'yes' if paths.stage2_metrics.is_file() else 'no'}")
+    lines.append(f"  report: {'yes' if paths.report_metrics.is_file() else 'no'}")
+    jobs = run.path / "slurm" / "jobs.json"
+    if jobs.is_file():
+        from .slurm import job_states
+
+        for name, (jid, state) in job_states(jobs).items():
+            lines.append(f"  slurm {name}: job {jid} {state}")
+    print("\n".join(lines))
+
+
+def cmd_cancel(args: argparse.Namespace) -> None:
+    cfg, run = _resolve(args, prepare=False)
+    from .slurm import cancel_jobs
+
+    cancel_jobs(run.path / "slurm" / "jobs.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("pseudo-labels", "retrain", "report", "status", "cancel"):
+        s = sub.add_parser(name)
+        s.add_argument("--config", required=True, help="stage-1 config (configs/stage1/...)")
+        s.add_argument("--run", default="default", help="run name: runs/<dataset>/<run>/")
+        s.add_argument("--scheduler", choices=("local", "slurm"), default="local")
+        s.add_argument("--gpus", type=int, default=1)
+        s.add_argument("--overwrite", action="store_true", help="accept a changed config for an existing run")
+        s.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
+                       help="stage-1 config overrides a.b=v (resolved once into the run directory)")
+        if name == "pseudo-labels":
+            s.add_argument("--shards", type=int, default=None, help="number of shards (default: config)")
+            s.add_argument("--head", default=None, help="refinement head (weclip | weakclip)")
+        if name == "retrain":
+            s.add_argument("--model", default=None, help="stage-2 model name or config path")
+    return p
+
+
+COMMANDS = {"pseudo-labels": cmd_pseudo_labels, "retrain": cmd_retrain, "report": cmd_report,
+            "status": cmd_status, "cancel": cmd_cancel}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        COMMANDS[args.command](args)
+        return 0
+    except (StageError, RunDirError, ConfigError, FileNotFoundError, ValueError, KeyError) as e:
+        _logger.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

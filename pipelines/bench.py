@@ -1,0 +1,143 @@
+"""Benchmarks (not tests): ``python -m pipelines.bench [--only NAME ...] [--out bench/results]``.
+
+Each benchmark prints its figures and saves them as JSON (``bench/results/<name>-<device>.json``), with the
+device, torch version and settings. ViT-B/16 runs with random weights (same shapes and cost as OpenAI's).
+
+- ``cam``: CLIP-ES GradCAM images/s at 320x320 with 2 present classes, batched vs the reference's
+  per-(image, class) loop, in one run.
+- ``train``: WeCLIP stage-1 training seconds/iteration (median of steps after warm-up) and peak memory,
+  batch 4, 320x320, 2 classes per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> List[float]:
+    out = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def _cfg(model: str, **overrides: Any):
+    from stage1_cam.config import default_config
+
+    return default_config({"clip.model_name": model, "clip.pretrained": None, "data.dataset": "voc", **overrides})
+
+
+def bench_cam(model: str, size: int, batch: int, repeats: int) -> Dict[str, Any]:
+    from stage1_cam.build import build_cam_stack
+
+    device = _device()
+    torch.manual_seed(0)
+    _, backbone, cam = build_cam_stack(_cfg(model), device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    labels = [np.array([3, 12]) for _ in range(batch)]
+    res: Dict[str, Any] = {}
+    for mode in ("batched", "looped"):
+        cam.looped = mode == "looped"
+        cam(x, labels)  # warm-up
+        times = _timed(lambda: cam(x, labels), device, repeats)
+        res[mode] = {"seconds_per_batch": statistics.median(times), "images_per_s": batch / statistics.median(times)}
+    cam.looped = False
+    res["speedup"] = res["batched"]["images_per_s"] / res["looped"]["images_per_s"]
+    return {"settings": {"model": model, "size": size, "batch": batch, "present_classes": 2, "repeats": repeats},
+            **res}
+
+
+def bench_train(model: str, size: int, batch: int, steps: int) -> Dict[str, Any]:
+    from stage1_cam.build import build_stage1
+    from stage1_cam.utils.dist import peak_memory_mb
+
+    device = _device()
+    torch.manual_seed(0)
+    cfg = _cfg(model, **{"data.crop_size": size, "train.batch_size": batch, "head.rfm.start_step": 0})
+    stack = build_stage1(cfg, device)
+    head = stack.head.train()
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.01)
+    x = torch.randn(batch, 3, size, size, device=device)
+    labels = [np.array([3, 12]) for _ in range(batch)]
+    amp = device.type == "cuda"
+    if amp:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step(i: int) -> None:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            out = head.forward_train(x, labels, step=i)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+
+    step(0)  # warm-up
+    times = []
+    for i in range(steps):
+        times.extend(_timed(lambda: step(i + 1), device, 1))
+    return {"settings": {"model": model, "size": size, "batch": batch, "present_classes": 2, "steps": steps,
+                         "rfm": True, "amp": "bf16" if amp else "none"},
+            "seconds_per_iter_median": statistics.median(times), "seconds_per_iter_all": times,
+            "peak_memory_mib": peak_memory_mb(device),
+            "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"}
+
+
+BENCHES = {"cam": lambda a: bench_cam(a.model, a.size, a.batch, a.repeats),
+           "train": lambda a: bench_train(a.model, a.size, 4, a.steps)}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--only", nargs="+", choices=sorted(BENCHES), default=sorted(BENCHES))
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--model", default="ViT-B-16")
+    p.add_argument("--size", type=int, default=320)
+    p.add_argument("--batch", type=int, default=4, help="images per CAM batch")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3)
+    args = p.parse_args(argv)
+    device = _device()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "cuda" if device.type == "cuda" else "cpu"
+    for name in args.only:
+        t = time.time()
+        res = BENCHES[name](args)
+        res.update({"benchmark": name, "device": _device_name(device), "torch": torch.__version__,
+                    "wall_seconds": time.time() - t})
+        path = out / f"{name}-{tag}.json"
+        path.write_text(json.dumps(res, indent=2) + "\n")
+        print(json.dumps(res, indent=2))
+        print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

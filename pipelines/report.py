@@ -1,0 +1,281 @@
+"""The run report: ``runs/<dataset>/<run>/report/{index.html, report.md, metrics.json, *.png}``.
+
+Collects what the stages wrote (stage-1 training summary and validation, pseudo-mask metrics,
+stage-2 metrics, env.json, config hash) and puts it next to the published anchors, each with its
+protocol. ``index.html`` is self-contained (figures embedded as base64 PNG).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from stage1_cam.config import config_hash
+from stage1_cam.utils.run_dir import RunDir
+
+_logger = logging.getLogger(__name__)
+
+# Published figures (reference_spec 6), with the protocol each was measured under.
+ANCHORS: List[Dict[str, Any]] = [
+    {"method": "WeCLIP", "what": "retrained segmenter, VOC val", "miou": 76.4, "protocol": "msc+flip+CRF"},
+    {"method": "WeCLIP", "what": "retrained segmenter, VOC test", "miou": 77.2, "protocol": "msc+flip+CRF"},
+    {"method": "WeCLIP", "what": "pseudo-masks, VOC train", "miou": 78.2,
+     "protocol": "online pseudo label (CAM+RFM+PAR) per the brief; no script in the repo"},
+    {"method": "CLIP-ES", "what": "initial CAM, VOC train", "miou": 70.8, "protocol": "best bg exponent t in {1,2}"},
+    {"method": "CLIP-ES", "what": "CAM + CRF, VOC train", "miou": 75.0, "protocol": "CRF argmax, no 0.95 ignore"},
+    {"method": "ExCEL", "what": "segmenter, VOC val", "miou": 78.4, "protocol": "msc+flip (+CRF)"},
+    {"method": "WeakCLIP", "what": "pseudo-masks, VOC train", "miou": 77.2, "protocol": "msc+flip + CRF"},
+    {"method": "WeakCLIP", "what": "DeepLab retrained, VOC val", "miou": 74.0, "protocol": "checkpoint picked on val"},
+]
+
+
+def _read_json(path: Path) -> Optional[Any]:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        _logger.warning("%s is not valid JSON; ignored", path)
+        return None
+
+
+def _read_jsonl(path: Path) -> List[Dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{100 * v:.1f}" if v <= 1.0 else f"{v:.1f}"
+    return str(v)
+
+
+def _figures(run: RunDir, cfg: Any, metrics: Dict[str, Any], out: Path) -> Dict[str, bytes]:
+    """Confusion matrix, per-class IoU bars and qualitative overlays; each also saved as a PNG in ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs: Dict[str, bytes] = {}
+    masks = metrics.get("pseudo_masks") or {}
+    names = list(masks.get("class_names") or [])
+    cm = masks.get("confusion")
+    if cm is not None:
+        cm = np.asarray(cm, dtype=np.float64)
+        n = cm.shape[0]
+        norm = cm[:, :n] / np.maximum(cm[:, :n].sum(1, keepdims=True), 1)
+        fig, ax = plt.subplots(figsize=(7, 6))
+        im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(n), names[:n] if names else range(n), rotation=90, fontsize=7)
+        ax.set_yticks(range(n), names[:n] if names else range(n), fontsize=7)
+        ax.set_xlabel("pseudo-mask label")
+        ax.set_ylabel("ground truth")
+        ax.set_title("Pseudo-mask confusion (row-normalised)")
+        fig.colorbar(im, ax=ax)
+        figs["confusion.png"] = _png(fig)
+        plt.close(fig)
+    bars = {}
+    if masks.get("per_class"):
+        bars["pseudo-masks"] = {k: v.get("iou") for k, v in masks["per_class"].items()}
+    s2 = (metrics.get("stage2") or {}).get("single_scale") or {}
+    if s2.get("per_class"):
+        bars["retrained (val)"] = {k: (v.get("iou") if isinstance(v, dict) else v) for k, v in s2["per_class"].items()}
+    if bars:
+        cls = list(next(iter(bars.values())).keys())
+        fig, ax = plt.subplots(figsize=(10, 3.5))
+        width = 0.8 / len(bars)
+        for i, (label, vals) in enumerate(bars.items()):
+            y = [100 * (vals.get(c) or 0.0) for c in cls]
+            ax.bar(np.arange(len(cls)) + i * width, y, width, label=label)
+        ax.set_xticks(np.arange(len(cls)) + 0.4 - width / 2, cls, rotation=90, fontsize=7)
+        ax.set_ylabel("IoU (%)")
+        ax.legend()
+        ax.set_title("Per-class IoU")
+        figs["per_class_iou.png"] = _png(fig)
+        plt.close(fig)
+    overlay = _overlays(run, cfg)
+    if overlay is not None:
+        figs["overlays.png"] = overlay
+    for name, data in figs.items():
+        (out / name).write_bytes(data)
+    return figs
+
+
+def _overlays(run: RunDir, cfg: Any, n: int = 4) -> Optional[bytes]:
+    """Grid of image / pseudo-mask / stage-2 prediction / ground truth for a few images."""
+    import matplotlib.pyplot as plt
+
+    from stage1_cam.data import build_dataset
+    from stage1_cam.data.class_names import voc_palette
+    from stage1_cam.io.shards import ShardReader
+
+    if not (run.shard_dir / "manifest.json").is_file():
+        return None
+    try:
+        reader = ShardReader(run.shard_dir)
+        ds = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.dump_split)
+    except (FileNotFoundError, ValueError) as e:
+        _logger.warning("overlays skipped: %s", e)
+        return None
+    pal = np.array(voc_palette(256), dtype=np.uint8)
+    ids = [i for i in reader.ids][:n]
+    pred_dir = run.stage2_dir / "pred_train"
+    cols = 4 if pred_dir.is_dir() else 3
+    fig, axes = plt.subplots(len(ids), cols, figsize=(3 * cols, 2.4 * len(ids)), squeeze=False)
+    for r, name in enumerate(ids):
+        img = ds.load_image(name)
+        panels = [("image", img), ("pseudo-mask", pal[reader.label(name)])]
+        if cols == 4:
+            import cv2
+
+            p = cv2.imread(str(pred_dir / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+            panels.append(("stage-2 prediction", pal[p] if p is not None else np.zeros_like(img)))
+        gt = ds.load_gt(name)
+        panels.append(("ground truth", pal[gt] if gt is not None else np.zeros_like(img)))
+        for c, (title, im) in enumerate(panels):
+            ax = axes[r][c]
+            ax.imshow(im)
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+    reader.close()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def collect(run: RunDir, cfg: Any) -> Dict[str, Any]:
+    """Everything the report shows, as one JSON-able dict."""
+    s1 = run.path / "stage1"
+    return {
+        "run": str(run.path),
+        "dataset": cfg.data.dataset,
+        "config_hash": config_hash(cfg),
+        "env": _read_json(run.path / "env.json"),
+        "stage1_train": _read_json(s1 / "train_summary.json"),
+        "stage1_validation": _read_jsonl(s1 / "val_metrics.jsonl"),
+        "cams": _read_json(run.cams_dir / "metrics.json"),
+        "pseudo_masks": _read_json(run.shard_dir / "metrics.json"),
+        "dump": _read_json(run.shard_dir / "dump_summary.json"),
+        "manifest": _read_json(run.shard_dir / "manifest.json"),
+        "stage2": _read_json(run.stage2_dir / "metrics.json"),
+        "stage2_train": _read_json(run.stage2_dir / "train_summary.json"),
+        "anchors": ANCHORS,
+    }
+
+
+def _quality_rows(m: Dict[str, Any]) -> List[List[str]]:
+    rows = []
+    cams = m.get("cams") or {}
+    for k, v in (cams.get("table") or {}).items():
+        rows.append([f"initial CAM ({k})", cams.get("split", "?"), _fmt(v)])
+    val = m.get("stage1_validation") or []
+    if val:
+        last = val[-1]
+        rows.append(["online pseudo label (CAM+RFM+PAR), last validation", "val", _fmt(last.get("pseudo_miou"))])
+        rows.append(["stage-1 decoder, last validation", "val", _fmt(last.get("decoder_miou"))])
+    pm = m.get("pseudo_masks") or {}
+    crf_on = (pm.get("dump_settings") or {}).get("crf") is not None  # None when the dump ran without CRF
+    for key, label in (("no_crf", "dumped masks, msc+flip, before CRF"),
+                       ("final", f"dumped masks as written (msc+flip{'+CRF' if crf_on else ''})"),
+                       ("final_confident", "dumped masks, confident pixels only")):
+        if isinstance(pm.get(key), dict):
+            rows.append([label, pm.get("split", "?"), _fmt(pm[key].get("miou"))])
+    s2 = m.get("stage2") or {}
+    for key, label in (("single_scale", "retrained, single scale"), ("aug", "retrained, msc+flip"),
+                       ("aug_crf", "retrained, msc+flip+CRF")):
+        if isinstance(s2.get(key), dict):
+            rows.append([label, "val", _fmt(s2[key].get("miou"))])
+    return rows
+
+
+def _md_table(header: List[str], rows: List[List[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _cost_rows(m: Dict[str, Any]) -> List[List[str]]:
+    rows = []
+    for key, label in (("stage1_train", "stage-1 training"), ("dump", "pseudo-mask dump"),
+                       ("stage2_train", "stage-2 training")):
+        s = m.get(key) or {}
+        if s:
+            secs = s.get("seconds")
+            mem = s.get("peak_memory_mib")
+            rows.append([label, f"{secs:.0f} s" if secs is not None else "n/a",
+                         f"{mem:.0f} MiB" if mem is not None else "n/a", str(s.get("device", "n/a"))])
+    return rows
+
+
+def build_report(cfg: Any, run: RunDir) -> Path:
+    """Write report.md, metrics.json, index.html and figures; returns the path of index.html."""
+    out = run.report_dir
+    out.mkdir(parents=True, exist_ok=True)
+    m = collect(run, cfg)
+    (out / "metrics.json").write_text(json.dumps(m, indent=2, default=str) + "\n")
+    figs = _figures(run, cfg, m, out)
+    quality = _quality_rows(m)
+    anchors = [[a["method"], a["what"], f"{a['miou']:.1f}", a["protocol"]] for a in ANCHORS]
+    cost = _cost_rows(m)
+    env = m.get("env") or {}
+    pkgs = env.get("packages") or {}
+    env_rows = [[k, str(v)] for k, v in pkgs.items()] + [["git", str(env.get("git_sha"))],
+                                                         ["device", str(env.get("device"))],
+                                                         ["config hash", m["config_hash"]]]
+    md = [f"# WSSS run report: {run.path}", "",
+          f"Dataset `{cfg.data.dataset}`, CLIP `{cfg.clip.model_name}` ({cfg.clip.pretrained or 'random init'}), "
+          f"CAM `{cfg.cam.source}`, head `{cfg.head.type}`, config hash `{m['config_hash']}`.", "",
+          "## Quality (mIoU %)", "", _md_table(["what", "split", "mIoU"], quality) if quality else "(no metrics yet)",
+          "", "## Published anchors (VOC/COCO; not comparable to the synthetic set)", "",
+          _md_table(["method", "what", "mIoU", "protocol"], anchors), "", "## Cost", "",
+          _md_table(["stage", "time", "peak memory", "device"], cost) if cost else "(no timings)", "",
+          "## Environment", "", _md_table(["item", "value"], env_rows), ""]
+    md += [f"![{n}]({n})" for n in figs]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+
+    def table(header: List[str], rows: List[List[str]]) -> str:
+        th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+        return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+    imgs = "".join(f'<figure><img alt="{html.escape(n)}" src="data:image/png;base64,'
+                   f'{base64.b64encode(b).decode()}"><figcaption>{html.escape(n)}</figcaption></figure>'
+                   for n, b in figs.items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>WSSS report {html.escape(str(run.path))}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;}}table{{border-collapse:collapse;margin:1em 0;}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;}}img{{max-width:100%;}}</style></head><body>
+<h1>WSSS run report</h1><p>{html.escape(str(run.path))} &middot; dataset <b>{html.escape(cfg.data.dataset)}</b>
+&middot; config hash <code>{m['config_hash']}</code></p>
+<h2>Quality (mIoU %)</h2>{table(["what", "split", "mIoU"], quality)}
+<h2>Published anchors</h2>{table(["method", "what", "mIoU", "protocol"], anchors)}
+<h2>Cost</h2>{table(["stage", "time", "peak memory", "device"], cost)}
+<h2>Figures</h2>{imgs}
+<h2>Environment</h2>{table(["item", "value"], env_rows)}
+<script>window.addEventListener("load", function () {{
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length;
+  document.body.setAttribute("data-images-loaded", ok + "/" + imgs.length);
+}});</script>
+</body></html>"""
+    index = out / "index.html"
+    index.write_text(page)
+    _logger.info("report written to %s", index)
+    return index

@@ -1,0 +1,79 @@
+"""The run report: markdown, JSON and a self-contained HTML page whose figures load in a real browser."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from pipelines.report import ANCHORS, build_report
+from stage1_cam.config import default_config
+from stage1_cam.data import build_dataset
+from stage1_cam.data.class_names import voc_palette
+from stage1_cam.dump import evaluate_shards
+from stage1_cam.io.shards import ShardMeta, ShardWriter, write_manifest
+from stage1_cam.utils.run_dir import RunDir
+
+
+def _make_run(tmp_path, synthetic_root):
+    """A run directory whose pseudo-masks are the ground truth with one class knocked out (real metrics)."""
+    cfg = default_config({"data.root": str(synthetic_root), "run.root": str(tmp_path / "runs"), "run.name": "r",
+                          "clip.model_name": "wsss-tiny-ViT-16", "clip.pretrained": None})
+    run = RunDir.from_config(cfg).prepare(cfg)
+    ds = build_dataset("synthetic", str(synthetic_root), cfg.data.dump_split)
+    meta = ShardMeta(dataset="synthetic", split=ds.split, class_names=ds.class_names, palette=voc_palette(256),
+                     config_hash="x")
+    with ShardWriter(run.shard_dir, 0, 1, meta=meta) as w:
+        for name in ds.names:
+            gt = ds.load_gt(name).copy()
+            gt[gt == ds.image_labels(name)[0]] = 0
+            w.write(name, label=gt, confidence=np.ones(gt.shape, np.float32), image_labels=ds.image_labels(name))
+        w.finalize()
+    write_manifest(run.shard_dir, 1)
+    metrics = evaluate_shards(run.shard_dir, ds)
+    (run.shard_dir / "metrics.json").write_text(json.dumps(metrics))
+    return cfg, run, metrics
+
+
+def test_report_files_and_content(tmp_path, synthetic_root):
+    cfg, run, metrics = _make_run(tmp_path, synthetic_root)
+    index = build_report(cfg, run)
+    out = run.report_dir
+    assert index == out / "index.html"
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["pseudo_masks"]["miou"] == pytest.approx(metrics["miou"])
+    assert data["config_hash"] and data["env"]["packages"]["torch"]
+    md = (out / "report.md").read_text()
+    assert f"{100 * metrics['miou']:.1f}" in md
+    for a in ANCHORS:
+        assert a["protocol"] in md
+    for fig in ("confusion.png", "per_class_iou.png", "overlays.png"):
+        assert (out / fig).stat().st_size > 1000
+    page = index.read_text()
+    assert page.count("data:image/png;base64,") == 3 and "http://" not in page and "https://" not in page
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(tmp_path, synthetic_root):
+    if _chromium() is None and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, timeout=900,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("Debian chromium is not installed and could not be installed (needs root and the Debian mirror)")
+    cfg, run, _ = _make_run(tmp_path, synthetic_root)
+    index = build_report(cfg, run)
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1200,3000"]
+    dom = subprocess.run(flags + ["--dump-dom", index.as_uri()], capture_output=True, text=True, timeout=120)
+    assert 'data-images-loaded="3/3"' in dom.stdout, dom.stderr[-2000:]
+    shot = run.report_dir / "screenshot.png"
+    subprocess.run(flags + [f"--screenshot={shot}", index.as_uri()], capture_output=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 10000
