@@ -1,0 +1,233 @@
+"""Evaluate a stage-2 checkpoint on the ground-truth val split and write ``metrics.json``.
+
+Usage::
+
+    python -m stage2_seg.test CONFIG CHECKPOINT [--work-dir DIR] [--data-root ROOT] [--aug-test] [--crf]
+        [--device cpu|cuda] [--cfg-options key=value ...]
+
+Single-scale results always; ``--aug-test`` adds multi-scale + flip (the config's ``tta_pipeline``: softmax
+probabilities averaged over scales and flips, at the original resolution). ``--crf`` runs the dense CRF of
+``stage1_cam.refine.crf`` on the final probabilities (multi-scale if ``--aug-test``) and adds a ``*_crf``
+entry. ``metrics.json`` (in ``--work-dir``, default: the checkpoint's folder) holds, per mode, ``mIoU``,
+``aAcc``, ``mAcc`` and per-class IoU and accuracy for every class by name, as fractions in [0, 1]
+(``null`` where a class has neither ground truth nor prediction).
+
+Exit codes: 0 done; 2 bad input (missing config, checkpoint or dataset), with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import os.path as osp
+import sys
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from stage1_cam.metrics import ConfusionMatrix, json_safe
+from stage1_cam.utils.logging import setup_logging
+
+from .checkpoint import safe_checkpoint_loading
+from .train import apply_data_root, check_override_keys, resolve_data_root
+
+_logger = logging.getLogger("stage2_seg.test")  # not __name__, which is "__main__" under `python -m`
+
+EXIT_BAD_INPUT = 2
+METRICS_FORMAT = "wsss-stage2-metrics"
+METRICS_VERSION = 1
+SINGLE_SCALE = "single_scale"
+MSC_FLIP = "msc_flip"
+
+# (probs (C, H, W) float on the model's device, data sample with gt_sem_seg and img_path)
+Prediction = Tuple[torch.Tensor, Any]
+
+
+def predict_single_scale(model: Any, data: dict) -> List[Prediction]:
+    """Softmax probabilities of one batch from the test pipeline.
+
+    Args:
+        model: an mmseg segmentor in eval mode.
+        data: a collated batch (``inputs``: list of (3, h, w) tensors, ``data_samples``).
+
+    Returns:
+        Per image: ((C, H, W) probabilities at the original resolution, the data sample).
+    """
+    with torch.no_grad():
+        samples = model.test_step(data)
+    return [(s.seg_logits.data.float().softmax(dim=0), s) for s in samples]
+
+
+def predict_msc_flip(model: Any, data: dict) -> List[Prediction]:
+    """Probabilities averaged over the augmentations of a ``TestTimeAug`` batch (scales x flips).
+
+    Args:
+        model: an mmseg segmentor in eval mode (its ``postprocess_result`` undoes flips and resizes every
+            augmentation's logits to the original image size).
+        data: a collated ``tta_pipeline`` batch: every value is a list over augmentations of lists over images.
+
+    Returns:
+        Per image: ((C, H, W) mean softmax probabilities, the first augmentation's data sample).
+    """
+    num_augs = len(data["inputs"])
+    per_aug = []
+    with torch.no_grad():
+        for i in range(num_augs):
+            per_aug.append(model.test_step({k: v[i] for k, v in data.items()}))
+    out = []
+    for samples in zip(*per_aug):
+        probs = torch.stack([s.seg_logits.data.float().softmax(dim=0) for s in samples]).mean(dim=0)
+        out.append((probs, samples[0]))
+    return out
+
+
+def _crf_refine(probs: torch.Tensor, img_path: str) -> torch.Tensor:
+    """Dense-CRF refined probabilities (C, H, W) of one image (``stage1_cam.refine.crf``, imported lazily)."""
+    import mmcv
+
+    from stage1_cam.refine.crf import dense_crf
+
+    image = mmcv.imread(img_path, channel_order="rgb")  # (H, W, 3) uint8
+    q = dense_crf(np.ascontiguousarray(image), probs.detach().cpu().numpy().astype(np.float32))
+    return torch.as_tensor(np.asarray(q), device=probs.device)
+
+
+def summarize(cm: ConfusionMatrix, class_names: Sequence[str]) -> Dict[str, Any]:
+    """JSON-ready metrics of one evaluation mode (fractions; None where undefined)."""
+    m = cm.compute(class_names)
+    return json_safe({
+        "mIoU": m["miou"],
+        "aAcc": m["pixel_acc"],
+        "mAcc": m["mean_acc"],
+        "per_class_iou": {n: m["per_class"][n]["iou"] for n in class_names},
+        "per_class_acc": {n: m["per_class"][n]["recall"] for n in class_names},
+        "num_pixels": m["num_pixels"],
+    })
+
+
+def evaluate(model: Any, loader: Iterator[dict], predict: Callable[[Any, dict], List[Prediction]], *,
+             num_classes: int, ignore_index: int, crf: bool, log_every: int = 50) -> Dict[str, ConfusionMatrix]:
+    """Run ``predict`` over ``loader`` and accumulate confusion matrices.
+
+    Returns:
+        ``{"plain": cm}`` and, with ``crf``, ``{"crf": cm}`` as well.
+    """
+    cms = {"plain": ConfusionMatrix(num_classes, ignore_index=ignore_index)}
+    if crf:
+        cms["crf"] = ConfusionMatrix(num_classes, ignore_index=ignore_index)
+    n, t0 = 0, time.monotonic()
+    for data in loader:
+        for probs, sample in predict(model, data):
+            gt = sample.gt_sem_seg.data.squeeze(0).to(probs.device)  # (H, W)
+            cms["plain"].update(probs.argmax(dim=0), gt)
+            if crf:
+                cms["crf"].update(_crf_refine(probs, sample.img_path).argmax(dim=0), gt)
+            n += 1
+            if log_every and n % log_every == 0:
+                _logger.info("%d images, %.2f s/image", n, (time.monotonic() - t0) / n)
+    return cms
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    from mmengine.config import DictAction
+
+    p = argparse.ArgumentParser(prog="python -m stage2_seg.test", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="stage-2 config (configs/stage2/*.py)")
+    p.add_argument("checkpoint", help="checkpoint written by stage2_seg.train (e.g. WORK_DIR/iter_20000.pth)")
+    p.add_argument("--work-dir", help="where metrics.json goes (default: the checkpoint's folder)")
+    p.add_argument("--data-root", help="dataset root (default: $WSSS_DATA_ROOT/<name> or the config's)")
+    p.add_argument("--aug-test", action="store_true", help="also evaluate multi-scale + flip (tta_pipeline)")
+    p.add_argument("--crf", action="store_true", help="dense CRF on the final probabilities (slow)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, help="override config keys")
+    return p.parse_args(argv)
+
+
+def _tta_loader_cfg(cfg: Any) -> dict:
+    if cfg.get("tta_pipeline") is None:
+        raise ValueError(f"--aug-test needs tta_pipeline in the config; none in {cfg.filename}")
+    loader = copy.deepcopy(cfg.test_dataloader)
+    loader["dataset"]["pipeline"] = cfg.tta_pipeline
+    return loader
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = parse_args(argv)
+    setup_logging()
+    from mmengine.config import Config
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import Runner, load_checkpoint
+    from mmseg.registry import MODELS
+
+    try:
+        for path, what in ((args.config, "config"), (args.checkpoint, "checkpoint")):
+            if not osp.isfile(path):
+                raise FileNotFoundError(f"{what} {path} does not exist")
+        cfg = Config.fromfile(args.config)
+        if args.cfg_options:
+            check_override_keys(cfg, args.cfg_options)
+            cfg.merge_from_dict(args.cfg_options)
+        apply_data_root(cfg, resolve_data_root(cfg, args.data_root))
+        init_default_scope(cfg.get("default_scope", "mmseg"))
+        loaders = {SINGLE_SCALE: Runner.build_dataloader(cfg.test_dataloader)}
+        if args.aug_test:
+            loaders[MSC_FLIP] = Runner.build_dataloader(_tta_loader_cfg(cfg))
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        _logger.error("%s", e.args[0] if e.args else e)
+        return EXIT_BAD_INPUT
+
+    dataset = loaders[SINGLE_SCALE].dataset
+    class_names = [str(c) for c in dataset.metainfo["classes"]]
+    ignore_index = int(getattr(dataset, "ignore_index", 255))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = MODELS.build(cfg.model)  # weights come from the checkpoint: init_weights (pretrained) is not run
+    with safe_checkpoint_loading():
+        load_checkpoint(model, args.checkpoint, map_location="cpu", strict=True)
+    model = revert_sync_batchnorm(model).to(device).eval()
+
+    results: Dict[str, Any] = {}
+    modes = [(SINGLE_SCALE, predict_single_scale)] + ([(MSC_FLIP, predict_msc_flip)] if args.aug_test else [])
+    for i, (mode, predict) in enumerate(modes):
+        with_crf = args.crf and i == len(modes) - 1
+        _logger.info("evaluating %s%s on %d images", mode, " + CRF" if with_crf else "", len(dataset))
+        cms = evaluate(model, loaders[mode], predict, num_classes=len(class_names), ignore_index=ignore_index,
+                       crf=with_crf)
+        results[mode] = summarize(cms["plain"], class_names)
+        _logger.info("%s: mIoU %.4f aAcc %.4f mAcc %.4f", mode, results[mode]["mIoU"] or float("nan"),
+                     results[mode]["aAcc"] or float("nan"), results[mode]["mAcc"] or float("nan"))
+        if with_crf:
+            results[f"{mode}_crf"] = summarize(cms["crf"], class_names)
+            _logger.info("%s_crf: mIoU %.4f", mode, results[f"{mode}_crf"]["mIoU"] or float("nan"))
+
+    work_dir = args.work_dir or osp.dirname(osp.abspath(args.checkpoint))
+    os.makedirs(work_dir, exist_ok=True)
+    out = {
+        "format": METRICS_FORMAT,
+        "version": METRICS_VERSION,
+        "config": osp.abspath(args.config),
+        "checkpoint": osp.abspath(args.checkpoint),
+        "data_root": getattr(dataset, "data_root", None),
+        "split": getattr(dataset, "split", None),
+        "num_images": len(dataset),
+        "classes": class_names,
+        "scale": "fraction",
+        **results,
+    }
+    path = osp.join(work_dir, "metrics.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=2)
+    os.replace(tmp, path)
+    _logger.info("wrote %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
