@@ -22,6 +22,7 @@ STAMP     := $(VENV)/.wsss-installed
 RUN_DIR    = runs/$(DATASET)/$(RUN)
 PYTEST_ARGS ?=
 OPTIONS   ?=
+S2_OPTIONS ?=
 COMMON     = --config $(CONFIG) --run $(RUN) --scheduler $(SCHEDULER) --gpus $(GPUS) $(if $(OPTIONS),--cfg-options $(OPTIONS)) $(if $(filter 1,$(OVERWRITE)),--overwrite)
 
 export PYTHONDONTWRITEBYTECODE := 1
@@ -58,7 +59,7 @@ pseudo-labels: $(STAMP)  ## stage 1: train the head (if no checkpoint), dump sha
 	$(PY) -m pipelines pseudo-labels $(COMMON) $(if $(SHARDS),--shards $(SHARDS)) --head $(HEAD)
 
 retrain: $(STAMP)  ## stage 2: MMSegmentation on the shards, evaluated on val
-	$(PY) -m pipelines retrain $(COMMON) $(if $(MODEL),--model $(MODEL))
+	$(PY) -m pipelines retrain $(COMMON) $(if $(MODEL),--model $(MODEL)) $(if $(S2_OPTIONS),--s2-options $(S2_OPTIONS))
 
 report: $(STAMP)  ## one report: pseudo-mask quality, retrained model, cost, environment
 	$(PY) -m pipelines report $(COMMON)

@@ -63,12 +63,12 @@ def cmd_pseudo_labels(args: argparse.Namespace) -> None:
     if done:
         _logger.info("stage-1 checkpoint %s exists for this config: training skipped", run.final_ckpt)
     else:
-        run_cmd(python_cmd("stage1_cam.train", conf, gpus=args.gpus))
+        run_cmd(python_cmd("stage1_cam.train", conf, gpus=args.gpus), record=paths.costs, name="stage1 training")
     if manifest_complete(paths, cfg):
         _logger.info("%s is complete: dump skipped", paths.manifest)
     else:
         run_cmd(python_cmd("stage1_cam.dump", conf, "--checkpoint", str(run.final_ckpt), "--shard", "all",
-                           "--num-shards", str(cfg.dump.num_shards)))
+                           "--num-shards", str(cfg.dump.num_shards)), record=paths.costs, name="pseudo-mask dump")
     if not paths.mask_metrics.is_file():
         run_cmd(python_cmd("stage1_cam.dump", conf, "--evaluate"))
     _logger.info("pseudo-masks: %s (metrics %s)", run.shard_dir, paths.mask_metrics)
@@ -90,14 +90,19 @@ def cmd_retrain(args: argparse.Namespace) -> None:
         _logger.info("%s exists: retraining skipped", paths.stage2_metrics)
         return
     work = run.stage2_dir
-    ckpt = work / "final.pth"
-    if not ckpt.is_file():
-        run_cmd(python_cmd("stage2_seg.train", s2, "--shards", str(run.shard_dir), "--work-dir", str(work),
-                           "--data-root", _data_root(cfg), *(["--resume"] if (work / "last_checkpoint").is_file()
-                                                             else []),
-                           *(["--launcher", "pytorch"] if args.gpus > 1 else []), gpus=args.gpus))
-    run_cmd(python_cmd("stage2_seg.test", s2, str(ckpt), "--work-dir", str(work), "--data-root", _data_root(cfg),
-                       "--aug-test"))
+    last = work / "last_checkpoint"  # mmengine writes the path of its latest checkpoint here
+    s2_opts = [f"{k}={v}" for k, v in (args.s2_options or {}).items()]
+    run_cmd(python_cmd("stage2_seg.train", s2, "--shards", str(run.shard_dir), "--work-dir", str(work),
+                       "--data-root", _data_root(cfg), *(["--resume"] if last.is_file() else []),
+                       *(["--launcher", "pytorch"] if args.gpus > 1 else []),
+                       *(["--cfg-options", *s2_opts] if s2_opts else []), gpus=args.gpus),
+            record=paths.costs, name="stage2 training")
+    if not last.is_file():
+        raise StageError(f"stage-2 training finished without a checkpoint in {work}")
+    ckpt = last.read_text().strip()
+    run_cmd(python_cmd("stage2_seg.test", s2, ckpt, "--work-dir", str(work), "--data-root", _data_root(cfg),
+                       "--aug-test", *(["--cfg-options", *s2_opts] if s2_opts else [])),
+            record=paths.costs, name="stage2 evaluation")
     _logger.info("stage-2 metrics: %s", paths.stage2_metrics)
 
 
@@ -161,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--head", default=None, help="refinement head (weclip | weakclip)")
         if name == "retrain":
             s.add_argument("--model", default=None, help="stage-2 model name or config path")
+            s.add_argument("--s2-options", nargs="+", action=DictAction, default={},
+                           help="stage-2 (mmseg) config overrides a.b=v, e.g. train_cfg.max_iters=100")
     return p
 
 

@@ -7,6 +7,9 @@ device, torch version and settings. ViT-B/16 runs with random weights (same shap
   per-(image, class) loop, in one run.
 - ``train``: WeCLIP stage-1 training seconds/iteration (median of steps after warm-up) and peak memory,
   batch 4, 320x320, 2 classes per image.
+- ``dump``: pseudo-mask dump images/s for 500x375 images (long side 512, scales {1, 0.75} + flip),
+  batched vs one image at a time, and the dense CRF's seconds per image with 3 labels
+  (label-constrained) vs 21.
 """
 
 from __future__ import annotations
@@ -109,8 +112,51 @@ def bench_train(model: str, size: int, batch: int, steps: int) -> Dict[str, Any]
             "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"}
 
 
+def bench_dump(model: str, images: int, batch: int) -> Dict[str, Any]:
+    from stage1_cam.build import build_stage1
+    from stage1_cam.dump import DumpSettings, Predictor, predict_probs
+    from stage1_cam.refine.crf import crf_labels
+
+    device = _device()
+    torch.manual_seed(0)
+    cfg = _cfg(model)
+    stack = build_stage1(cfg, device)
+    head = stack.head.eval()
+    predictor = Predictor(predict=head.predict_logits, patch_size=stack.backbone.patch_size,
+                          num_classes=len(stack.class_names), mean=stack.mean, std=stack.std, device=device,
+                          amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 255, (375, 500, 3), dtype=np.uint8) for _ in range(images)]
+    keys = [np.array([0, 3, 12]) for _ in range(images)]
+    res: Dict[str, Any] = {}
+    for mode, bs in (("batched", batch), ("one_by_one", 1)):
+        settings = DumpSettings(long_side=512, scales=(1.0, 0.75), flip=True, batch_size=bs)
+        predict_probs(predictor, imgs[:bs], keys[:bs], settings=settings)  # warm-up
+
+        def run() -> None:
+            for i in range(0, images, bs):
+                predict_probs(predictor, imgs[i:i + bs], keys[i:i + bs], settings=settings)
+
+        t = _timed(run, device, 1)[0]
+        res[mode] = {"batch_size": bs, "images_per_s": images / t, "seconds_per_image": t / images}
+    res["batched_speedup"] = res["batched"]["images_per_s"] / res["one_by_one"]["images_per_s"]
+    probs21 = rng.random((21, 375, 500), dtype=np.float32)
+    probs21 /= probs21.sum(0, keepdims=True)
+    crf = {}
+    for k in (3, 21):
+        p = probs21[:k] / probs21[:k].sum(0, keepdims=True)
+        t = time.perf_counter()
+        crf_labels(imgs[0], p, np.arange(k))
+        crf[f"{k}_labels_seconds"] = time.perf_counter() - t
+    res["crf_seconds_per_image"] = crf
+    res["reference_seconds_per_image_no_crf"] = 3.2  # issue 5: reference path on this 2-core CPU, same settings
+    return {"settings": {"model": model, "image": "500x375", "long_side": 512, "scales": [1.0, 0.75], "flip": True,
+                         "images": images}, **res}
+
+
 BENCHES = {"cam": lambda a: bench_cam(a.model, a.size, a.batch, a.repeats),
-           "train": lambda a: bench_train(a.model, a.size, 4, a.steps)}
+           "train": lambda a: bench_train(a.model, a.size, 4, a.steps),
+           "dump": lambda a: bench_dump(a.model, a.images, a.batch)}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -122,6 +168,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--batch", type=int, default=4, help="images per CAM batch")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--images", type=int, default=8, help="images in the dump benchmark")
     args = p.parse_args(argv)
     device = _device()
     out = Path(args.out)

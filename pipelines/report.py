@@ -94,9 +94,10 @@ def _figures(run: RunDir, cfg: Any, metrics: Dict[str, Any], out: Path) -> Dict[
     bars = {}
     if masks.get("per_class"):
         bars["pseudo-masks"] = {k: v.get("iou") for k, v in masks["per_class"].items()}
-    s2 = (metrics.get("stage2") or {}).get("single_scale") or {}
-    if s2.get("per_class"):
-        bars["retrained (val)"] = {k: (v.get("iou") if isinstance(v, dict) else v) for k, v in s2["per_class"].items()}
+    s2all = metrics.get("stage2") or {}
+    s2 = s2all.get("msc_flip") or s2all.get("single_scale") or {}
+    if s2.get("per_class_iou"):
+        bars["retrained (val)"] = dict(s2["per_class_iou"])
     if bars:
         cls = list(next(iter(bars.values())).keys())
         fig, ax = plt.subplots(figsize=(10, 3.5))
@@ -176,7 +177,7 @@ def collect(run: RunDir, cfg: Any) -> Dict[str, Any]:
         "dump": _read_json(run.shard_dir / "dump_summary.json"),
         "manifest": _read_json(run.shard_dir / "manifest.json"),
         "stage2": _read_json(run.stage2_dir / "metrics.json"),
-        "stage2_train": _read_json(run.stage2_dir / "train_summary.json"),
+        "stage_costs": _read_json(run.path / "stage_costs.json"),
         "anchors": ANCHORS,
     }
 
@@ -199,11 +200,26 @@ def _quality_rows(m: Dict[str, Any]) -> List[List[str]]:
         if isinstance(pm.get(key), dict):
             rows.append([label, pm.get("split", "?"), _fmt(pm[key].get("miou"))])
     s2 = m.get("stage2") or {}
-    for key, label in (("single_scale", "retrained, single scale"), ("aug", "retrained, msc+flip"),
-                       ("aug_crf", "retrained, msc+flip+CRF")):
+    for key, label in (("single_scale", "retrained, single scale"), ("single_scale_crf", "retrained, single scale+CRF"),
+                       ("msc_flip", "retrained, msc+flip"), ("msc_flip_crf", "retrained, msc+flip+CRF")):
         if isinstance(s2.get(key), dict):
-            rows.append([label, "val", _fmt(s2[key].get("miou"))])
+            rows.append([label, s2.get("split") or "val", _fmt(s2[key].get("mIoU"))])
     return rows
+
+
+def _per_class_rows(m: Dict[str, Any]) -> List[List[str]]:
+    """Per class: pseudo-mask IoU / precision / recall and the retrained model's IoU (single scale, msc+flip)."""
+    pm = (m.get("pseudo_masks") or {}).get("per_class") or {}
+    s2 = m.get("stage2") or {}
+    ss = (s2.get("single_scale") or {}).get("per_class_iou") or {}
+    ms = (s2.get("msc_flip") or {}).get("per_class_iou") or {}
+    names = list(pm) or list(ss)
+    return [[c, _fmt((pm.get(c) or {}).get("iou")), _fmt((pm.get(c) or {}).get("precision")),
+             _fmt((pm.get(c) or {}).get("recall")), _fmt(ss.get(c)), _fmt(ms.get(c))] for c in names]
+
+
+PER_CLASS_HEADER = ["class", "pseudo IoU", "pseudo precision", "pseudo recall", "retrained IoU (ss)",
+                    "retrained IoU (msc+flip)"]
 
 
 def _md_table(header: List[str], rows: List[List[str]]) -> str:
@@ -213,15 +229,17 @@ def _md_table(header: List[str], rows: List[List[str]]) -> str:
 
 
 def _cost_rows(m: Dict[str, Any]) -> List[List[str]]:
+    """Wall time and peak memory per stage: the stages' own summaries, else what the scheduler measured."""
     rows = []
-    for key, label in (("stage1_train", "stage-1 training"), ("dump", "pseudo-mask dump"),
-                       ("stage2_train", "stage-2 training")):
+    for key, label in (("stage1_train", "stage-1 training (in-process)"), ("dump", "pseudo-mask dump (in-process)")):
         s = m.get(key) or {}
-        if s:
-            secs = s.get("seconds")
+        if s.get("seconds") is not None:
             mem = s.get("peak_memory_mib")
-            rows.append([label, f"{secs:.0f} s" if secs is not None else "n/a",
-                         f"{mem:.0f} MiB" if mem is not None else "n/a", str(s.get("device", "n/a"))])
+            rows.append([label, f"{s['seconds']:.0f} s", f"{mem:.0f} MiB" if mem is not None else "n/a",
+                         str(s.get("device", "n/a"))])
+    for name, c in (m.get("stage_costs") or {}).items():
+        rows.append([f"{name} (whole command)", f"{c['seconds']:.0f} s", f"{c['peak_rss_mib']:.0f} MiB peak RSS",
+                     "local scheduler"])
     return rows
 
 
@@ -244,6 +262,7 @@ def build_report(cfg: Any, run: RunDir) -> Path:
           f"Dataset `{cfg.data.dataset}`, CLIP `{cfg.clip.model_name}` ({cfg.clip.pretrained or 'random init'}), "
           f"CAM `{cfg.cam.source}`, head `{cfg.head.type}`, config hash `{m['config_hash']}`.", "",
           "## Quality (mIoU %)", "", _md_table(["what", "split", "mIoU"], quality) if quality else "(no metrics yet)",
+          "", "## Per class (%)", "", _md_table(PER_CLASS_HEADER, _per_class_rows(m)),
           "", "## Published anchors (VOC/COCO; not comparable to the synthetic set)", "",
           _md_table(["method", "what", "mIoU", "protocol"], anchors), "", "## Cost", "",
           _md_table(["stage", "time", "peak memory", "device"], cost) if cost else "(no timings)", "",
@@ -265,6 +284,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;}}img{{max-width:10
 <h1>WSSS run report</h1><p>{html.escape(str(run.path))} &middot; dataset <b>{html.escape(cfg.data.dataset)}</b>
 &middot; config hash <code>{m['config_hash']}</code></p>
 <h2>Quality (mIoU %)</h2>{table(["what", "split", "mIoU"], quality)}
+<h2>Per class (%)</h2>{table(PER_CLASS_HEADER, _per_class_rows(m))}
 <h2>Published anchors</h2>{table(["method", "what", "mIoU", "protocol"], anchors)}
 <h2>Cost</h2>{table(["stage", "time", "peak memory", "device"], cost)}
 <h2>Figures</h2>{imgs}

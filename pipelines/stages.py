@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -25,7 +26,7 @@ _logger = logging.getLogger(__name__)
 
 # stage-2 configs per (dataset, model); `make retrain MODEL=...` picks the model.
 STAGE2_CONFIGS: Dict[str, Dict[str, str]] = {
-    "synthetic": {"default": "configs/stage2/deeplabv3plus_r18-d8_1xb4-300i_synthetic-pseudo-128x128.py"},
+    "synthetic": {"default": "configs/stage2/fcn_r18-d16_1xb4-200i_synthetic-pseudo-128x128.py"},
     "voc": {
         "default": "configs/stage2/deeplabv3plus_r101-d8_1xb8-20k_voc12aug-pseudo-512x512.py",
         "deeplabv3plus_r101": "configs/stage2/deeplabv3plus_r101-d8_1xb8-20k_voc12aug-pseudo-512x512.py",
@@ -58,6 +59,11 @@ class Paths:
     @property
     def stage2_metrics(self) -> Path:
         return self.run.stage2_dir / "metrics.json"
+
+    @property
+    def costs(self) -> Path:
+        """Wall time and peak RSS of each stage command run by the local scheduler."""
+        return self.run.path / "stage_costs.json"
 
     @property
     def report_metrics(self) -> Path:
@@ -93,9 +99,23 @@ def python_cmd(module: str, *args: str, gpus: int = 1) -> List[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def run_cmd(cmd: List[str], *, env: Optional[Dict[str, str]] = None) -> None:
-    """Run a stage command, streaming its output; a non-zero exit becomes a StageError."""
+def run_cmd(cmd: List[str], *, env: Optional[Dict[str, str]] = None, record: Optional[Path] = None,
+            name: Optional[str] = None) -> Dict[str, float]:
+    """Run a stage command, streaming its output; a non-zero exit becomes a StageError.
+
+    Returns the command's wall time and peak RSS (of the process tree it waited for, from ``wait4``); with
+    ``record``, they are also stored under ``name`` in that JSON file (read by the report).
+    """
     _logger.info("$ %s", " ".join(cmd))
-    proc = subprocess.run(cmd, env={**os.environ, **(env or {})})
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    cost = {"seconds": time.time() - t0, "peak_rss_mib": usage.ru_maxrss / 1024.0}
     if proc.returncode != 0:
         raise StageError(f"command failed with exit code {proc.returncode}: {' '.join(cmd)}")
+    if record is not None and name:
+        data = json.loads(record.read_text()) if record.is_file() else {}
+        data[name] = {**cost, "command": " ".join(cmd)}
+        record.write_text(json.dumps(data, indent=2) + "\n")
+    return cost

@@ -149,7 +149,7 @@ class WeCLIPHead(nn.Module):
     @torch.no_grad()
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Decoder-only inference (the dump path): (B, 3, H, W) -> logits (B, C, H//p, W//p)."""
-        feats = self.backbone(images, num_blocks=self.num_inputs)
+        feats = self.backbone(images, num_blocks=self.num_inputs, with_attn=False)
         return self.decode(feats)[0].float()
 
 

@@ -200,7 +200,8 @@ def resolve_clip_weights(model_name: str, pretrained: Optional[str], weights: Op
         model_name: open_clip architecture name (e.g. ``"ViT-B-16"``).
         pretrained: open_clip pretrained tag (e.g. ``"openai"``) or a file path; ``None`` means random
             initialisation (the environment variable is then ignored too).
-        weights: explicit weights file; wins over everything else.
+        weights: explicit weights file; wins over everything else. ``"world:<preset>"`` names the
+            synthetic world's CLIP trained by ``make world`` (:func:`stage1_cam.world.resolve_world_weights`).
         cache_dir: extra cache folder searched first (and used for downloads).
 
     Returns:
@@ -210,6 +211,11 @@ def resolve_clip_weights(model_name: str, pretrained: Optional[str], weights: Op
         FileNotFoundError: a named file does not exist, or no weights can be found or downloaded.
         ValueError: ``pretrained`` is neither a file nor a tag known to open_clip for this model.
     """
+    if weights and str(weights).startswith("world:"):
+        # The synthetic world's CLIP trained in-repo (`make world`): "world:<preset>" names its cache entry.
+        from ..world import resolve_world_weights
+
+        return resolve_world_weights(str(weights), model_name)
     if weights:
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"CLIP weights file {weights!r} (the `weights` argument / clip.weights) does not "
@@ -603,12 +609,15 @@ class FrozenClipBackbone(nn.Module):
     # -- public forward passes -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, *, num_blocks: Optional[int] = None) -> ClipFeatures:
+    def forward(self, images: torch.Tensor, *, num_blocks: Optional[int] = None, with_attn: bool = True
+                ) -> ClipFeatures:
         """Run blocks ``0 .. num_blocks - 1`` without gradients.
 
         Args:
             images: ``(B, 3, H, W)`` normalised images (any size >= one patch; non-square is fine).
             num_blocks: how many blocks to run (default: all).
+            with_attn: return the attention maps; False uses the fused attention kernel and returns an
+                empty ``attn`` list (the decoder-only dump path needs tokens only).
 
         Returns:
             :class:`ClipFeatures` with ``num_blocks`` token maps ``(B, 1 + h*w, D)`` and attention maps
@@ -620,9 +629,10 @@ class FrozenClipBackbone(nn.Module):
         x, grid = self.embed(images)
         tokens, attns = [], []
         for i in range(n):
-            x, a, _ = self.run_block(i, x, with_attn=True)
+            x, a, _ = self.run_block(i, x, with_attn=with_attn)
             tokens.append(x)
-            attns.append(a)
+            if with_attn:
+                attns.append(a)
         return ClipFeatures(tokens=tokens, attn=attns, grid=grid)
 
     def last_block(self, tokens: torch.Tensor, *, with_attn: bool = True
