@@ -9,12 +9,14 @@ RUN       ?= default
 SCHEDULER ?= local
 GPUS      ?= 1
 SHARDS    ?=
-HEAD      ?= weclip
+HEAD      ?=
 MODEL     ?=
 CONFIG_voc       := configs/stage1/weclip_vit-b16_voc12aug-320x320_30k.py
 CONFIG_coco      := configs/stage1/weclip_vit-b16_coco14-320x320_80k.py
 CONFIG_synthetic := configs/stage1/weclip_tiny-clip_synthetic-160x160_300i.py
-CONFIG    ?= $(CONFIG_$(DATASET))
+CONFIG_weakclip_voc       := configs/stage1/weakclip_vit-b16_voc12aug-512x512_20k.py
+CONFIG_weakclip_synthetic := configs/stage1/weakclip_tiny-clip_synthetic-160x160_300i.py
+CONFIG    ?= $(or $(CONFIG_$(HEAD)_$(DATASET)),$(CONFIG_$(DATASET)))
 OVERWRITE ?= 0
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
@@ -56,7 +58,7 @@ world: $(STAMP)  ## tiny CLIP trained on the synthetic world (issue 9)
 	@echo "make world: the tiny synthetic-world CLIP (issue 9) is not implemented yet" >&2; exit 2
 
 pseudo-labels: $(STAMP)  ## stage 1: train the head (if no checkpoint), dump shards, manifest, evaluate
-	$(PY) -m pipelines pseudo-labels $(COMMON) $(if $(SHARDS),--shards $(SHARDS)) --head $(HEAD)
+	$(PY) -m pipelines pseudo-labels $(COMMON) $(if $(SHARDS),--shards $(SHARDS)) $(if $(HEAD),--head $(HEAD))
 
 retrain: $(STAMP)  ## stage 2: MMSegmentation on the shards, evaluated on val
 	$(PY) -m pipelines retrain $(COMMON) $(if $(MODEL),--model $(MODEL)) $(if $(S2_OPTIONS),--s2-options $(S2_OPTIONS))

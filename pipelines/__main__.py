@@ -57,6 +57,10 @@ def cmd_pseudo_labels(args: argparse.Namespace) -> None:
         submit_pseudo_labels(cfg, run, gpus=args.gpus)
         return
     run_cmd(python_cmd("stage1_cam.data", "--config", conf))
+    if cfg.head.type == "weakclip" and not cfg.head.options.get("masks") \
+            and not (run.cams_dir / "manifest.json").is_file():
+        # WeakCLIP trains on existing masks; by default the run's own initial CAMs (`make cams`).
+        run_cmd(python_cmd("stage1_cam.cams", conf), record=paths.costs, name="initial CAMs")
     from stage1_cam.train import load_checkpoint
 
     done = run.final_ckpt.is_file() and load_checkpoint(run.final_ckpt)["config_hash"] == config_hash(cfg)

@@ -7,6 +7,7 @@ device, torch version and settings. ViT-B/16 runs with random weights (same shap
   per-(image, class) loop, in one run.
 - ``train``: WeCLIP stage-1 training seconds/iteration (median of steps after warm-up) and peak memory,
   batch 4, 320x320, 2 classes per image.
+- ``train_weakclip``: the same figures for the WeakCLIP head (320x320, batch 4; includes its CPU CRF loss).
 - ``dump``: pseudo-mask dump images/s for 500x375 images (long side 512, scales {1, 0.75} + flip),
   batched vs one image at a time, and the dense CRF's seconds per image with 3 labels
   (label-constrained) vs 21.
@@ -156,7 +157,14 @@ def bench_dump(model: str, images: int, batch: int) -> Dict[str, Any]:
 
 BENCHES = {"cam": lambda a: bench_cam(a.model, a.size, a.batch, a.repeats),
            "train": lambda a: bench_train(a.model, a.size, 4, a.steps),
-           "dump": lambda a: bench_dump(a.model, a.images, a.batch)}
+           "dump": lambda a: bench_dump(a.model, a.images, a.batch),
+           "train_weakclip": lambda a: _bench_weakclip(a)}
+
+
+def _bench_weakclip(a: argparse.Namespace) -> Dict[str, Any]:
+    from stage1_cam.heads.weakclip import bench_step
+
+    return bench_step(model=a.model, size=a.size, batch=4, steps=a.steps, device=_device())
 
 
 def main(argv: Optional[List[str]] = None) -> int:

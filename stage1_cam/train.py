@@ -65,11 +65,14 @@ def lr_multiplier(step: int, *, warmup_iters: int, warmup_ratio: float, max_iter
 
 
 def _collate(batch: List[Dict[str, Any]]) -> Dict[str, Any]:
-    return {
+    out = {
         "img": torch.stack([b["img"] for b in batch]),
         "cls_label": torch.stack([b["cls_label"] for b in batch]),
         "name": [b["name"] for b in batch],
     }
+    if "mask" in batch[0]:  # pseudo-mask crops (heads that train on masks, e.g. weakclip)
+        out["mask"] = torch.stack([b["mask"] for b in batch])
+    return out
 
 
 def labels_from_multi_hot(cls_label: torch.Tensor) -> List[np.ndarray]:
@@ -145,7 +148,7 @@ def validate(stack: Any, cfg: Any, device: torch.device, *, max_images: int = 0)
         _logger.warning("validation split %s has no ground truth; skipped", cfg.data.val_split)
         return {}
     n_cls = len(stack.class_names)
-    cm_pseudo, cm_dec = ConfusionMatrix(n_cls), ConfusionMatrix(n_cls)
+    cms: Dict[str, ConfusionMatrix] = {}
     n = len(ds) if not max_images else min(max_images, len(ds))
     p = stack.backbone.patch_size
     for i in range(n):
@@ -156,16 +159,20 @@ def validate(stack: Any, cfg: Any, device: torch.device, *, max_images: int = 0)
         h, w = img.shape[-2:]
         ph, pw = max(p, h // p * p), max(p, w // p * p)
         net_in = torch.nn.functional.interpolate(img, size=(ph, pw), mode="bilinear", align_corners=False)
-        cam_out = stack.cam_source(net_in, [item["labels"]])
-        logits, _, aff = head.decode(cam_out.features)
-        dec_aff = aff if head.use_rfm(None) else None
-        pseudo, _ = head.pseudo_labels(net_in, cam_out.cams, cam_out.keys, cam_out.attn, dec_aff,
-                                       out_size=(h, w), par_images=img)
-        up = torch.nn.functional.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
-        cm_pseudo.update(pseudo[0].cpu().numpy(), item["gt"])
-        cm_dec.update(up.argmax(1)[0].cpu().numpy(), item["gt"])
+        if hasattr(head, "validation_labels"):  # heads that say what to score (weakclip: the decoder only)
+            preds = head.validation_labels(net_in, [item["labels"]], out_size=(h, w), par_images=img)
+        else:
+            cam_out = stack.cam_source(net_in, [item["labels"]])
+            logits, _, aff = head.decode(cam_out.features)
+            dec_aff = aff if head.use_rfm(None) else None
+            pseudo, _ = head.pseudo_labels(net_in, cam_out.cams, cam_out.keys, cam_out.attn, dec_aff,
+                                           out_size=(h, w), par_images=img)
+            up = torch.nn.functional.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+            preds = {"pseudo": pseudo, "decoder": up.argmax(1)}
+        for key, pred in preds.items():
+            cms.setdefault(key, ConfusionMatrix(n_cls)).update(pred[0].cpu().numpy(), item["gt"])
     head.train(was_training)
-    return {"pseudo_miou": cm_pseudo.compute()["miou"], "decoder_miou": cm_dec.compute()["miou"], "images": n}
+    return {**{f"{key}_miou": cm.compute()["miou"] for key, cm in cms.items()}, "images": n}
 
 
 def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Optional[DistInfo] = None) -> Path:
@@ -195,6 +202,8 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
     augment = TrainAugment(crop_size=cfg.data.crop_size, scale_range=tuple(cfg.data.scale_range),
                            flip=cfg.data.flip, mean=stack.mean, std=stack.std)
     train_ds = TrainCropDataset(base, augment, seed=cfg.run.seed)
+    if hasattr(head, "wrap_train_dataset"):  # heads that train on pseudo-mask crops (weakclip) get them too
+        train_ds = head.wrap_train_dataset(train_ds)
     if len(train_ds) < tc.batch_size * dist.world_size:
         raise ValueError(f"split {cfg.data.train_split} has {len(train_ds)} usable images, fewer than one batch")
     sampler = EpochSampler(len(train_ds), seed=cfg.run.seed, rank=dist.rank, world_size=dist.world_size)
@@ -263,8 +272,9 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
             continue
         images = batch["img"].to(device, non_blocking=True)
         labels = labels_from_multi_hot(batch["cls_label"])
+        extra = {"masks": batch["mask"].to(device, non_blocking=True)} if "mask" in batch else {}
         with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
-            out = head.forward_train(images, labels, step)
+            out = head.forward_train(images, labels, step, **extra)
         loss = out["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} (images {batch['name']})")
