@@ -81,15 +81,16 @@ def cmd_pseudo_labels(args: argparse.Namespace) -> None:
 def cmd_retrain(args: argparse.Namespace) -> None:
     cfg, run = _resolve(args, prepare=False)
     paths = Paths(run)
-    if not manifest_complete(paths, cfg):
-        raise StageError(f"{paths.manifest} is missing or incomplete: run `make pseudo-labels "
-                         f"DATASET={cfg.data.dataset} RUN={cfg.run.name}` first")
     s2 = stage2_config(cfg.data.dataset, args.model)
     if args.scheduler == "slurm":
         from .slurm import submit_retrain
 
-        submit_retrain(cfg, run, s2, gpus=args.gpus)
+        # Depends on a queued pseudo-labels job if there is one; otherwise needs a complete manifest.
+        submit_retrain(cfg, run, s2, gpus=args.gpus, overwrite=args.overwrite, s2_options=args.s2_options)
         return
+    if not manifest_complete(paths, cfg):
+        raise StageError(f"{paths.manifest} is missing or incomplete: run `make pseudo-labels "
+                         f"DATASET={cfg.data.dataset} RUN={cfg.run.name}` first")
     if paths.stage2_metrics.is_file() and not args.overwrite:
         _logger.info("%s exists: retraining skipped", paths.stage2_metrics)
         return
