@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 from stage1_cam.config import ConfigError, DictAction, config_hash, load_config

@@ -757,7 +757,7 @@ def run_dump(cfg: Any, *, shards: Sequence[int], out_dir: Path, checkpoint: Opti
         FileNotFoundError: checkpoint, dataset or source shards missing.
         ValueError / ShardFormatError: inconsistent inputs (messages name the fix).
     """
-    from .train import file_sha256
+    from .utils.files import file_sha256
 
     num_shards = cfg["dump"]["num_shards"]
     settings = DumpSettings.from_config(cfg)

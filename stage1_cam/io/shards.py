@@ -31,7 +31,6 @@ safe to use from forked ``DataLoader`` workers (files are opened lazily, per pro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -48,6 +47,7 @@ import h5py
 import numpy as np
 
 from ..constants import IGNORE_INDEX
+from ..utils.files import file_sha256
 
 _logger = logging.getLogger(__name__)
 
@@ -267,19 +267,11 @@ def _open_h5(path: Path, mode: str, *, partial: bool) -> h5py.File:
         return h5py.File(path, mode, locking=False)
     except OSError as e:
         if partial:
-            fix = (f"it holds an unfinished shard (probably cut off by a crash or a full disk); delete it and "
-                   f"re-run the dump to regenerate that shard")
+            fix = ("it holds an unfinished shard (probably cut off by a crash or a full disk); delete it and "
+                   "re-run the dump to regenerate that shard")
         else:
             fix = "delete it and re-run the dump for that shard, then rebuild the manifest (write_manifest)"
         raise ShardFormatError(f"{path} is truncated or unreadable as HDF5 ({e}); {fix}") from e
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -514,7 +506,7 @@ class ShardWriter:
                 keys = list(src[_IMAGES])
             except (KeyError, OSError, RuntimeError) as e:
                 raise ShardFormatError(f"{self.partial_path} has an unreadable image index ({e}); delete it and "
-                                       f"re-run the dump to regenerate that shard") from e
+                                       "re-run the dump to regenerate that shard") from e
             with h5py.File(tmp, "w", locking=False) as dst:
                 dst.attrs.update({k: v for k, v in src.attrs.items() if k not in ("complete", "num_images")})
                 images = dst.create_group(_IMAGES, track_order=True)
@@ -784,7 +776,7 @@ def _collect(out_dir: Path, num_shards: int, *, checksum: bool, previous: dict[s
             if old and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns and old.get("sha256"):
                 entry["sha256"] = old["sha256"]
             else:
-                entry["sha256"] = _sha256(path)
+                entry["sha256"] = file_sha256(path)
         entry["ids"] = ids
         shards.append(entry)
     common = {k: (meta or {}).get(k) for k in ("dataset", "split", "class_names", "palette", "ignore_index",
@@ -1043,7 +1035,7 @@ class ShardReader:
         """
         for s in self._shards:
             path = self.shard_dir / s["file"]
-            if s.get("sha256") is None or _sha256(path) != s["sha256"]:
+            if s.get("sha256") is None or file_sha256(path) != s["sha256"]:
                 raise ShardFormatError(f"{path} does not match the sha256 in the manifest; it was modified or "
                                        f"damaged. Re-run the dump for that shard and rebuild the manifest")
 

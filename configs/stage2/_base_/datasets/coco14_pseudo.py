@@ -1,56 +1,12 @@
 # COCO 2014 (masks converted to VOC-style PNGs, 81 classes with background): train on stage-1
-# pseudo-mask shards, validate on the real val split.
-# Inherits mmseg's VOC dataset base (its multi-scale + flip tta_pipeline, IoU evaluator and loader
-# settings) and swaps both datasets for the stage2_seg ones.
+# pseudo-mask shards, validate on the real val split. Same pipelines and loaders as the VOC base;
+# only the dataset folder and the class set differ.
 # The train entry point sets train_dataloader.dataset.shard_dir (--shards) and every data_root
 # (--data-root, else $WSSS_DATA_ROOT/coco2014, else the value below).
-_base_ = ['mmseg::_base_/datasets/pascal_voc12.py']
-
-custom_imports = dict(imports=['stage2_seg'], allow_failed_imports=False)
-
-dataset_type = 'PseudoMaskSegDataset'
+_base_ = ['./voc12aug_pseudo.py']
 
 data_root = 'data/coco2014'
 class_set = 'coco'
-crop_size = (512, 512)
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadPseudoMaskFromShards'),
-    dict(type='RandomResize', scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True),
-    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PhotoMetricDistortion'),
-    dict(type='PackSegInputs'),
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(2048, 512), keep_ratio=True),
-    # ground truth is loaded after the resize: metrics are computed at the original resolution
-    dict(type='LoadAnnotations'),
-    dict(type='PackSegInputs'),
-]
-train_dataloader = dict(
-    batch_size=8,
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type='InfiniteSampler', shuffle=True),
-    dataset=dict(
-        _delete_=True,
-        type=dataset_type,
-        shard_dir=None,
-        data_root=data_root,
-        class_set=class_set,
-        pipeline=train_pipeline))
-val_dataloader = dict(
-    batch_size=1,
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
-    dataset=dict(
-        _delete_=True,
-        type='WSSSValDataset',
-        data_root=data_root,
-        class_set=class_set,
-        split='val',
-        pipeline=test_pipeline))
+train_dataloader = dict(dataset=dict(data_root=data_root, class_set=class_set))
+val_dataloader = dict(dataset=dict(data_root=data_root, class_set=class_set))
 test_dataloader = val_dataloader
