@@ -61,9 +61,10 @@ def _chromium():
 
 @pytest.mark.slow
 def test_report_renders_in_headless_chromium(tmp_path, synthetic_root):
-    if _chromium() is None and os.geteuid() == 0:
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, timeout=900,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if _chromium() is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
+            subprocess.run(cmd, capture_output=True, timeout=900, env=env)
     browser = _chromium()
     if browser is None:
         pytest.skip("Debian chromium is not installed and could not be installed (needs root and the Debian mirror)")
