@@ -126,8 +126,17 @@ def bench_dump(model: str, images: int, batch: int) -> Dict[str, Any]:
     predictor = Predictor(predict=head.predict_logits, patch_size=stack.backbone.patch_size,
                           num_classes=len(stack.class_names), mean=stack.mean, std=stack.std, device=device,
                           amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
-    rng = np.random.default_rng(0)
-    imgs = [rng.integers(0, 255, (375, 500, 3), dtype=np.uint8) for _ in range(images)]
+    import tempfile
+
+    from stage1_cam.data import build_dataset
+    from stage1_cam.data.synthetic import generate_synthetic
+
+    # Image-like inputs (the CRF's bilateral lattice grows with colour noise, so random pixels would
+    # misstate its cost): synthetic-world images at VOC's typical 500x375.
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_synthetic(Path(tmp) / "s", num_train=images, num_val=1, image_size=(375, 500), seed=0)
+        ds = build_dataset("synthetic", str(Path(tmp) / "s"), "train")
+        imgs = [ds.load_image(n) for n in ds.names[:images]]
     keys = [np.array([0, 3, 12]) for _ in range(images)]
     res: Dict[str, Any] = {}
     for mode, bs in (("batched", batch), ("one_by_one", 1)):
@@ -141,8 +150,7 @@ def bench_dump(model: str, images: int, batch: int) -> Dict[str, Any]:
         t = _timed(run, device, 1)[0]
         res[mode] = {"batch_size": bs, "images_per_s": images / t, "seconds_per_image": t / images}
     res["batched_speedup"] = res["batched"]["images_per_s"] / res["one_by_one"]["images_per_s"]
-    probs21 = rng.random((21, 375, 500), dtype=np.float32)
-    probs21 /= probs21.sum(0, keepdims=True)
+    probs21 = predict_probs(predictor, imgs[:1], [np.arange(21)], settings=settings)[0].astype(np.float32)
     crf = {}
     for k in (3, 21):
         p = probs21[:k] / probs21[:k].sum(0, keepdims=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -115,7 +116,7 @@ class SlurmCluster:
         self.run("scontrol", "requeue", job_id)
         self.start_now(job_id, timeout=timeout)
 
-    def start_now(self, job_id: str, *, timeout: float = 60) -> None:
+    def start_now(self, job_id: str, *, timeout: float = 300) -> None:
         """Make a requeued job eligible at once.
 
         slurmctld gives a requeued batch job a begin time about two minutes ahead; the tests reset it
@@ -124,15 +125,21 @@ class SlurmCluster:
         run's credential ("Job credential revoked"), which fails the job instead of restarting it.
         """
         time.sleep(3.0)
+        state = ""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             state = self.run("scontrol", "-o", "show", "job", job_id).stdout
+            restarted = re.search(r"\bRestarts=([1-9]\d*)", state) is not None
+            if restarted and re.search(r"JobState=(RUNNING|COMPLETING|COMPLETED)\b", state):
+                return  # it already restarted on its own (slurmctld made it eligible without delay)
             if "JobState=PENDING" in state:
                 if "Reason=BeginTime" not in state:
                     return
                 self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             time.sleep(0.3)
-        raise RuntimeError(f"requeued job {job_id} did not become eligible within {timeout:.0f} s\n{self.logs()}")
+        # A killed task can stay COMPLETING for a while on a loaded machine (KillWait, spawned CRF workers).
+        raise RuntimeError(f"requeued job {job_id} did not become eligible within {timeout:.0f} s (last state: "
+                           f"{state.strip()[:400]})\n{self.logs()}")
 
     def logs(self, tail: int = 40) -> str:
         """The last lines of each daemon log (for failure messages)."""
