@@ -13,7 +13,8 @@ HEAD      ?=
 MODEL     ?=
 CONFIG_voc       := configs/stage1/weclip_vit-b16_voc12aug-320x320_30k.py
 CONFIG_coco      := configs/stage1/weclip_vit-b16_coco14-320x320_80k.py
-CONFIG_synthetic := configs/stage1/weclip_tiny-clip_synthetic-160x160_300i.py
+CONFIG_world     := configs/stage1/weclip_world-clip_synthetic-160x160_300i.py
+CONFIG_synthetic := $(CONFIG_world)
 CONFIG_weakclip_voc       := configs/stage1/weakclip_vit-b16_voc12aug-512x512_20k.py
 CONFIG_weakclip_synthetic := configs/stage1/weakclip_tiny-clip_synthetic-160x160_300i.py
 CONFIG    ?= $(or $(CONFIG_$(HEAD)_$(DATASET)),$(CONFIG_$(DATASET)))
@@ -54,8 +55,8 @@ data: $(STAMP)  ## generate (synthetic) or check (voc, coco) the dataset under $
 cams: $(STAMP)  ## initial CLIP CAMs for a split + their evaluation table (issue 3)
 	$(PY) -m stage1_cam.cams $(CONFIG) --run $(RUN)
 
-world: $(STAMP)  ## tiny CLIP trained on the synthetic world (issue 9)
-	@echo "make world: the tiny synthetic-world CLIP (issue 9) is not implemented yet" >&2; exit 2
+world: $(STAMP)  ## tiny CLIP trained on the synthetic world, cached under $$WSSS_CACHE/world (default ~/.cache/wsss-clip)
+	$(PY) -m stage1_cam.world --config $(CONFIG_world)
 
 pseudo-labels: $(STAMP)  ## stage 1: train the head (if no checkpoint), dump shards, manifest, evaluate
 	$(PY) -m pipelines pseudo-labels $(COMMON) $(if $(SHARDS),--shards $(SHARDS)) $(if $(HEAD),--head $(HEAD))
@@ -66,7 +67,7 @@ retrain: $(STAMP)  ## stage 2: MMSegmentation on the shards, evaluated on val
 report: $(STAMP)  ## one report: pseudo-mask quality, retrained model, cost, environment
 	$(PY) -m pipelines report $(COMMON)
 
-demo: $(STAMP)  ## pseudo-labels + retrain + report on the synthetic set, locally on CPU
+demo: $(STAMP) world  ## world CLIP, then pseudo-labels + retrain + report on the synthetic set, locally on CPU
 	$(MAKE) --no-print-directory pseudo-labels retrain report DATASET=synthetic RUN=demo SCHEDULER=local
 
 bench: $(STAMP)  ## benchmarks: print and save JSON figures under bench/results/

@@ -10,6 +10,10 @@ The output is byte-identical for identical arguments (each image draws from its 
 ``np.random.Generator`` seeded by ``(seed, split, index)``; JPEGs are encoded by OpenCV at a fixed
 quality), and generation is idempotent: ``<root>/.generated.json`` records the parameters and is written
 last, after every image and mask.
+
+:func:`render_sample` renders one image in memory (with its background-style map); :data:`STUFF_WORDS` maps
+each background style to the background prompt words that describe it. ``stage1_cam.world`` trains the
+synthetic world's CLIP on captions built from both.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from ..constants import IGNORE_INDEX
-from .class_names import CLASSES, voc_palette
+from .class_names import BACKGROUND_WORDS, CLASSES, voc_palette
 
 _logger = logging.getLogger(__name__)
 
@@ -83,8 +87,37 @@ CLASS_STYLES: Tuple[ClassStyle, ...] = (
 )
 BACKGROUND_STYLES = ("grass", "sky", "wall", "water", "sand", "road")
 
+# The background prompt words (``class_names.BACKGROUND_WORDS``) that describe each background style: the
+# synthetic world's captions name them, so that CLIP-ES's background prompts mean something in it.
+STUFF_WORDS: Dict[str, Tuple[str, ...]] = {
+    "grass": ("grass",),
+    "sky": ("sky", "cloud"),
+    "wall": ("wall", "building"),
+    "water": ("water", "lake", "river", "sea", "ocean"),
+    "sand": ("ground", "land"),
+    "road": ("road", "street"),
+}
+
 assert len(CLASS_STYLES) == len(CLASSES["synthetic"]) - 1
 assert len({(s.shape, s.texture) for s in CLASS_STYLES}) == len(CLASS_STYLES)
+assert tuple(STUFF_WORDS) == BACKGROUND_STYLES
+assert all(w in BACKGROUND_WORDS["synthetic"] for words in STUFF_WORDS.values() for w in words)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyntheticSample:
+    """One rendered synthetic image with its annotations.
+
+    Attributes:
+        image: ``(H, W, 3)`` uint8 RGB.
+        label: ``(H, W)`` uint8 class ids 0..20 and 255 on region borders (at least one foreground class).
+        stuff: ``(H, W)`` uint8 index into :data:`BACKGROUND_STYLES` of the background style behind each
+            pixel (defined under objects too).
+    """
+
+    image: np.ndarray
+    label: np.ndarray
+    stuff: np.ndarray
 
 
 # --------------------------------------------------------------------------------------------- rendering
@@ -96,9 +129,14 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.nd
     return cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A textured background of a random "stuff" style, (h, w, 3) float32 RGB on the 0-255 scale."""
-    style = BACKGROUND_STYLES[int(rng.integers(len(BACKGROUND_STYLES)))]
+def _background(rng: np.random.Generator, h: int, w: int) -> Tuple[np.ndarray, int]:
+    """A textured background of a random "stuff" style.
+
+    Returns:
+        (h, w, 3) float32 RGB on the 0-255 scale, and the style's index in :data:`BACKGROUND_STYLES`.
+    """
+    index = int(rng.integers(len(BACKGROUND_STYLES)))
+    style = BACKGROUND_STYLES[index]
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     low = _smooth_noise(rng, h, w, 6)[..., None]
     fine = rng.standard_normal((h, w, 1), dtype=np.float32)
@@ -129,7 +167,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         img = np.array([105, 105, 110], np.float32) + 10 * low + 18 * fine
     # Per-image colour jitter so that no background colour is an exact constant.
     img = img * rng.uniform(0.85, 1.15, size=3).astype(np.float32)
-    return np.clip(img, 0, 255).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.float32), index
 
 
 def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -190,17 +228,21 @@ def _second_colour(colour: Tuple[int, int, int]) -> np.ndarray:
     return c * 0.35 if luma > 110 else c * 0.4 + 150.0
 
 
-def _render(rng: np.random.Generator, h: int, w: int, max_objects: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Render one image and its label map.
+def render_sample(rng: np.random.Generator, h: int, w: int, max_objects: int) -> SyntheticSample:
+    """Render one image with its label map and background-style map (what every split is made of).
+
+    Args:
+        rng: the image's own generator (the dataset seeds it with ``(seed, split code, index)``).
+        h, w: image size.
+        max_objects: the image holds 1..max_objects objects.
 
     Returns:
-        image: (h, w, 3) uint8 RGB.
-        label: (h, w) uint8, class ids 0..20 and 255 on region borders; at least one foreground class.
+        A :class:`SyntheticSample`.
     """
     min_pixels = max(24, int(0.002 * h * w))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     while True:  # retried only when every object ended up invisible (rare); stays deterministic
-        bg = _background(rng, h, w)
+        bg, stuff_index = _background(rng, h, w)
         img = bg.copy()
         owner = np.full((h, w), -1, np.int32)
         n = int(rng.integers(1, max_objects + 1))
@@ -242,7 +284,8 @@ def _render(rng: np.random.Generator, h: int, w: int, max_objects: int) -> Tuple
     border = cv2.dilate(label, kernel) != cv2.erode(label, kernel)
     label[border] = IGNORE_INDEX
     img = img + 3.0 * rng.standard_normal(img.shape, dtype=np.float32)  # sensor noise
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8), label
+    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return SyntheticSample(image=image, label=label, stuff=np.full((h, w), stuff_index, np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -339,7 +382,8 @@ def generate_synthetic(root: Union[str, Path], *, num_train: int = 240, num_val:
         for i in range(count):
             name = f"{split}_{i:06d}"
             rng = np.random.default_rng([seed, code, i])
-            image, label = _render(rng, h, w, max_objects)
+            sample = render_sample(rng, h, w, max_objects)
+            image, label = sample.image, sample.label
             ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
                                    [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
             assert ok, "OpenCV failed to encode a JPEG"

@@ -1,0 +1,11 @@
+# Demo config on the synthetic world: the in-repo tiny CLIP trained contrastively on captioned synthetic images
+# (`make world`, about 10 minutes on 2 CPU cores, cached under $WSSS_CACHE/world), so CAMs, pseudo-masks and the
+# retrained model mean something offline. Same code path as the VOC config.
+_base_ = ["./_base_/weclip_vit-b16.py", "./_base_/datasets/synthetic.py"]
+run = dict(name="demo", seed=1)
+# "world:default" resolves to the weights `python -m stage1_cam.world --preset default` trains (stage1_cam/world.py).
+clip = dict(model_name="wsss-world-ViT-16", pretrained=None, weights="world:default")
+head = dict(embed_dim=64, decoder_layers=1, decoder_heads=2, rfm=dict(start_step=150))
+train = dict(max_iters=300, batch_size=4, amp="none", log_interval=25, ckpt_interval=100, val_interval=100,
+             val_max_images=30)
+dump = dict(long_side=224, num_shards=4, batch_size=8, crf=dict(workers=1))
