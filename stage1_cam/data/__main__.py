@@ -3,7 +3,7 @@
 Usage::
 
     python -m stage1_cam.data --config configs/stage1/synthetic.py
-    python -m stage1_cam.data --dataset voc [--root /data/VOC2012]
+    python -m stage1_cam.data --dataset voc [--root path/to/VOC2012]
 
 Opening every split also derives and caches the image-level labels, so training starts without
 re-reading masks. Exit code 2 (and no traceback) when the dataset is missing or invalid.
