@@ -514,7 +514,7 @@ def dump_shard(predictor: Predictor, dataset: Any, names: Sequence[str], writer:
                 raise ValueError(f"image {name!r} must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
             yield network_size(*image.shape[:2], long_side=settings.long_side, patch=p), (name, image)
 
-    try:
+    def submissions() -> Iterator[Tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         for batch in plan_batches(sized(), batch_size=settings.batch_size, max_pending=4 * settings.batch_size):
             if all(name in done for name, _ in batch):
                 continue
@@ -522,12 +522,25 @@ def dump_shard(predictor: Predictor, dataset: Any, names: Sequence[str], writer:
                                     label_constrained=settings.label_constrained) for n, _ in batch]
             probs = predict_probs(predictor, [im for _, im in batch], keys, settings=settings)
             for (name, image), pr, k in zip(batch, probs, keys):
-                if name in done:
-                    continue
-                for job in postprocessor.submit(name, image=image, probs=pr, keys=k,
-                                                image_labels=dataset.image_labels(name)):
-                    _write(writer, job, settings)
-                    bar.update()
+                if name not in done:
+                    yield name, image, pr, k, dataset.image_labels(name)
+
+    return _postprocess_into(submissions(), writer=writer, settings=settings, postprocessor=postprocessor,
+                             bar=bar, what="")
+
+
+def _postprocess_into(submissions: Iterable[Tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]], *,
+                      writer: ShardWriter, settings: DumpSettings, postprocessor: OrderedPostprocessor,
+                      bar: "_Progress", what: str) -> Dict[str, float]:
+    """CRF/argmax each ``(name, image, probs, keys, image_labels)`` in order, write it, then finalize the shard.
+
+    On any error (or interruption) the in-flight CRF jobs are cancelled and the shard stays partial (resumable).
+    """
+    try:
+        for name, image, probs, keys, labels in submissions:
+            for job in postprocessor.submit(name, image=image, probs=probs, keys=keys, image_labels=labels):
+                _write(writer, job, settings)
+                bar.update()
         for job in postprocessor.drain():
             _write(writer, job, settings)
             bar.update()
@@ -537,8 +550,8 @@ def dump_shard(predictor: Predictor, dataset: Any, names: Sequence[str], writer:
         raise
     writer.finalize()
     stats = bar.close()
-    _logger.info("shard %d/%d: %d images written in %.1f s (%.2f images/s)", writer.shard_index, writer.num_shards,
-                 stats["images"], stats["seconds"], stats["images_per_s"])
+    _logger.info("shard %d/%d%s: %d images written in %.1f s (%.2f images/s)", writer.shard_index,
+                 writer.num_shards, what, stats["images"], stats["seconds"], stats["images_per_s"])
     return stats
 
 
@@ -557,8 +570,9 @@ def rerun_from_probs(reader: ShardReader, dataset: Any, names: Sequence[str], wr
     done = set(writer.done_ids)
     bar = _Progress(total=len(names), done=len(done & set(names)),
                     desc=f"shard {writer.shard_index}/{writer.num_shards} (from probs)", enabled=progress)
-    try:
-        todo = [n for n in names if n not in done]
+    todo = [n for n in names if n not in done]
+
+    def submissions() -> Iterator[Tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         for name, image in _iter_images(dataset.load_image, todo):
             if name not in reader:
                 raise ValueError(f"image {name!r} is not in the source shards at {reader.shard_dir}; finish that "
@@ -579,21 +593,10 @@ def rerun_from_probs(reader: ShardReader, dataset: Any, names: Sequence[str], wr
             if probs.shape[1:] != image.shape[:2]:
                 raise ValueError(f"stored probabilities of {name!r} are {probs.shape[1:]} but the image is "
                                  f"{image.shape[:2]}; the source shards belong to another copy of the dataset")
-            for job in postprocessor.submit(name, image=image, probs=probs, keys=keys, image_labels=labels):
-                _write(writer, job, settings)
-                bar.update()
-        for job in postprocessor.drain():
-            _write(writer, job, settings)
-            bar.update()
-    except BaseException:
-        postprocessor.cancel()
-        bar.close()
-        raise
-    writer.finalize()
-    stats = bar.close()
-    _logger.info("shard %d/%d (from probs): %d images in %.1f s (%.2f images/s)", writer.shard_index,
-                 writer.num_shards, stats["images"], stats["seconds"], stats["images_per_s"])
-    return stats
+            yield name, image, probs, keys, labels
+
+    return _postprocess_into(submissions(), writer=writer, settings=settings, postprocessor=postprocessor,
+                             bar=bar, what=" (from probs)")
 
 
 # ------------------------------------------------------------------------------------------ evaluation
