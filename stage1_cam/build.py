@@ -49,6 +49,9 @@ def build_cam_stack(cfg: Config, device: torch.device) -> Tuple[Any, Any, Any]:
                                    background_words=BACKGROUND_WORDS[cfg.data.dataset],
                                    template=cfg.clip.template)
     kwargs: dict = dict(backbone=backbone, fg_text=fg, bg_text=bg)
+    if cfg.cam.source == "clip_es_gradcam":
+        # Only the last maps are read (the CAM affinity, WeCLIP's RFM layer filter); earlier blocks run fused.
+        kwargs["attn_layers"] = min(backbone.num_blocks, max(cfg.cam.attn_layers, cfg.head.rfm.layers))
     if cfg.cam.source == "excel_svc":
         kwargs.update(parity=cfg.cam.parity, topk=cfg.cam.topk)
         if cfg.cam.descriptors:

@@ -99,6 +99,20 @@ def test_gradcam_range_features_and_attention(setup):
     torch.testing.assert_close(out.attn, attention_without_cls(full.attn), atol=1e-6, rtol=0)
 
 
+def test_gradcam_attn_layers_keeps_the_last_maps_and_the_cams(setup):
+    bb, fg, bg = setup
+    x = _images(2, 64, 64, seed=2)
+    labels = [[1, 12], [5]]
+    full = ClipESGradCAM(backbone=bb, fg_text=fg, bg_text=bg)(x, labels)
+    last8 = ClipESGradCAM(backbone=bb, fg_text=fg, bg_text=bg, attn_layers=8)(x, labels)
+    assert last8.attn.shape == (2, 8, 16, 16)
+    torch.testing.assert_close(last8.attn, full.attn[:, -8:], atol=1e-6, rtol=0)
+    for a, b in zip(last8.cams, full.cams):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="attn_layers"):
+        ClipESGradCAM(backbone=bb, fg_text=fg, bg_text=bg, attn_layers=13)
+
+
 def test_gradcam_bad_inputs(setup):
     bb, fg, bg = setup
     cam = build_cam_source("clip_es_gradcam", backbone=bb, fg_text=fg, bg_text=bg)

@@ -79,6 +79,32 @@ def test_attention_matches_torch_mha(backbone):
     torch.testing.assert_close(out.normed, xn)
 
 
+def test_attention_maps_per_image_equal_one_batched_pass():
+    """attention_with_maps (one image at a time) gives the same output and head-averaged maps as one pass."""
+    from stage1_cam.models.clip_backbone import attention_with_maps, softmax_attention
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(3, 4, 25, 16, generator=g) for _ in range(3))
+    probs = softmax_attention(q, k)
+    out, maps = attention_with_maps(q, k, v)
+    torch.testing.assert_close(out, probs @ v, atol=1e-6, rtol=0)
+    torch.testing.assert_close(maps, probs.mean(dim=1), atol=1e-7, rtol=0)
+    one_out, one_map = attention_with_maps(q[:1], k[:1], v[:1])
+    torch.testing.assert_close(one_out, out[:1])
+    torch.testing.assert_close(one_map, maps[:1])
+
+
+def test_attn_from_returns_the_last_maps_and_the_same_tokens(backbone):
+    x = _images(2, 64, 96)
+    full = backbone(x)
+    part = backbone(x, attn_from=9)
+    assert len(part.tokens) == 12 and len(part.attn) == 3
+    for a, b in zip(part.tokens, full.tokens):  # the fused kernel before block 9 changes nothing but speed
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for a, b in zip(part.attn, full.attn[9:]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
 def test_positional_embedding_interpolation(backbone, tiny_clip):
     pos = tiny_clip.visual.positional_embedding
     same = backbone.positional_embedding(4, 4, device=torch.device("cpu"), dtype=torch.float32)

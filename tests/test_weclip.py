@@ -96,6 +96,18 @@ def test_gradients_reach_only_the_head(synthetic_root):
     label = out["pseudo_label"]
     assert label.shape == (2, 64, 64)
     assert set(label[0].unique().tolist()) <= {0, 3} and set(label[1].unique().tolist()) <= {0, 5, 7}
+    # Only the maps the pseudo labels read are computed (max of cam.attn_layers and head.rfm.layers) ...
+    assert stack.cam_source.attn_layers == max(cfg.cam.attn_layers, cfg.head.rfm.layers) == 8
+    # ... and the labels equal those from all maps.
+    torch.manual_seed(0)
+    x, keys = torch.randn(2, 3, 64, 64), [np.array([3]), np.array([5, 7])]
+    cam_out = stack.cam_source(x, keys)
+    stack.cam_source.attn_layers = stack.backbone.num_blocks
+    cam_all = stack.cam_source(x, keys)
+    _, _, aff = stack.head.decode(cam_out.features)
+    labels = [stack.head.pseudo_labels(x, c.cams, c.keys, c.attn, aff.detach(), out_size=(64, 64))[0]
+              for c in (cam_out, cam_all)]
+    torch.testing.assert_close(labels[0], labels[1])
 
 
 def test_twenty_steps_lower_the_loss_and_write_a_checkpoint(synthetic_root, tmp_path):

@@ -10,10 +10,10 @@ For an image with present classes ``K`` (sorted ids) and the text set ``[fg rows
    ``w_c = mean_{h,w} dp_k / dA_c`` and ``cam = ReLU(sum_c w_c A_c)`` on the patch grid;
 5. ``cam = (cam - min) / (max(cam - min) + 1e-7)`` per (image, class).
 
-The reference loops over (image, class) pairs with batch size 1 and one backward each. Here every
-image's block ``N-2`` tokens are replicated once per present class, the last block runs once on all
-copies, each copy's own target is summed and a single backward gives all gradients; since the copies do
-not interact, each copy's gradient equals the looped one. ``looped=True`` keeps the reference's loop
+The reference loops over (image, class) pairs with batch size 1, one last-block forward and one backward
+each. Here the last block runs once on the whole batch, and one backward per class slot ``j`` (the
+``j``-th present class of every image) gives all images' gradients for that slot, since images do not
+interact in the block; each gradient equals the looped one. ``looped=True`` keeps the reference's loop
 (benchmark baseline and test oracle).
 
 Deliberate differences from the reference: no forward hooks (``A`` is taken inside our own block code);
@@ -74,10 +74,13 @@ class ClipESGradCAM:
         looped: run the reference's per-(image, class) loop instead of the batched pass.
         logit_scale: softmax temperature multiplier; default ``exp(logit_scale)`` of the CLIP model
             (100 for OpenAI ViT-B/16).
+        attn_layers: return the attention maps of the last ``attn_layers`` blocks only (``None``: all);
+            the blocks before them run the fused attention kernel, which is faster.
     """
 
     def __init__(self, *, backbone: FrozenClipBackbone, fg_text: torch.Tensor, bg_text: torch.Tensor,
-                 looped: bool = False, logit_scale: Optional[float] = None) -> None:
+                 looped: bool = False, logit_scale: Optional[float] = None,
+                 attn_layers: Optional[int] = None) -> None:
         if backbone.num_blocks < 2:
             raise ValueError("GradCAM needs a backbone with at least 2 blocks")
         self.backbone = backbone
@@ -85,6 +88,10 @@ class ClipESGradCAM:
         self.bg_text = _check_text("bg_text", bg_text, backbone.embed_dim, allow_empty=True)
         self.looped = bool(looped)
         self.logit_scale = float(backbone.logit_scale if logit_scale is None else logit_scale)
+        n = backbone.num_blocks
+        if attn_layers is not None and not 1 <= attn_layers <= n:
+            raise ValueError(f"attn_layers must be in [1, {n}] (blocks of the backbone), got {attn_layers}")
+        self.attn_layers = n if attn_layers is None else int(attn_layers)
 
     @property
     def num_classes(self) -> int:
@@ -99,14 +106,14 @@ class ClipESGradCAM:
 
         Returns:
             :class:`~stage1_cam.cams.CamOutput`; ``features`` holds all N blocks (the last one from the
-            GradCAM forward, detached) and ``attn`` is ``(B, N, h*w, h*w)``.
+            GradCAM forward, detached) and ``attn`` is ``(B, attn_layers, h*w, h*w)`` (the last blocks' maps).
         """
         if torch.is_inference_mode_enabled():
             raise RuntimeError("ClipESGradCAM needs autograd for the last block; call it outside "
                                "torch.inference_mode() (torch.no_grad() is fine)")
         bb = self.backbone
         keys = normalize_labels(labels, batch_size=images.shape[0], num_classes=self.num_classes)
-        feats = bb(images, num_blocks=bb.num_blocks - 1)
+        feats = bb(images, num_blocks=bb.num_blocks - 1, attn_from=bb.num_blocks - self.attn_layers)
         x = feats.tokens[-1]
         if self.fg_text.device != x.device:  # follow the inputs' device once, not on every call
             self.fg_text, self.bg_text = self.fg_text.to(x.device), self.bg_text.to(x.device)
@@ -128,7 +135,12 @@ class ClipESGradCAM:
 
     def _batched(self, x: torch.Tensor, keys: List[np.ndarray], fg: torch.Tensor, bg: torch.Tensor,
                  grid: Tuple[int, int]) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """All (image, class) copies in one last-block forward and one backward.
+        """One last-block forward per image and one backward per class slot.
+
+        Images do not interact in the last block, so a backward whose output gradient selects class
+        ``keys[b][j]`` in every image ``b`` (slot ``j``) gives each image's gradient for its ``j``-th class
+        at once. ``max_b K_b`` backward passes over the batch replace the reference's ``sum_b K_b``
+        forward+backward passes over single images.
 
         Args:
             x: ``(B, L, D)`` output of block N-2.
@@ -137,43 +149,34 @@ class ClipESGradCAM:
             per-image CAMs ``(K_b, h, w)``, last-block tokens ``(B, L, D)`` and attention ``(B, L, L)``.
         """
         bb = self.backbone
-        b_size, n_tok, _ = x.shape
-        counts = torch.tensor([len(k) for k in keys], dtype=torch.long)
-        m_total = int(counts.sum())
-        last_tokens = x.new_empty(x.shape)
-        last_attn = torch.empty((b_size, n_tok, n_tok), dtype=torch.float32, device=x.device)
-        cams_flat = torch.empty((0, *grid), dtype=torch.float32, device=x.device)
-        if m_total:
-            img_of_copy = torch.repeat_interleave(torch.arange(b_size), counts).to(x.device)  # (M,)
-            cls_of_copy = torch.from_numpy(np.concatenate([k for k in keys if len(k)]) - 1).to(x.device)  # (M,)
-            present = torch.zeros((b_size, fg.shape[0]), dtype=torch.bool, device=x.device)
-            for b, k in enumerate(keys):
-                present[b, torch.from_numpy(k - 1).to(x.device)] = True
-            with torch.enable_grad():
-                xr = x[img_of_copy].detach().requires_grad_(True)  # (M, L, D)
-                out = bb.run_block(bb.num_blocks - 1, xr, with_attn=True)
-                img = F.normalize(bb.pool_project(out.tokens).float(), dim=-1)  # (M, E)
-                # Softmax over [present fg rows; all bg rows] of each copy's image; absent fg rows are
-                # masked to -inf, which leaves exactly the reference's text set in the denominator.
-                logits_fg = (self.logit_scale * img @ fg.t()).masked_fill(~present[img_of_copy], float("-inf"))
-                logits = torch.cat([logits_fg, self.logit_scale * img @ bg.t()], dim=1)
-                prob = torch.softmax(logits, dim=-1)
-                target = prob[torch.arange(m_total, device=x.device), cls_of_copy]
-                (grads,) = torch.autograd.grad(target.sum(), out.normed)
-            cams_flat = gradcam_from_grads(out.normed.detach(), grads, grid)
-            first = torch.cumsum(counts, 0) - counts  # index of each image's first copy
-            has = counts > 0
-            idx_img = torch.nonzero(has).flatten().to(x.device)
-            idx_first = first[has].to(x.device)
-            last_tokens[idx_img] = out.tokens.detach()[idx_first]
-            last_attn[idx_img] = out.attn.detach()[idx_first]
-        empty = [b for b, k in enumerate(keys) if len(k) == 0]
-        if empty:
-            t, a = self._last_block_no_grad(x[empty])
-            last_tokens[empty] = t
-            last_attn[empty] = a
-        cams = list(torch.split(cams_flat, counts.tolist(), dim=0))
-        return cams, last_tokens, last_attn
+        b_size = x.shape[0]
+        counts = [len(k) for k in keys]
+        slots = max(counts, default=0)
+        if slots == 0:
+            tokens, attn = self._last_block_no_grad(x)
+            return [torch.empty((0, *grid), dtype=torch.float32, device=x.device) for _ in keys], tokens, attn
+        present = torch.zeros((b_size, fg.shape[0]), dtype=torch.bool, device=x.device)
+        for b, k in enumerate(keys):
+            present[b, torch.from_numpy(k - 1).to(x.device)] = True
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            out = bb.run_block(bb.num_blocks - 1, xg, with_attn=True)
+            img = F.normalize(bb.pool_project(out.tokens).float(), dim=-1)  # (B, E)
+            # Softmax over [present fg rows; all bg rows] of each image; absent fg rows are masked to
+            # -inf, which leaves exactly the reference's text set in the denominator.
+            logits_fg = (self.logit_scale * img @ fg.t()).masked_fill(~present, float("-inf"))
+            prob = torch.softmax(torch.cat([logits_fg, self.logit_scale * img @ bg.t()], dim=1), dim=-1)
+            per_slot = []
+            for j in range(slots):
+                select = torch.zeros_like(prob)
+                for b, k in enumerate(keys):
+                    if j < len(k):
+                        select[b, int(k[j]) - 1] = 1.0
+                (g,) = torch.autograd.grad(prob, out.normed, grad_outputs=select, retain_graph=j < slots - 1)
+                per_slot.append(gradcam_from_grads(out.normed.detach(), g, grid))  # (B, h, w)
+        cams = [torch.stack([per_slot[j][b] for j in range(counts[b])]) if counts[b]
+                else torch.empty((0, *grid), dtype=torch.float32, device=x.device) for b in range(b_size)]
+        return cams, out.tokens.detach(), out.attn.detach()
 
     def _looped(self, x: torch.Tensor, keys: List[np.ndarray], fg: torch.Tensor, bg: torch.Tensor,
                 grid: Tuple[int, int]) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:

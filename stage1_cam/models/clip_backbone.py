@@ -437,6 +437,29 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.softmax((q.float() * scale) @ k.float().transpose(-2, -1), dim=-1)
 
 
+def attention_with_maps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention that also returns the head-averaged attention map, one image at a time.
+
+    Same values as ``softmax_attention`` followed by ``probs @ v`` and a mean over heads, but the
+    ``(H, L, L)`` probabilities of one image at a time stay in cache: on a CPU this is about twice as fast
+    as one ``(B, H, L, L)`` pass, and it bounds the memory of the maps to one image.
+
+    Args:
+        q, k, v: ``(B, H, L, hd)``.
+
+    Returns:
+        ``(B, H, L, hd)`` attention output in ``v``'s dtype and ``(B, L, L)`` float32 head-averaged probabilities.
+    """
+    outs, maps = [], []
+    for b in range(q.shape[0]):
+        probs = softmax_attention(q[b:b + 1], k[b:b + 1])  # (1, H, L, L) float32
+        outs.append(probs.to(v.dtype) @ v[b:b + 1])
+        maps.append(probs.mean(dim=1))
+    if len(outs) == 1:
+        return outs[0], maps[0]
+    return torch.cat(outs), torch.cat(maps)
+
+
 def block_mlp(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The MLP half of a residual block: ``x + ls_2(mlp(ln_2(x)))``; ``x`` is ``(B, L, D)``."""
     return x + block.ls_2(block.mlp(block.ln_2(x)))
@@ -597,9 +620,7 @@ class FrozenClipBackbone(nn.Module):
         xn = blk.ln_1(tokens)
         q, k, v = qkv_heads(blk, xn)
         if with_attn:
-            probs = softmax_attention(q, k)  # (B, H, L, L) float32
-            out = probs.to(v.dtype) @ v
-            attn = probs.mean(dim=1)
+            out, attn = attention_with_maps(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
             attn = None
@@ -609,8 +630,8 @@ class FrozenClipBackbone(nn.Module):
     # -- public forward passes -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, *, num_blocks: Optional[int] = None, with_attn: bool = True
-                ) -> ClipFeatures:
+    def forward(self, images: torch.Tensor, *, num_blocks: Optional[int] = None, with_attn: bool = True,
+                attn_from: int = 0) -> ClipFeatures:
         """Run blocks ``0 .. num_blocks - 1`` without gradients.
 
         Args:
@@ -618,10 +639,12 @@ class FrozenClipBackbone(nn.Module):
             num_blocks: how many blocks to run (default: all).
             with_attn: return the attention maps; False uses the fused attention kernel and returns an
                 empty ``attn`` list (the decoder-only dump path needs tokens only).
+            attn_from: with ``with_attn``, only blocks ``attn_from ..`` return maps; earlier blocks use the
+                fused kernel (callers that read only the last few maps).
 
         Returns:
-            :class:`ClipFeatures` with ``num_blocks`` token maps ``(B, 1 + h*w, D)`` and attention maps
-            ``(B, 1 + h*w, 1 + h*w)``.
+            :class:`ClipFeatures` with ``num_blocks`` token maps ``(B, 1 + h*w, D)`` and the attention maps
+            ``(B, 1 + h*w, 1 + h*w)`` of blocks ``attn_from .. num_blocks - 1``.
         """
         n = self.num_blocks if num_blocks is None else int(num_blocks)
         if not 1 <= n <= self.num_blocks:
@@ -629,9 +652,10 @@ class FrozenClipBackbone(nn.Module):
         x, grid = self.embed(images)
         tokens, attns = [], []
         for i in range(n):
-            x, a, _ = self.run_block(i, x, with_attn=with_attn)
+            maps = with_attn and i >= attn_from
+            x, a, _ = self.run_block(i, x, with_attn=maps)
             tokens.append(x)
-            if with_attn:
+            if maps:
                 attns.append(a)
         return ClipFeatures(tokens=tokens, attn=attns, grid=grid)
 
