@@ -16,13 +16,15 @@ CONFIG_coco      := configs/stage1/weclip_vit-b16_coco14-320x320_80k.py
 CONFIG_world     := configs/stage1/weclip_world-clip_synthetic-160x160_300i.py
 CONFIG_synthetic := $(CONFIG_world)
 CONFIG_weakclip_voc       := configs/stage1/weakclip_vit-b16_voc12aug-512x512_20k.py
-CONFIG_weakclip_synthetic := configs/stage1/weakclip_tiny-clip_synthetic-160x160_300i.py
+CONFIG_weakclip_synthetic := configs/stage1/weakclip_world-clip_synthetic-160x160_1000i.py
 CONFIG    ?= $(or $(CONFIG_$(HEAD)_$(DATASET)),$(CONFIG_$(DATASET)))
 OVERWRITE ?= 0
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.wsss-installed
 RUN_DIR    = runs/$(DATASET)/$(RUN)
+# Synthetic configs load the in-repo world CLIP (clip.weights="world:default"): train it first (cached, a no-op after).
+NEEDS_WORLD = $(if $(filter synthetic,$(DATASET)),world)
 PYTEST_ARGS ?=
 OPTIONS   ?=
 S2_OPTIONS ?=
@@ -52,16 +54,16 @@ test-all: test test-slow  ## both
 data: $(STAMP)  ## generate (synthetic) or check (voc, coco) the dataset under $$WSSS_DATA_ROOT
 	$(PY) -m stage1_cam.data --config $(CONFIG)
 
-cams: $(STAMP)  ## initial CLIP CAMs for a split + their evaluation table (issue 3)
+cams: $(STAMP) $(NEEDS_WORLD)  ## initial CLIP CAMs for a split + their evaluation table (issue 3)
 	$(PY) -m stage1_cam.cams $(CONFIG) --run $(RUN)
 
 world: $(STAMP)  ## tiny CLIP trained on the synthetic world, cached under $$WSSS_CACHE/world (default ~/.cache/wsss-clip)
 	$(PY) -m stage1_cam.world --config $(CONFIG_world)
 
-pseudo-labels: $(STAMP)  ## stage 1: train the head (if no checkpoint), dump shards, manifest, evaluate
+pseudo-labels: $(STAMP) $(NEEDS_WORLD)  ## stage 1: train the head (if no checkpoint), dump shards, manifest, evaluate
 	$(PY) -m pipelines pseudo-labels $(COMMON) $(if $(SHARDS),--shards $(SHARDS)) $(if $(HEAD),--head $(HEAD))
 
-retrain: $(STAMP)  ## stage 2: MMSegmentation on the shards, evaluated on val
+retrain: $(STAMP) $(NEEDS_WORLD)  ## stage 2: MMSegmentation on the shards, evaluated on val
 	$(PY) -m pipelines retrain $(COMMON) $(if $(MODEL),--model $(MODEL)) $(if $(S2_OPTIONS),--s2-options $(S2_OPTIONS))
 
 report: $(STAMP)  ## one report: pseudo-mask quality, retrained model, cost, environment
