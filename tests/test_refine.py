@@ -524,3 +524,18 @@ def test_background_sweep_rules():
     assert out["pow2"].tolist() == [[5, 5, 0]]
     assert out["const0.4"].tolist() == [[5, 5, 0]]
     assert all(v.dtype == torch.int64 for v in out.values())
+
+
+def test_label_ties_go_to_the_first_channel_like_numpy_argmax():
+    """Equal scores pick the lowest channel (background before classes, then key order), as np.argmax."""
+    from stage1_cam.refine.labels import cams_to_label
+
+    cams = torch.zeros(2, 4, 4)
+    cams[0, :, :2] = 0.5  # bg = 1 - 0.5 = 0.5 ties with class 7 on the left half
+    cams[1, :, :2] = 0.5  # ... and class 9 too
+    cams[0, :, 2:] = cams[1, :, 2:] = 0.8  # right half: the two classes tie above bg
+    label, _ = cams_to_label(cams, [7, 9], out_size=(4, 4))
+    scores = np.stack([1 - cams.amax(0).numpy(), cams[0].numpy(), cams[1].numpy()])
+    expected = np.array([0, 7, 9])[scores.argmax(0)]
+    np.testing.assert_array_equal(label.numpy(), expected)
+    assert (label[:, :2] == 0).all() and (label[:, 2:] == 7).all()

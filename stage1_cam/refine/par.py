@@ -18,7 +18,8 @@ Deliberate deviations (implementation only; results agree to float rounding):
       ``B x K x H x W`` floats for the affinity;
     * the softmax is computed in place (shift by the per-pixel minimum logit, exp, divide by the sum);
     * everything runs in float32 regardless of the input dtype; the image resize is skipped when sizes match
-      (it is an exact identity there).
+      (it is an exact identity there);
+    * a batch is refined one image at a time (the affinity of one image stays in cache over the iterations).
     Measured against the one-hot-conv formulation the outputs differ by a few 1e-6 after 20 iterations, and are
     closer to a float64 evaluation than that formulation is. On one CPU thread a batch of 4 at 320x320 with 3 mask
     channels takes about 0.55 s CPU time (the conv formulation about 20 s).
@@ -185,5 +186,8 @@ class PAR(nn.Module):
         imgs = imgs.float()
         if tuple(imgs.shape[-2:]) != size:
             imgs = F.interpolate(imgs, size=size, mode="bilinear", align_corners=True)
-        aff = self.affinity(imgs)
-        return self.propagate(masks, aff)
+        # One image at a time: its (K, H, W) affinity (about 20 MB at 320x320) stays in cache across the
+        # iterations, where a batch's would stream from memory each time. Same arithmetic, same result.
+        if masks.shape[0] == 0:
+            return masks.float()
+        return torch.cat([self.propagate(masks[i:i + 1], self.affinity(imgs[i:i + 1])) for i in range(imgs.shape[0])])
