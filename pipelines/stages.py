@@ -26,7 +26,7 @@ _logger = logging.getLogger(__name__)
 
 # stage-2 configs per (dataset, model); `make retrain MODEL=...` picks the model.
 STAGE2_CONFIGS: Dict[str, Dict[str, str]] = {
-    "synthetic": {"default": "configs/stage2/fcn_r18-d16_1xb4-200i_synthetic-pseudo-128x128.py"},
+    "synthetic": {"default": "configs/stage2/fcn_r18-c16-d8_1xb8-800i_synthetic-pseudo-128x128.py"},
     "voc": {
         "default": "configs/stage2/deeplabv3plus_r101-d8_1xb8-20k_voc12aug-pseudo-512x512.py",
         "deeplabv3plus_r101": "configs/stage2/deeplabv3plus_r101-d8_1xb8-20k_voc12aug-pseudo-512x512.py",

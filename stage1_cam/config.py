@@ -278,11 +278,24 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 def config_hash(cfg: ConfigDict, sections: Optional[Sequence[str]] = None) -> str:
     """Stable 12-hex-digit hash of everything in ``cfg`` that affects outputs.
 
+    ``clip.weights = "world:<preset>"`` names weights that ``make world`` trains; the config alone does not
+    say which, so the preset's training hash (:func:`stage1_cam.world.world_hash`, the key of its cache
+    entry) is hashed with it as ``clip.weights_identity``. It is computed from the preset's settings, so
+    the world does not have to be trained (or present) for the hash to be known.
+
     Args:
         sections: restrict to these top-level sections (e.g. ``("data", "clip", "cam")`` for CAM files).
     """
     flat = _flatten(cfg.to_dict())
     flat = {k: v for k, v in flat.items() if k not in _HASH_EXCLUDE and k != "_base_"}
+    weights = flat.get("clip.weights")
+    if isinstance(weights, str) and weights.startswith("world:"):
+        from . import world  # lazy: torch/open_clip only for world configs
+
+        try:
+            flat["clip.weights_identity"] = world.world_hash(world.get_preset(weights[len("world:"):] or "default"))
+        except KeyError:  # unknown preset: loading the weights names the valid ones
+            flat["clip.weights_identity"] = None
     if sections is not None:
         flat = {k: v for k, v in flat.items() if k.split(".")[0] in sections}
     blob = json.dumps(flat, sort_keys=True, default=list)

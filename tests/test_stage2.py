@@ -33,7 +33,7 @@ from stage2_seg.transforms import LoadPseudoMaskFromShards  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs" / "stage2"
 LEAF_CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.py"))
-SMOKE_CONFIG = CONFIG_DIR / "fcn_r18-d16_1xb4-200i_synthetic-pseudo-128x128.py"
+SMOKE_CONFIG = CONFIG_DIR / "fcn_r18-c16-d8_1xb8-800i_synthetic-pseudo-128x128.py"
 NUM_SHARDS = 2
 IGNORE_COLS = 5  # the stored pseudo-masks differ from the GT PNGs: their left columns are "ignore"
 

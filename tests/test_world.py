@@ -192,6 +192,27 @@ def test_stage1_world_config_points_at_the_default_preset():
     assert name == "default" and world.WORLD_PRESETS[name].model_name == cfg.clip.model_name
 
 
+def test_config_hash_follows_the_world_weights_without_training_them(monkeypatch, tmp_path):
+    from stage1_cam.config import config_hash, load_config
+
+    monkeypatch.setenv(world.ENV_CACHE, str(tmp_path / "empty"))  # no trained world anywhere
+    monkeypatch.setattr(world, "train_world_clip", lambda *a, **k: pytest.fail("trained the world to hash"))
+    cfg = load_config(WORLD_CONFIG)
+    tiny = load_config("configs/stage1/weclip_tiny-clip_synthetic-160x160_300i.py")
+    before = (config_hash(cfg), config_hash(cfg, ("data", "clip", "cam")), config_hash(cfg, ("train",)),
+              config_hash(tiny))
+    assert config_hash(cfg) == before[0]  # stable
+    # Other world weights (another preset setting -> another cache entry): the same config text, another hash.
+    monkeypatch.setitem(world.WORLD_PRESETS, "default", dataclasses.replace(world.WORLD_PRESETS["default"],
+                                                                            steps=world.WORLD_PRESETS["default"].steps + 1))
+    after = (config_hash(cfg), config_hash(cfg, ("data", "clip", "cam")), config_hash(cfg, ("train",)),
+             config_hash(tiny))
+    assert after[0] != before[0] and after[1] != before[1]
+    assert after[2] == before[2] and after[3] == before[3]  # sections without clip; configs without world weights
+    cfg.clip.weights = "world:nope"  # an unknown preset still hashes; loading the weights is what fails
+    assert len(config_hash(cfg)) == 12
+
+
 def test_bad_world_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="min_visible"):
         world.train_world_clip(dataclasses.replace(TINY, min_visible=0.0), root=tmp_path)
@@ -261,4 +282,6 @@ def test_world_clip_pseudo_labels_quality_gate(world_stage1):
     assert dump_main([WORLD_CONFIG, "--run", "gate", "--no-progress", "--cfg-options", *opts]) == 0
     assert dump_main([WORLD_CONFIG, "--run", "gate", "--evaluate", "--cfg-options", *opts]) == 0
     dumped = json.loads((run / "pseudo_masks" / "metrics.json").read_text())["miou"]
-    assert dumped >= GATE_DUMP and dumped > cam, (cam, dumped)
+    assert dumped >= GATE_DUMP, dumped
+    # The ordering the method claims: initial CAM < refined online labels <= dumped masks (msc+flip+CRF).
+    assert cam < val[-1]["pseudo_miou"] <= dumped, (cam, val[-1]["pseudo_miou"], dumped)
