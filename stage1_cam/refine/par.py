@@ -158,8 +158,9 @@ class PAR(nn.Module):
             )
         for _ in range(self.num_iter):
             padded = F.pad(masks, [self.pad] * 4, mode="replicate")
-            out = torch.zeros_like(masks)
-            for i, v in enumerate(self._views(padded, h, w)):
+            views = self._views(padded, h, w)
+            out = torch.mul(next(views), aff[:, 0:1])  # the first term initialises the sum (no zero fill)
+            for i, v in enumerate(views, start=1):
                 out.addcmul_(v, aff[:, i : i + 1])
             masks = out
         return masks
