@@ -1,7 +1,8 @@
 """Benchmarks (not tests): ``python -m pipelines.bench [--only NAME ...] [--out bench/results]``.
 
 Each benchmark prints its figures and saves them as JSON (``bench/results/<name>-<device>.json``), with the
-device, torch version and settings. ViT-B/16 runs with random weights (same shapes and cost as OpenAI's).
+device, torch version, settings, and the float32 GEMM rate measured just before and after it (a machine shared
+with other work shows there; compare figures only between runs with similar rates). ViT-B/16 runs with random weights (same shapes and cost as OpenAI's).
 
 - ``cam``: CLIP-ES GradCAM images/s at 320x320 with 2 present classes, batched vs the reference's
   per-(image, class) loop, in one run.
@@ -9,8 +10,9 @@ device, torch version and settings. ViT-B/16 runs with random weights (same shap
   batch 4, 320x320, 2 classes per image.
 - ``train_weakclip``: the same figures for the WeakCLIP head (320x320, batch 4; includes its CPU CRF loss).
 - ``dump``: pseudo-mask dump images/s for 500x375 images (long side 512, scales {1, 0.75} + flip),
-  batched vs one image at a time, and the dense CRF's seconds per image with 3 labels
-  (label-constrained) vs 21.
+  batched vs one image at a time; the backbone FLOPs per image against a measured float32 GEMM rate;
+  the real shard dump (``dump_shard``) with the CRF off vs on in a worker process; and the dense CRF's
+  seconds per image with 3 labels (label-constrained) vs 21.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -113,9 +115,28 @@ def bench_train(model: str, size: int, batch: int, steps: int) -> Dict[str, Any]
             "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"}
 
 
+def _backbone_gflop(grid: Tuple[int, int], blocks: int, width: int) -> float:
+    """Multiply-add FLOPs (x2) of ``blocks`` ViT blocks on one input with patch grid ``grid``."""
+    n = 1 + grid[0] * grid[1]
+    return blocks * 2 * (12 * n * width ** 2 + 2 * n * n * width) / 1e9
+
+
+def _gemm_gflops(device: torch.device) -> float:
+    """Measured float32 GEMM rate of one ViT-B MLP layer (1538 tokens x 768 -> 3072), the compute ceiling."""
+    x, w = torch.randn(1538, 768, device=device), torch.randn(3072, 768, device=device)
+    t = min(_timed(lambda: torch.nn.functional.linear(x, w), device, 5))
+    return 2 * 1538 * 768 * 3072 / t / 1e9
+
+
 def bench_dump(model: str, images: int, batch: int) -> Dict[str, Any]:
+    import tempfile
+
     from stage1_cam.build import build_stage1
-    from stage1_cam.dump import DumpSettings, Predictor, predict_probs
+    from stage1_cam.data import build_dataset
+    from stage1_cam.data.synthetic import generate_synthetic
+    from stage1_cam.dump import (DumpSettings, OrderedPostprocessor, Predictor, _make_executor, dump_shard,
+                                 network_size, predict_probs, scaled_size)
+    from stage1_cam.io.shards import ShardMeta, ShardWriter
     from stage1_cam.refine.crf import crf_labels
 
     device = _device()
@@ -126,41 +147,67 @@ def bench_dump(model: str, images: int, batch: int) -> Dict[str, Any]:
     predictor = Predictor(predict=head.predict_logits, patch_size=stack.backbone.patch_size,
                           num_classes=len(stack.class_names), mean=stack.mean, std=stack.std, device=device,
                           amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
-    import tempfile
-
-    from stage1_cam.data import build_dataset
-    from stage1_cam.data.synthetic import generate_synthetic
-
+    res: Dict[str, Any] = {}
     # Image-like inputs (the CRF's bilateral lattice grows with colour noise, so random pixels would
     # misstate its cost): synthetic-world images at VOC's typical 500x375.
     with tempfile.TemporaryDirectory() as tmp:
         generate_synthetic(Path(tmp) / "s", num_train=images, num_val=1, image_size=(375, 500), seed=0)
         ds = build_dataset("synthetic", str(Path(tmp) / "s"), "train")
-        imgs = [ds.load_image(n) for n in ds.names[:images]]
-    keys = [np.array([0, 3, 12]) for _ in range(images)]
-    res: Dict[str, Any] = {}
-    for mode, bs in (("batched", batch), ("one_by_one", 1)):
-        settings = DumpSettings(long_side=512, scales=(1.0, 0.75), flip=True, batch_size=bs)
-        predict_probs(predictor, imgs[:bs], keys[:bs], settings=settings)  # warm-up
+        names = list(ds.names[:images])
+        imgs = [ds.load_image(n) for n in names]
+        keys = [np.array([0, 3, 12]) for _ in range(images)]
+        for mode, bs in (("batched", batch), ("one_by_one", 1)):
+            settings = DumpSettings(long_side=512, scales=(1.0, 0.75), flip=True, batch_size=bs)
+            predict_probs(predictor, imgs[:bs], keys[:bs], settings=settings)  # warm-up
 
-        def run() -> None:
-            for i in range(0, images, bs):
-                predict_probs(predictor, imgs[i:i + bs], keys[i:i + bs], settings=settings)
+            def run() -> None:
+                for i in range(0, images, bs):
+                    predict_probs(predictor, imgs[i:i + bs], keys[i:i + bs], settings=settings)
 
-        t = _timed(run, device, 1)[0]
-        res[mode] = {"batch_size": bs, "images_per_s": images / t, "seconds_per_image": t / images}
-    res["batched_speedup"] = res["batched"]["images_per_s"] / res["one_by_one"]["images_per_s"]
+            t = _timed(run, device, 1)[0]
+            res[mode] = {"batch_size": bs, "images_per_s": images / t, "seconds_per_image": t / images}
+        res["batched_speedup"] = res["batched"]["images_per_s"] / res["one_by_one"]["images_per_s"]
+        # How close the network pass is to the compute ceiling: backbone FLOPs per image vs a measured GEMM.
+        bb = stack.backbone
+        size = network_size(375, 500, long_side=512, patch=bb.patch_size)
+        grids = [tuple(x // bb.patch_size for x in scaled_size(size, sc, bb.patch_size)) for sc in (1.0, 0.75)]
+        gflop = 2 * sum(_backbone_gflop(g, head.num_inputs, bb.width) for g in grids)  # x2: flip
+        res["compute"] = {"backbone_gflop_per_image": gflop,
+                          "achieved_gflops": gflop / res["batched"]["seconds_per_image"],
+                          "fp32_gemm_gflops": _gemm_gflops(device)}
+        # The real dump path (dump_shard into an HDF5 shard, the images' own 1-3 labels): CRF off vs on in a
+        # worker process (one: the other core runs the network).
+        meta = ShardMeta(dataset="synthetic", split="train", class_names=tuple(stack.class_names),
+                         palette=[(0, 0, 0)] * len(stack.class_names))
+
+        e2e: Dict[str, Any] = {}
+        for mode, crf in (("crf_off", None), ("crf_on", DumpSettings.from_config(cfg).crf)):
+            settings = DumpSettings(long_side=512, scales=(1.0, 0.75), flip=True, batch_size=batch, crf=crf,
+                                    crf_workers=1 if crf else 0)
+            executor = _make_executor(settings)
+            try:
+                post = OrderedPostprocessor(settings=settings, executor=executor,
+                                            max_in_flight=2 * settings.num_crf_workers() + 2 * batch)
+                with ShardWriter(Path(tmp) / mode, 0, 1, meta=meta) as writer:
+                    stats = dump_shard(predictor, ds, names, writer, settings=settings, postprocessor=post,
+                                       progress=False)
+            finally:
+                if executor is not None:
+                    executor.shutdown(wait=True)
+            e2e[mode] = {"images_per_s": stats["images_per_s"], "crf_workers": settings.num_crf_workers()}
+        e2e["crf_on_over_off"] = e2e["crf_on"]["images_per_s"] / e2e["crf_off"]["images_per_s"]
+        res["dump_shard"] = e2e
     probs21 = predict_probs(predictor, imgs[:1], [np.arange(21)], settings=settings)[0].astype(np.float32)
-    crf = {}
+    crf_t = {}
     for k in (3, 21):
         p = probs21[:k] / probs21[:k].sum(0, keepdims=True)
         t = time.perf_counter()
         crf_labels(imgs[0], p, np.arange(k))
-        crf[f"{k}_labels_seconds"] = time.perf_counter() - t
-    res["crf_seconds_per_image"] = crf
+        crf_t[f"{k}_labels_seconds"] = time.perf_counter() - t
+    res["crf_seconds_per_image"] = crf_t
     res["reference_seconds_per_image_no_crf"] = 3.2  # issue 5: reference path on this 2-core CPU, same settings
     return {"settings": {"model": model, "image": "500x375", "long_side": 512, "scales": [1.0, 0.75], "flip": True,
-                         "images": images}, **res}
+                         "images": images, "present_classes": 2}, **res}
 
 
 BENCHES = {"cam": lambda a: bench_cam(a.model, a.size, a.batch, a.repeats),
@@ -192,9 +239,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     tag = "cuda" if device.type == "cuda" else "cpu"
     for name in args.only:
         t = time.time()
+        gemm_before = _gemm_gflops(device)
         res = BENCHES[name](args)
+        # A shared or throttled machine shows here: the same GEMM measured around the benchmark.
         res.update({"benchmark": name, "device": _device_name(device), "torch": torch.__version__,
-                    "wall_seconds": time.time() - t})
+                    "wall_seconds": time.time() - t,
+                    "fp32_gemm_gflops_before_after": [gemm_before, _gemm_gflops(device)]})
         path = out / f"{name}-{tag}.json"
         path.write_text(json.dumps(res, indent=2) + "\n")
         print(json.dumps(res, indent=2))
