@@ -21,6 +21,8 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -233,6 +235,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--images", type=int, default=8, help="images in the dump benchmark")
     args = p.parse_args(argv)
+    if len(args.only) > 1:
+        # One process per benchmark: peak memory (process peak RSS on a CPU) must not carry over from the
+        # benchmark before, and allocator/thread-pool state stays comparable.
+        rest = [f"--{k}={v}" for k, v in vars(args).items() if k != "only"]
+        for name in args.only:
+            subprocess.run([sys.executable, "-m", "pipelines.bench", "--only", name, *rest], check=True)
+        return 0
     device = _device()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
