@@ -89,6 +89,8 @@ def test_attention_maps_per_image_equal_one_batched_pass():
     out, maps = attention_with_maps(q, k, v)
     torch.testing.assert_close(out, probs @ v, atol=1e-6, rtol=0)
     torch.testing.assert_close(maps, probs.mean(dim=1), atol=1e-7, rtol=0)
+    empty_out, empty_map = attention_with_maps(q[:0], k[:0], v[:0])
+    assert empty_out.shape == (0, 4, 25, 16) and empty_map.shape == (0, 25, 25)
     one_out, one_map = attention_with_maps(q[:1], k[:1], v[:1])
     torch.testing.assert_close(one_out, out[:1])
     torch.testing.assert_close(one_map, maps[:1])

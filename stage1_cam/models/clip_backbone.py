@@ -456,7 +456,10 @@ def attention_with_maps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tu
         probs = softmax_attention(q[b:b + step], k[b:b + step])  # (step, H, L, L) float32
         outs.append(probs.to(v.dtype) @ v[b:b + step])
         maps.append(probs.mean(dim=1))
-    if len(outs) == 1:
+    if len(outs) <= 1:  # one pass (a GPU, a single image, or an empty batch)
+        if not outs:
+            probs = softmax_attention(q, k)
+            return probs.to(v.dtype) @ v, probs.mean(dim=1)
         return outs[0], maps[0]
     return torch.cat(outs), torch.cat(maps)
 
