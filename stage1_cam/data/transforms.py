@@ -9,7 +9,7 @@ numpy's global RNG inside DataLoader workers, so its augmentation stream depends
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -47,6 +47,24 @@ def sample_rng(seed: int, index: int, epoch: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
+class CropGeometry(NamedTuple):
+    """One training sample's geometry (from :meth:`TrainAugment.geometry`).
+
+    Attributes:
+        size: (h, w) after rescaling.
+        flip: whether to flip horizontally.
+        canvas: (H, W) of the padded canvas (at least the crop size).
+        offset: (y, x) of the rescaled image on the canvas.
+        window: (y0, x0) of the crop window on the canvas.
+    """
+
+    size: Tuple[int, int]
+    flip: bool
+    canvas: Tuple[int, int]
+    offset: Tuple[int, int]
+    window: Tuple[int, int]
+
+
 class TrainAugment:
     """Random rescale, horizontal flip, zero-pad, random crop and normalisation (WeCLIP's train pipeline).
 
@@ -80,6 +98,24 @@ class TrainAugment:
         return (f"TrainAugment(crop_size={self.crop_size}, scale_range={self.scale_range}, flip={self.flip}, "
                 f"mean={self.mean}, std={self.std})")
 
+    def geometry(self, shape: Tuple[int, int], rng: np.random.Generator) -> "CropGeometry":
+        """Draw one sample's geometry for an image of ``shape`` (H, W).
+
+        Every random number is drawn up front in a fixed order (scale, flip, pad and window offsets), so
+        the stream never depends on the image, and anything cut with the same generator state (e.g. a
+        pseudo-mask) gets the same crop.
+        """
+        crop = self.crop_size
+        ratio = rng.uniform(*self.scale_range)
+        do_flip = rng.random() < 0.5
+        pad_u, pad_v, win_u, win_v = rng.random(4)
+        h0, w0 = shape
+        h, w = max(1, int(ratio * h0)), max(1, int(ratio * w0))
+        big_h, big_w = max(crop, h), max(crop, w)
+        return CropGeometry(size=(h, w), flip=self.flip and do_flip, canvas=(big_h, big_w),
+                            offset=(int(pad_u * (big_h - h + 1)), int(pad_v * (big_w - w + 1))),
+                            window=(int(win_u * (big_h - crop + 1)), int(win_v * (big_w - crop + 1))))
+
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
         """Augment one image.
 
@@ -95,25 +131,17 @@ class TrainAugment:
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
         crop = self.crop_size
-        # Draw every random number up front, in a fixed order, so the stream never depends on the image.
-        ratio = rng.uniform(*self.scale_range)
-        do_flip = rng.random() < 0.5
-        pad_u, pad_v, win_u, win_v = rng.random(4)
-
-        h0, w0 = image.shape[:2]
-        h, w = max(1, int(ratio * h0)), max(1, int(ratio * w0))
-        if (h, w) != (h0, w0):
+        g = self.geometry(image.shape[:2], rng)
+        h, w = g.size
+        if (h, w) != image.shape[:2]:
             image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-        if self.flip and do_flip:
+        if g.flip:
             image = image[:, ::-1]
-
-        big_h, big_w = max(crop, h), max(crop, w)
-        off_y, off_x = int(pad_u * (big_h - h + 1)), int(pad_v * (big_w - w + 1))
-        canvas = np.zeros((big_h, big_w, 3), np.float32)
-        canvas[off_y:off_y + h, off_x:off_x + w] = image
-
-        y0, x0 = int(win_u * (big_h - crop + 1)), int(win_v * (big_w - crop + 1))
+        canvas = np.zeros((*g.canvas, 3), np.float32)
+        canvas[g.offset[0]:g.offset[0] + h, g.offset[1]:g.offset[1] + w] = image
+        y0, x0 = g.window
         out = normalize(canvas[y0:y0 + crop, x0:x0 + crop], self.mean, self.std)
+        off_y, off_x = g.offset
         img_box = np.array([max(off_y - y0, 0), min(off_y + h - y0, crop),
                             max(off_x - x0, 0), min(off_x + w - x0, crop)], dtype=np.int64)
         return np.ascontiguousarray(out.transpose(2, 0, 1)), img_box

@@ -156,15 +156,14 @@ def resolve_options(raw: Optional[Mapping[str, Any]]) -> WeakCLIPOptions:
 
 # ------------------------------------------------------------------------------------ mask augmentation
 def augment_mask(mask: np.ndarray, augment: Any, rng: np.random.Generator) -> np.ndarray:
-    """Apply the geometry of :class:`~stage1_cam.data.transforms.TrainAugment` to a label map.
+    """Cut a label map with the geometry of :class:`~stage1_cam.data.transforms.TrainAugment`.
 
-    Draws the same random numbers in the same order as ``TrainAugment.__call__`` (scale, flip, pad and
-    window offsets), so a generator seeded like the image's gives the matching crop. Resizing is
-    nearest-neighbour and padding is ``IGNORE_INDEX``.
+    ``augment.geometry`` draws the same random numbers as the image augmentation, so a generator seeded
+    like the image's gives the matching crop. Resizing is nearest-neighbour and padding is ``IGNORE_INDEX``.
 
     Args:
         mask: (H, W) uint8 label map of the original image.
-        augment: the ``TrainAugment`` (its ``crop_size``, ``scale_range`` and ``flip`` are used).
+        augment: the ``TrainAugment`` of the image crops.
         rng: a generator in the same state as the one given to the image augmentation.
 
     Returns:
@@ -173,20 +172,15 @@ def augment_mask(mask: np.ndarray, augment: Any, rng: np.random.Generator) -> np
     if mask.ndim != 2:
         raise ValueError(f"expected an (H, W) label map, got shape {mask.shape}")
     crop = augment.crop_size
-    ratio = rng.uniform(*augment.scale_range)
-    do_flip = rng.random() < 0.5
-    pad_u, pad_v, win_u, win_v = rng.random(4)
-    h0, w0 = mask.shape
-    h, w = max(1, int(ratio * h0)), max(1, int(ratio * w0))
-    if (h, w) != (h0, w0):
+    g = augment.geometry(mask.shape, rng)
+    h, w = g.size
+    if (h, w) != mask.shape:
         mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
-    if augment.flip and do_flip:
+    if g.flip:
         mask = mask[:, ::-1]
-    big_h, big_w = max(crop, h), max(crop, w)
-    off_y, off_x = int(pad_u * (big_h - h + 1)), int(pad_v * (big_w - w + 1))
-    canvas = np.full((big_h, big_w), IGNORE_INDEX, np.uint8)
-    canvas[off_y:off_y + h, off_x:off_x + w] = mask
-    y0, x0 = int(win_u * (big_h - crop + 1)), int(win_v * (big_w - crop + 1))
+    canvas = np.full(g.canvas, IGNORE_INDEX, np.uint8)
+    canvas[g.offset[0]:g.offset[0] + h, g.offset[1]:g.offset[1] + w] = mask
+    y0, x0 = g.window
     return np.ascontiguousarray(canvas[y0:y0 + crop, x0:x0 + crop])
 
 
