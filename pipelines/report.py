@@ -191,6 +191,9 @@ def _quality_rows(m: Dict[str, Any]) -> List[List[str]]:
     if val:
         last = val[-1]
         rows.append(["online pseudo label (CAM+RFM+PAR), last validation", "val", _fmt(last.get("pseudo_miou"))])
+        if "pseudo_no_rfm_miou" in last:
+            rows.append(["online pseudo label without RFM (same decoder; ablation)", "val",
+                         _fmt(last["pseudo_no_rfm_miou"])])
         rows.append(["stage-1 decoder, last validation", "val", _fmt(last.get("decoder_miou"))])
     pm = m.get("pseudo_masks") or {}
     crf_on = (pm.get("dump_settings") or {}).get("crf") is not None  # None when the dump ran without CRF

@@ -124,6 +124,9 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
 def validate(stack: Any, cfg: Any, device: torch.device, *, max_images: int = 0) -> Dict[str, float]:
     """Online pseudo-label mIoU (CAM -> RFM -> PAR at full resolution) and decoder mIoU on ``cfg.data.val_split``.
 
+    With RFM enabled (WeCLIP head) it also scores the same online labels without RFM (``pseudo_no_rfm_miou``:
+    the plain mean of the last attention maps instead of the RFM affinity), the module's ablation.
+
     Runs with the head in eval mode (dropout off), batch 1, full-resolution images cropped to a
     multiple of the patch size on the network side and labels resized to the original size.
     """
@@ -158,6 +161,9 @@ def validate(stack: Any, cfg: Any, device: torch.device, *, max_images: int = 0)
                                            out_size=(h, w), par_images=img)
             up = torch.nn.functional.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
             preds = {"pseudo": pseudo, "decoder": up.argmax(1)}
+            if dec_aff is not None:  # the RFM ablation: same CAMs, attention and decoder, plain attention affinity
+                preds["pseudo_no_rfm"] = head.pseudo_labels(net_in, cam_out.cams, cam_out.keys, cam_out.attn, None,
+                                                            out_size=(h, w), par_images=img)[0]
         for key, pred in preds.items():
             cms.setdefault(key, ConfusionMatrix(n_cls)).update(pred[0].cpu().numpy(), item["gt"])
     head.train(was_training)

@@ -1,5 +1,6 @@
 """WeCLIP head: decoder shapes and parameter count, losses, gradients, training, checkpoint/resume."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -108,6 +109,24 @@ def test_gradients_reach_only_the_head(synthetic_root):
     labels = [stack.head.pseudo_labels(x, c.cams, c.keys, c.attn, aff.detach(), out_size=(64, 64))[0]
               for c in (cam_out, cam_all)]
     torch.testing.assert_close(labels[0], labels[1])
+
+
+def test_validation_scores_the_rfm_ablation_on_the_same_decoder(synthetic_root):
+    from stage1_cam.build import build_stage1
+    from stage1_cam.config import load_config
+    from stage1_cam.train import validate
+
+    torch.manual_seed(0)
+    cfg = load_config(TINY, {"data.root": str(synthetic_root)})
+    stack = build_stage1(cfg, torch.device("cpu"))
+    both = validate(stack, cfg, torch.device("cpu"), max_images=3)
+    assert set(both) == {"pseudo_miou", "pseudo_no_rfm_miou", "decoder_miou", "images"}
+    assert stack.head.training  # validation puts the head back in training mode
+    # The ablation figure is what the same head scores with RFM switched off.
+    stack.head.pseudo = dataclasses.replace(stack.head.pseudo, rfm_enabled=False)
+    plain = validate(stack, cfg, torch.device("cpu"), max_images=3)
+    assert set(plain) == {"pseudo_miou", "decoder_miou", "images"}
+    assert plain["pseudo_miou"] == both["pseudo_no_rfm_miou"] and plain["decoder_miou"] == both["decoder_miou"]
 
 
 def test_twenty_steps_lower_the_loss_and_write_a_checkpoint(synthetic_root, tmp_path):
