@@ -66,23 +66,6 @@ def _fake_voc(root: Path, labels: Dict[str, List[int]], val: List[str], train: L
     return root
 
 
-@pytest.fixture
-def restore_logging():
-    """``main`` calls setup_logging (propagate off); restore the package loggers afterwards."""
-    saved = {}
-    for name in ("stage1_cam", "stage2_seg", "pipelines"):
-        lg = logging.getLogger(name)
-        saved[name] = (list(lg.handlers), lg.propagate, lg.level)
-    yield
-    for name, (handlers, propagate, level) in saved.items():
-        lg = logging.getLogger(name)
-        for h in list(lg.handlers):
-            if h not in handlers:
-                lg.removeHandler(h)
-                h.close()
-        lg.propagate, lg.level = propagate, level
-
-
 # ------------------------------------------------------------------------------------------- synthetic
 def test_synthetic_is_deterministic_and_seed_dependent(tmp_path):
     a = generate_synthetic(tmp_path / "a", seed=3, **SMALL)
@@ -390,13 +373,13 @@ def test_train_crop_dataset_excludes_images_without_foreground(tmp_path, caplog,
 
 
 # ------------------------------------------------------------------------------------------ entry point
-def test_main_exit_code_on_missing_dataset(tmp_path, capsys, restore_logging):
+def test_main_exit_code_on_missing_dataset(tmp_path, capsys):
     assert main(["--dataset", "voc", "--root", str(tmp_path / "absent")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and str(tmp_path / "absent" / "JPEGImages") in err
 
 
-def test_main_generates_synthetic_from_config(tmp_path, capsys, restore_logging):
+def test_main_generates_synthetic_from_config(tmp_path, capsys):
     root = tmp_path / "syn"
     cfg = tmp_path / "cfg.py"
     cfg.write_text(f"data = dict(dataset='synthetic', root={str(root)!r}, synthetic=dict(num_train=3, num_val=2, "

@@ -253,23 +253,7 @@ def test_mmengine_checkpoint_loads_with_weights_only(tmp_path):
 # entry points
 
 
-@pytest.fixture
-def restore_logging():
-    """Entry points configure the project loggers; put them back afterwards (their stream is pytest's)."""
-    import logging
-
-    saved = {}
-    for name in ("stage1_cam", "stage2_seg", "pipelines"):
-        lg = logging.getLogger(name)
-        saved[name] = (list(lg.handlers), lg.propagate, lg.level)
-    yield
-    for name, (handlers, propagate, level) in saved.items():
-        lg = logging.getLogger(name)
-        lg.handlers[:] = handlers
-        lg.propagate, lg.level = propagate, level
-
-
-def test_train_without_manifest_exits_2(tmp_path, capsys, restore_logging):
+def test_train_without_manifest_exits_2(tmp_path, capsys):
     from stage2_seg.train import main
 
     code = main([str(SMOKE_CONFIG), "--shards", str(tmp_path / "nowhere"), "--work-dir", str(tmp_path / "w")])
@@ -307,7 +291,7 @@ def _train_args(shard_dir, synthetic_root, work_dir, max_iters):
             "train_cfg.val_interval=10", "default_hooks.checkpoint.interval=5", "default_hooks.logger.interval=5"]
 
 
-def test_evaluation_json_lists_every_class(synthetic_root, tmp_path, restore_logging):
+def test_evaluation_json_lists_every_class(synthetic_root, tmp_path):
     from mmseg.registry import MODELS
 
     from stage2_seg.test import main as test_main
@@ -327,7 +311,7 @@ def test_evaluation_json_lists_every_class(synthetic_root, tmp_path, restore_log
 
 
 @pytest.mark.slow
-def test_smoke_training_resumes_and_evaluates(shard_dir, synthetic_root, tmp_path, restore_logging):
+def test_smoke_training_resumes_and_evaluates(shard_dir, synthetic_root, tmp_path):
     from stage2_seg.test import main as test_main
     from stage2_seg.train import main as train_main
 
