@@ -13,7 +13,8 @@ For an image with present classes ``K`` (sorted ids) and the text set ``[fg rows
 The reference loops over (image, class) pairs with batch size 1, one last-block forward and one backward
 each. Here the last block runs once on the whole batch, and one backward per class slot ``j`` (the
 ``j``-th present class of every image) gives all images' gradients for that slot, since images do not
-interact in the block; each gradient equals the looped one. ``looped=True`` keeps the reference's loop
+interact in the block; each gradient equals the looped one. The backward stops at the block's q, k, v:
+``w_c`` is a token mean of a linear function of their gradients, so it is taken from their means. ``looped=True`` keeps the reference's loop
 (benchmark baseline and test oracle).
 
 Deliberate differences from the reference: no forward hooks (``A`` is taken inside our own block code);
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.clip_backbone import ClipFeatures, FrozenClipBackbone
+from ..models.clip_backbone import ClipFeatures, FrozenClipBackbone, qkv_grad_to_input_mean
 from . import CAM_SOURCES, CamOutput, attention_without_cls, minmax_scale, normalize_labels
 
 _logger = logging.getLogger(__name__)
@@ -56,10 +57,21 @@ def gradcam_from_grads(activations: torch.Tensor, grads: torch.Tensor, grid: Tup
     Returns:
         ``(M, h, w)`` float32 CAMs min-max scaled per map.
     """
-    a = activations[:, 1:].float()
-    g = grads[:, 1:].float()
-    weights = g.mean(dim=1)  # (M, D): spatial mean of the gradients
-    cam = torch.relu(torch.einsum("mnd,md->mn", a, weights))
+    return gradcam_from_weights(activations, grads[:, 1:].float().mean(dim=1), grid)
+
+
+def gradcam_from_weights(activations: torch.Tensor, weights: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """GradCAM maps ``ReLU(sum_c w_c A_c)`` from channel weights (the spatial mean of the gradients).
+
+    Args:
+        activations: ``(M, L, D)`` target-layer output (CLS token first, dropped here).
+        weights: ``(M, D)`` mean over the patch tokens of each copy's gradient.
+        grid: patch grid ``(h, w)`` with ``h * w = L - 1``.
+
+    Returns:
+        ``(M, h, w)`` float32 CAMs min-max scaled per map.
+    """
+    cam = torch.relu(torch.einsum("mnd,md->mn", activations[:, 1:].float(), weights.float()))
     return minmax_scale(cam.reshape(cam.shape[0], *grid))
 
 
@@ -172,8 +184,11 @@ class ClipESGradCAM:
                 for b, k in enumerate(keys):
                     if j < len(k):
                         select[b, int(k[j]) - 1] = 1.0
-                (g,) = torch.autograd.grad(prob, out.normed, grad_outputs=select, retain_graph=j < slots - 1)
-                per_slot.append(gradcam_from_grads(out.normed.detach(), g, grid))  # (B, h, w)
+                # Gradients stop at q, k, v: the token mean of d(target)/d(ln_1 output) follows from their
+                # means (linear), which skips the (B, L, 3D) x (3D, D) input-gradient product of the projection.
+                grads = torch.autograd.grad(prob, out.qkv, grad_outputs=select, retain_graph=j < slots - 1)
+                weights = qkv_grad_to_input_mean(bb.blocks[bb.num_blocks - 1], grads)  # (B, D)
+                per_slot.append(gradcam_from_weights(out.normed.detach(), weights, grid))  # (B, h, w)
         cams = [torch.stack([per_slot[j][b] for j in range(counts[b])]) if counts[b]
                 else torch.empty((0, *grid), dtype=torch.float32, device=x.device) for b in range(b_size)]
         return cams, out.tokens.detach(), out.attn.detach()

@@ -385,11 +385,13 @@ class BlockOutput(NamedTuple):
         attn: ``(B, L, L)`` float32 head-averaged attention, or ``None`` when not requested.
         normed: ``(B, L, D)`` output of the block's ``ln_1`` (the normalised input to its attention;
             GradCAM's target layer).
+        qkv: per-head queries, keys and values ``(B, H, L, D / H)`` projected from ``normed``.
     """
 
     tokens: torch.Tensor
     attn: Optional[torch.Tensor]
     normed: torch.Tensor
+    qkv: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
 
 def qkv_heads(block: nn.Module, x_normed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -405,9 +407,39 @@ def qkv_heads(block: nn.Module, x_normed: torch.Tensor) -> Tuple[torch.Tensor, t
     mha = block.attn
     b, n, d = x_normed.shape
     heads = mha.num_heads
+    if x_normed.requires_grad and torch.is_grad_enabled():
+        # Three projections: the backward then feeds dq, dk, dv straight into their own matmuls instead of
+        # assembling a zero-filled (3, B, H, L, hd) gradient first (GradCAM's backward, one per class slot).
+        w = mha.in_proj_weight.chunk(3)
+        bias = (None,) * 3 if mha.in_proj_bias is None else mha.in_proj_bias.chunk(3)
+        q, k, v = (F.linear(x_normed, w[i], bias[i]).view(b, n, heads, d // heads).transpose(1, 2) for i in range(3))
+        return q, k, v
     qkv = F.linear(x_normed, mha.in_proj_weight, mha.in_proj_bias)
     qkv = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
     return qkv[0], qkv[1], qkv[2]
+
+
+def qkv_grad_to_input_mean(block: nn.Module, grads: Sequence[torch.Tensor], *, skip: int = 1) -> torch.Tensor:
+    """Token mean of the gradient w.r.t. a block's ``ln_1`` output, from the gradients of its q, k and v.
+
+    ``q_i = W_q x_i + b_q`` (likewise k, v), so ``dx_i = W_q^T dq_i + W_k^T dk_i + W_v^T dv_i`` and the mean over
+    tokens is ``W_q^T mean_i dq_i + ...``: three ``(B, D) x (D, D)`` products instead of the ``(B, L, 3D) x (3D, D)``
+    input-gradient product. Same value up to float rounding.
+
+    Args:
+        grads: gradients of ``q, k, v`` as returned by :func:`qkv_heads`, each ``(B, H, L, D / H)``.
+        skip: leading tokens left out of the mean (1: the CLS token).
+
+    Returns:
+        ``(B, D)`` float32.
+    """
+    weights = block.attn.in_proj_weight.chunk(3)
+    total = None
+    for g, w in zip(grads, weights):
+        b, h, _, hd = g.shape
+        m = g[:, :, skip:].float().mean(dim=2).reshape(b, h * hd) @ w.float()  # heads concatenated as in qkv_heads
+        total = m if total is None else total + m
+    return total
 
 
 def merge_heads(block: nn.Module, out: torch.Tensor) -> torch.Tensor:
@@ -618,7 +650,8 @@ class FrozenClipBackbone(nn.Module):
             with_attn: also return the head-averaged attention (otherwise a fused kernel is used).
 
         Returns:
-            :class:`BlockOutput` with ``tokens (B, L, D)``, ``attn (B, L, L)`` or ``None``, ``normed (B, L, D)``.
+            :class:`BlockOutput` with ``tokens (B, L, D)``, ``attn (B, L, L)`` or ``None``, ``normed (B, L, D)``
+            and the per-head ``qkv``.
         """
         blk = self.blocks[index]
         xn = blk.ln_1(tokens)
@@ -629,7 +662,7 @@ class FrozenClipBackbone(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v)
             attn = None
         x = tokens + blk.ls_1(merge_heads(blk, out))
-        return BlockOutput(block_mlp(blk, x), attn, xn)
+        return BlockOutput(block_mlp(blk, x), attn, xn, (q, k, v))
 
     # -- public forward passes -----------------------------------------------------------------------
 
@@ -657,7 +690,7 @@ class FrozenClipBackbone(nn.Module):
         tokens, attns = [], []
         for i in range(n):
             maps = with_attn and i >= attn_from
-            x, a, _ = self.run_block(i, x, with_attn=maps)
+            x, a = self.run_block(i, x, with_attn=maps)[:2]
             tokens.append(x)
             if maps:
                 attns.append(a)
