@@ -69,8 +69,8 @@ retrain: $(STAMP) $(NEEDS_WORLD)  ## stage 2: MMSegmentation on the shards, eval
 report: $(STAMP)  ## one report: pseudo-mask quality, retrained model, cost, environment
 	$(PY) -m pipelines report $(COMMON)
 
-demo: $(STAMP) world  ## world CLIP, then pseudo-labels + retrain + report on the synthetic set, locally on CPU
-	$(MAKE) --no-print-directory pseudo-labels retrain report DATASET=synthetic RUN=demo SCHEDULER=local
+demo: $(STAMP) world  ## world CLIP, then initial CAMs + pseudo-labels + retrain + report on the synthetic set, on CPU
+	$(MAKE) --no-print-directory cams pseudo-labels retrain report DATASET=synthetic RUN=demo SCHEDULER=local
 
 bench: $(STAMP)  ## benchmarks: print and save JSON figures under bench/results/
 	$(PY) -m pipelines.bench --out bench/results

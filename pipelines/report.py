@@ -225,6 +225,13 @@ PER_CLASS_HEADER = ["class", "pseudo IoU", "pseudo precision", "pseudo recall", 
                     "retrained IoU (msc+flip)"]
 
 
+def _clip_weights(cfg: Any) -> str:
+    """Where the CLIP weights came from, as the backbone loader resolves them (file/scheme first, then tag)."""
+    if cfg.clip.get("weights"):
+        return f"weights `{cfg.clip.weights}`"
+    return f"pretrained `{cfg.clip.pretrained}`" if cfg.clip.pretrained else "random init"
+
+
 def _md_table(header: List[str], rows: List[List[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -262,7 +269,7 @@ def build_report(cfg: Any, run: RunDir) -> Path:
                                                          ["device", str(env.get("device"))],
                                                          ["config hash", m["config_hash"]]]
     md = [f"# WSSS run report: {run.path}", "",
-          f"Dataset `{cfg.data.dataset}`, CLIP `{cfg.clip.model_name}` ({cfg.clip.pretrained or 'random init'}), "
+          f"Dataset `{cfg.data.dataset}`, CLIP `{cfg.clip.model_name}` ({_clip_weights(cfg)}), "
           f"CAM `{cfg.cam.source}`, head `{cfg.head.type}`, config hash `{m['config_hash']}`.", "",
           "## Quality (mIoU %)", "", _md_table(["what", "split", "mIoU"], quality) if quality else "(no metrics yet)",
           "", "## Per class (%)", "", _md_table(PER_CLASS_HEADER, _per_class_rows(m)),

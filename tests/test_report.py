@@ -39,6 +39,9 @@ def _make_run(tmp_path, synthetic_root):
 
 def test_report_files_and_content(tmp_path, synthetic_root):
     cfg, run, metrics = _make_run(tmp_path, synthetic_root)
+    (run.path / "stage1").mkdir(exist_ok=True)
+    (run.path / "stage1" / "val_metrics.jsonl").write_text(json.dumps(
+        {"step": 300, "pseudo_miou": 0.6187, "decoder_miou": 0.4125, "pseudo_no_rfm_miou": 0.6074, "images": 60}) + "\n")
     index = build_report(cfg, run)
     out = run.report_dir
     assert index == out / "index.html"
@@ -47,6 +50,9 @@ def test_report_files_and_content(tmp_path, synthetic_root):
     assert data["config_hash"] and data["env"]["packages"]["torch"]
     md = (out / "report.md").read_text()
     assert f"{100 * metrics['miou']:.1f}" in md
+    assert "| online pseudo label (CAM+RFM+PAR), last validation | val | 61.9 |" in md
+    assert "| online pseudo label without RFM (same decoder; ablation) | val | 60.7 |" in md
+    assert "CLIP `wsss-tiny-ViT-16` (random init)" in md
     for a in ANCHORS:
         assert a["protocol"] in md
     for fig in ("confusion.png", "per_class_iou.png", "overlays.png"):
@@ -78,3 +84,13 @@ def test_report_renders_in_headless_chromium(tmp_path, synthetic_root):
     shot = run.report_dir / "screenshot.png"
     subprocess.run(flags + [f"--screenshot={shot}", index.as_uri()], capture_output=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 10000
+
+
+def test_report_names_where_the_clip_weights_came_from():
+    from pipelines.report import _clip_weights
+
+    assert _clip_weights(default_config({"clip.pretrained": None})) == "random init"
+    assert _clip_weights(default_config({"clip.pretrained": "openai"})) == "pretrained `openai`"
+    world = default_config({"clip.model_name": "wsss-world-ViT-16", "clip.pretrained": None,
+                            "clip.weights": "world:default"})
+    assert _clip_weights(world) == "weights `world:default`"
