@@ -40,8 +40,8 @@ def _make_run(tmp_path, synthetic_root):
 def test_report_files_and_content(tmp_path, synthetic_root):
     cfg, run, metrics = _make_run(tmp_path, synthetic_root)
     (run.path / "stage1").mkdir(exist_ok=True)
-    (run.path / "stage1" / "val_metrics.jsonl").write_text(json.dumps(
-        {"step": 300, "pseudo_miou": 0.6187, "decoder_miou": 0.4125, "pseudo_no_rfm_miou": 0.6074, "images": 60}) + "\n")
+    last_val = {"step": 300, "pseudo_miou": 0.6187, "decoder_miou": 0.4125, "pseudo_no_rfm_miou": 0.6074, "images": 60}
+    (run.path / "stage1" / "val_metrics.jsonl").write_text(json.dumps(last_val) + "\n")
     index = build_report(cfg, run)
     out = run.report_dir
     assert index == out / "index.html"

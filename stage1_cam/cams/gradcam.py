@@ -14,8 +14,8 @@ The reference loops over (image, class) pairs with batch size 1, one last-block 
 each. Here the last block runs once on the whole batch, and one backward per class slot ``j`` (the
 ``j``-th present class of every image) gives all images' gradients for that slot, since images do not
 interact in the block; each gradient equals the looped one. The backward stops at the block's q, k, v:
-``w_c`` is a token mean of a linear function of their gradients, so it is taken from their means. ``looped=True`` keeps the reference's loop
-(benchmark baseline and test oracle).
+``w_c`` is a token mean of a linear function of their gradients, so it is taken from their means.
+``looped=True`` keeps the reference's loop (benchmark baseline and test oracle).
 
 Deliberate differences from the reference: no forward hooks (``A`` is taken inside our own block code);
 the second min-max pass of ``pytorch_grad_cam``'s layer aggregation (a no-op up to 1e-7) is not repeated;

@@ -407,13 +407,6 @@ def qkv_heads(block: nn.Module, x_normed: torch.Tensor) -> Tuple[torch.Tensor, t
     mha = block.attn
     b, n, d = x_normed.shape
     heads = mha.num_heads
-    if x_normed.requires_grad and torch.is_grad_enabled():
-        # Three projections: the backward then feeds dq, dk, dv straight into their own matmuls instead of
-        # assembling a zero-filled (3, B, H, L, hd) gradient first (GradCAM's backward, one per class slot).
-        w = mha.in_proj_weight.chunk(3)
-        bias = (None,) * 3 if mha.in_proj_bias is None else mha.in_proj_bias.chunk(3)
-        q, k, v = (F.linear(x_normed, w[i], bias[i]).view(b, n, heads, d // heads).transpose(1, 2) for i in range(3))
-        return q, k, v
     qkv = F.linear(x_normed, mha.in_proj_weight, mha.in_proj_bias)
     qkv = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
     return qkv[0], qkv[1], qkv[2]
