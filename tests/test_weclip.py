@@ -51,6 +51,21 @@ def test_balanced_loss_equals_reference_and_is_finite_without_foreground():
     assert torch.isfinite(balanced_seg_loss(logits, only_fg))
 
 
+
+def test_balanced_loss_same_for_channels_last_logits():
+    torch.manual_seed(0)
+    base = torch.randn(2, 5, 6, 7)
+    label = torch.randint(0, 5, (2, 6, 7))
+    label[1, 2] = 255
+    grads = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = base.clone().contiguous(memory_format=fmt).requires_grad_(True)
+        loss = balanced_seg_loss(x, label)
+        loss.backward()
+        grads.append((loss.detach(), x.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-7, rtol=0)
+
 def test_affinity_label_and_loss():
     m = radius_mask(3, 3, 1)
     assert m.shape == (9, 9) and m[0, 8].item() is False and m[0, 4].item() is True and torch.equal(m, m.T)
