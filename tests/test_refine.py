@@ -391,6 +391,26 @@ def test_par_replicate_border():
         torch.testing.assert_close(out[0, :, y, x], expected)
 
 
+
+def test_par_propagate_matches_plain_padded_loop():
+    """The ping-pong buffers with in-place replicate borders give F.pad's result, iteration after iteration."""
+    g = torch.Generator().manual_seed(7)
+    for dilations, size in (((1, 2, 5), (6, 7)), ((1, 2, 4, 8, 12, 24), (20, 24))):
+        par = PAR(dilations=dilations, num_iter=4)
+        imgs = torch.randn(2, 3, *size, generator=g)
+        masks = torch.rand(2, 3, *size, generator=g)
+        aff = par.affinity(imgs)
+        expected = masks
+        h, w = size
+        for _ in range(par.num_iter):
+            padded = F.pad(expected, [par.pad] * 4, mode="replicate")
+            expected = sum(padded[..., par.pad + dy: par.pad + dy + h, par.pad + dx: par.pad + dx + w]
+                           * aff[:, k: k + 1] for k, (dy, dx) in enumerate(par.offsets))
+        out = par.propagate(masks, aff)
+        assert out.is_contiguous() and out.shape == masks.shape
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(PAR(num_iter=0).propagate(masks, aff), masks)
+
 def test_par_smooths_towards_image_regions():
     imgs = _blob_image()
     masks = torch.zeros(1, 2, 20, 24)
