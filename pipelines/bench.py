@@ -85,9 +85,11 @@ def bench_cam(model: str, size: int, batch: int, repeats: int) -> Dict[str, Any]
 
 def bench_train(model: str, size: int, batch: int, steps: int) -> Dict[str, Any]:
     from stage1_cam.build import build_stage1
+    from stage1_cam.utils.cpu_malloc import retain_freed_memory
     from stage1_cam.utils.dist import peak_memory_mb
 
     device = _device()
+    malloc_tuned = device.type == "cpu" and retain_freed_memory()  # as stage1_cam.train does on a CPU
     torch.manual_seed(0)
     cfg = _cfg(model, **{"data.crop_size": size, "train.batch_size": batch, "head.rfm.start_step": 0})
     stack = build_stage1(cfg, device)
@@ -111,7 +113,7 @@ def bench_train(model: str, size: int, batch: int, steps: int) -> Dict[str, Any]
     for i in range(steps):
         times.extend(_timed(lambda: step(i + 1), device, 1))
     return {"settings": {"model": model, "size": size, "batch": batch, "present_classes": 2, "steps": steps,
-                         "rfm": True, "amp": "bf16" if amp else "none"},
+                         "rfm": True, "amp": "bf16" if amp else "none", "malloc_tuned": malloc_tuned},
             "seconds_per_iter_median": statistics.median(times), "seconds_per_iter_all": times,
             "peak_memory_mib": peak_memory_mb(device),
             "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"}

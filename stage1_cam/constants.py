@@ -16,4 +16,5 @@ NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN,
 # Environment variables the project reads.
 ENV_DATA_ROOT = "WSSS_DATA_ROOT"  # parent folder of VOC2012/, coco2014/ and synthetic/
 ENV_CLIP_WEIGHTS = "WSSS_CLIP_WEIGHTS"  # explicit CLIP weights file
+ENV_MALLOC_TUNING = "WSSS_MALLOC_TUNING"  # 0: leave glibc malloc at its defaults (utils/cpu_malloc.py)
 DEFAULT_DATA_ROOT = "data"

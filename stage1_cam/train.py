@@ -25,6 +25,7 @@ from .build import build_stage1
 from .config import ConfigError, DictAction, config_hash, load_config
 from .data import TrainAugment, TrainCropDataset, build_dataset
 from .metrics import ConfusionMatrix
+from .utils.cpu_malloc import retain_freed_memory
 from .utils.dist import DistInfo, device_for, init_distributed, peak_memory_mb
 from .utils.logging import setup_logging
 from .utils.run_dir import RunDir, RunDirError, git_sha
@@ -174,6 +175,8 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
     """Train the head; returns the final checkpoint path. Resumes from ``resume`` or the run's latest checkpoint."""
     dist = dist or DistInfo()
     device = device_for(dist)
+    if device.type == "cpu":
+        retain_freed_memory()  # same-shaped steps: no page faults for freed blocks (utils/cpu_malloc.py)
     seed = cfg.run.seed + dist.rank
     random.seed(seed)
     np.random.seed(seed)
