@@ -109,6 +109,35 @@ def test_token_mean_of_the_input_gradient_from_qkv_gradients(backbone):
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-4)
 
 
+
+@pytest.mark.parametrize("cls_bias", [0.0, 10.0])  # 10: most queries put > 0.99 of their mass on the CLS key
+def test_attention_grad_means_equal_autograd(cls_bias):
+    """The closed-form token means of the q, k, v gradients equal autograd's, for several output gradients."""
+    from stage1_cam.models.clip_backbone import attention_for_grads, attention_qkv_grad_means, softmax_attention
+
+    g = torch.Generator().manual_seed(3)
+    b, h, n, hd = 2, 3, 13, 8
+    q, k, v = (torch.randn(b, h, n, hd, generator=g, dtype=torch.float64) for _ in range(3))
+    q[..., 0], k[..., 0] = 1.0, 0.0
+    k[:, :, 0, 0] = cls_bias * hd ** 0.5  # adds cls_bias to every query's (scaled) CLS logit
+    grad_out = torch.randn(2, b, h, n, hd, generator=g, dtype=torch.float64)
+    expected = []
+    for d_o in grad_out:
+        qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out = softmax_attention(qg.double(), kg.double()).double() @ vg
+        grads = torch.autograd.grad(out, (qg, kg, vg), grad_outputs=d_o)
+        expected.append([gr[:, :, 1:].mean(dim=2) for gr in grads])
+    f32 = [t.float() for t in (q, k, v)]
+    att = attention_for_grads(*f32)
+    torch.testing.assert_close(att.out, softmax_attention(*f32[:2]) @ f32[2], atol=1e-6, rtol=1e-5)
+    got = attention_qkv_grad_means(att, *f32, grad_out.float())
+    if cls_bias:
+        assert (att.probs[..., 0] > 0.99).float().mean() > 0.5
+    for i, name in enumerate("qkv"):
+        assert got[i].shape == (2, b, h, hd), name
+        for s in range(2):
+            torch.testing.assert_close(got[i][s].double(), expected[s][i], atol=2e-6, rtol=1e-4, msg=name)
+
 def test_attn_from_returns_the_last_maps_and_the_same_tokens(backbone):
     x = _images(2, 64, 96)
     full = backbone(x)

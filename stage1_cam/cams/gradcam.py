@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.clip_backbone import ClipFeatures, FrozenClipBackbone, qkv_grad_to_input_mean
+from ..models.clip_backbone import (ClipFeatures, FrozenClipBackbone, attention_for_grads, attention_qkv_grad_means,
+                                     block_mlp, merge_heads, qkv_heads, qkv_mean_grads_to_input)
 from . import CAM_SOURCES, CamOutput, attention_without_cls, minmax_scale, normalize_labels
 
 _logger = logging.getLogger(__name__)
@@ -152,7 +153,8 @@ class ClipESGradCAM:
         Images do not interact in the last block, so a backward whose output gradient selects class
         ``keys[b][j]`` in every image ``b`` (slot ``j``) gives each image's gradient for its ``j``-th class
         at once. ``max_b K_b`` backward passes over the batch replace the reference's ``sum_b K_b``
-        forward+backward passes over single images.
+        forward+backward passes over single images. The backward passes stop at the attention output; the
+        GradCAM weights follow from there in closed form (:func:`attention_qkv_grad_means`).
 
         Args:
             x: ``(B, L, D)`` output of block N-2.
@@ -168,30 +170,38 @@ class ClipESGradCAM:
             tokens, attn = self._last_block_no_grad(x)
             return [torch.empty((0, *grid), dtype=torch.float32, device=x.device) for _ in keys], tokens, attn
         present = torch.zeros((b_size, fg.shape[0]), dtype=torch.bool, device=x.device)
-        for b, k in enumerate(keys):
-            present[b, torch.from_numpy(k - 1).to(x.device)] = True
+        for b, ids in enumerate(keys):
+            present[b, torch.from_numpy(ids - 1).to(x.device)] = True
+        blk = bb.blocks[bb.num_blocks - 1]
+        with torch.no_grad():
+            normed = blk.ln_1(x)
+            q, k, v = qkv_heads(blk, normed)
+            att = attention_for_grads(q, k, v)  # probabilities kept for the gradient means below
         with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            out = bb.run_block(bb.num_blocks - 1, xg, with_attn=True)
-            img = F.normalize(bb.pool_project(out.tokens).float(), dim=-1)  # (B, E)
+            # Autograd starts at the attention output: the GradCAM weights are the token mean of the gradient at
+            # ln_1's output, a linear function of the q, k, v gradients' token means, and those follow from the
+            # output gradient in closed form (attention_qkv_grad_means), without the attention's L x L backward.
+            o = att.out.detach().to(v.dtype).requires_grad_(True)  # a new leaf; att.out stays out of the graph
+            tokens = block_mlp(blk, x.detach() + blk.ls_1(merge_heads(blk, o)))
+            img = F.normalize(bb.pool_project(tokens).float(), dim=-1)  # (B, E)
             # Softmax over [present fg rows; all bg rows] of each image; absent fg rows are masked to
             # -inf, which leaves exactly the reference's text set in the denominator.
             logits_fg = (self.logit_scale * img @ fg.t()).masked_fill(~present, float("-inf"))
             prob = torch.softmax(torch.cat([logits_fg, self.logit_scale * img @ bg.t()], dim=1), dim=-1)
-            per_slot = []
+            grads = []
             for j in range(slots):
                 select = torch.zeros_like(prob)
-                for b, k in enumerate(keys):
-                    if j < len(k):
-                        select[b, int(k[j]) - 1] = 1.0
-                # Gradients stop at q, k, v: the token mean of d(target)/d(ln_1 output) follows from their
-                # means (linear), which skips the (B, L, 3D) x (3D, D) input-gradient product of the projection.
-                grads = torch.autograd.grad(prob, out.qkv, grad_outputs=select, retain_graph=j < slots - 1)
-                weights = qkv_grad_to_input_mean(bb.blocks[bb.num_blocks - 1], grads)  # (B, D)
-                per_slot.append(gradcam_from_weights(out.normed.detach(), weights, grid))  # (B, h, w)
+                for b, k_ids in enumerate(keys):
+                    if j < len(k_ids):
+                        select[b, int(k_ids[j]) - 1] = 1.0
+                grads.append(torch.autograd.grad(prob, o, grad_outputs=select, retain_graph=j < slots - 1)[0])
+        with torch.no_grad():
+            means = attention_qkv_grad_means(att, q, k, v, torch.stack(grads))  # 3 x (slots, B, H, hd)
+            per_slot = [gradcam_from_weights(normed, qkv_mean_grads_to_input(blk, [m[j] for m in means]), grid)
+                        for j in range(slots)]  # (B, h, w) each
         cams = [torch.stack([per_slot[j][b] for j in range(counts[b])]) if counts[b]
                 else torch.empty((0, *grid), dtype=torch.float32, device=x.device) for b in range(b_size)]
-        return cams, out.tokens.detach(), out.attn.detach()
+        return cams, tokens.detach(), att.probs.mean(dim=1)
 
     def _looped(self, x: torch.Tensor, keys: List[np.ndarray], fg: torch.Tensor, bg: torch.Tensor,
                 grid: Tuple[int, int]) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:

@@ -415,24 +415,122 @@ def qkv_heads(block: nn.Module, x_normed: torch.Tensor) -> Tuple[torch.Tensor, t
 def qkv_grad_to_input_mean(block: nn.Module, grads: Sequence[torch.Tensor], *, skip: int = 1) -> torch.Tensor:
     """Token mean of the gradient w.r.t. a block's ``ln_1`` output, from the gradients of its q, k and v.
 
-    ``q_i = W_q x_i + b_q`` (likewise k, v), so ``dx_i = W_q^T dq_i + W_k^T dk_i + W_v^T dv_i`` and the mean over
-    tokens is ``W_q^T mean_i dq_i + ...``: three ``(B, D) x (D, D)`` products instead of the ``(B, L, 3D) x (3D, D)``
-    input-gradient product. Same value up to float rounding.
-
     Args:
         grads: gradients of ``q, k, v`` as returned by :func:`qkv_heads`, each ``(B, H, L, D / H)``.
         skip: leading tokens left out of the mean (1: the CLS token).
 
     Returns:
+        ``(B, D)`` float32 (see :func:`qkv_mean_grads_to_input`).
+    """
+    return qkv_mean_grads_to_input(block, [g[:, :, skip:].float().mean(dim=2) for g in grads])
+
+
+def qkv_mean_grads_to_input(block: nn.Module, means: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Token mean of the gradient w.r.t. a block's ``ln_1`` output, from the token means of the q, k, v gradients.
+
+    ``q_i = W_q x_i + b_q`` (likewise k, v), so ``dx_i = W_q^T dq_i + W_k^T dk_i + W_v^T dv_i`` and the mean over
+    tokens is ``W_q^T mean_i dq_i + ...``: three ``(B, D) x (D, D)`` products instead of the ``(B, L, 3D) x (3D, D)``
+    input-gradient product. Same value up to float rounding.
+
+    Args:
+        means: token means of the gradients of ``q, k, v``, each ``(B, H, D / H)`` (heads as in :func:`qkv_heads`).
+
+    Returns:
         ``(B, D)`` float32.
     """
-    weights = block.attn.in_proj_weight.chunk(3)
     total = None
-    for g, w in zip(grads, weights):
-        b, h, _, hd = g.shape
-        m = g[:, :, skip:].float().mean(dim=2).reshape(b, h * hd) @ w.float()  # heads concatenated as in qkv_heads
-        total = m if total is None else total + m
+    for m, w in zip(means, block.attn.in_proj_weight.chunk(3)):
+        b, h, hd = m.shape
+        part = m.float().reshape(b, h * hd) @ w.float()  # heads concatenated as in qkv_heads
+        total = part if total is None else total + part
     return total
+
+
+class AttentionForGrads(NamedTuple):
+    """A softmax attention evaluated without autograd, with what :func:`attention_qkv_grad_means` needs.
+
+    Attributes:
+        probs: ``(B, H, L, L)`` float32 probabilities.
+        out: ``(B, H, L, hd)`` float32 output ``probs @ v``.
+        out_skip: ``(B, H, L, hd)`` float32 ``probs[..., skip:] @ v[:, :, skip:]`` (the output without the
+            leading ``skip`` key tokens; ``out`` is it plus their rank-``skip`` term).
+        skip: number of leading tokens (1: CLS).
+    """
+
+    probs: torch.Tensor
+    out: torch.Tensor
+    out_skip: torch.Tensor
+    skip: int
+
+
+@torch.no_grad()
+def attention_for_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, skip: int = 1) -> AttentionForGrads:
+    """Softmax attention (float32, no autograd) keeping probabilities and the output without the CLS keys.
+
+    On a CPU it runs one image at a time (the ``(H, L, L)`` probabilities stay in cache, as in
+    :func:`attention_with_maps`).
+
+    Args:
+        q, k, v: ``(B, H, L, hd)``.
+        skip: leading tokens whose keys are split off in ``out_skip`` (1: CLS).
+    """
+    step = 1 if q.device.type == "cpu" else max(1, q.shape[0])
+    b, h, n, hd = q.shape
+    probs = q.new_empty((b, h, n, n), dtype=torch.float32)
+    out = q.new_empty((b, h, n, hd), dtype=torch.float32)
+    out_skip = torch.empty_like(out)
+    for i in range(0, b, step):
+        sl = slice(i, i + step)
+        p = softmax_attention(q[sl], k[sl])
+        vf = v[sl].float()
+        part = p[..., skip:] @ vf[:, :, skip:]
+        out_skip[sl] = part
+        out[sl] = part + p[..., :skip] @ vf[:, :, :skip]
+        probs[sl] = p
+    return AttentionForGrads(probs, out, out_skip, skip)
+
+
+def attention_qkv_grad_means(att: AttentionForGrads, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             grad_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token means (tokens ``>= skip``) of the gradients of q, k, v, from the gradient of the attention output.
+
+    With ``P`` the probabilities, ``dO`` the output gradient, ``s = hd^-0.5``, ``I = J = {skip..L-1}`` and
+    ``n = L - skip``, the softmax backward gives ``dS_ij = P_ij (dO_i . v_j - d_i)`` with ``d_i = dO_i . O_i``, and
+
+    - ``mean_J dv = 1/n sum_i c_i dO_i`` with ``c_i = sum_J P_ij``;
+    - ``mean_J dk = s/n sum_i (dO_i . O^J_i - d_i c_i) q_i`` with ``O^J_i = sum_J P_ij v_j`` (``att.out_skip``);
+    - ``mean_I dq = s/n sum_j (v_j . G_j - e_j) k_j`` with ``G = P_I^T dO_I`` and ``e = P_I^T d_I``.
+
+    Only ``G`` and ``e`` touch the ``L x L`` probabilities: one ``(L, n) x (n, hd + 1)`` product per head, for all
+    gradients at once, where autograd's attention backward takes four ``L x L x hd`` products per gradient. Same
+    values up to float rounding.
+
+    Args:
+        att: the forward from :func:`attention_for_grads`.
+        q, k, v: ``(B, H, L, hd)`` of that forward.
+        grad_out: ``(S, B, H, L, hd)`` gradients of the output, ``S`` of them (e.g. one per GradCAM class slot).
+
+    Returns:
+        ``(mean dq, mean dk, mean dv)``, each ``(S, B, H, hd)`` float32.
+    """
+    probs, out, out_skip, skip = att
+    n_sets, b, h, n, hd = grad_out.shape
+    count = n - skip
+    scale = hd ** -0.5
+    qf, kf, vf = q.float(), k.float(), v.float()
+    d_o = grad_out.float()
+    delta = (d_o * out).sum(dim=-1)  # (S, B, H, L)
+    c = probs[..., skip:].sum(dim=-1)  # (B, H, L)
+    mean_v = torch.einsum("bhl,sbhld->sbhd", c, d_o) / count
+    row = (d_o * out_skip).sum(dim=-1) - delta * c  # (S, B, H, L): sum_J dS_ij
+    mean_k = torch.einsum("sbhl,bhld->sbhd", row, qf) * (scale / count)
+    # G and e for every gradient set in one product: P_I^T [dO_I | d_I] over the sets' columns.
+    rhs = torch.cat([d_o[..., skip:, :], delta[..., skip:, None]], dim=-1)  # (S, B, H, n - skip, hd + 1)
+    rhs = rhs.permute(1, 2, 3, 0, 4).reshape(b, h, count, n_sets * (hd + 1))
+    ge = (probs[:, :, skip:].transpose(-2, -1) @ rhs).reshape(b, h, n, n_sets, hd + 1).permute(3, 0, 1, 2, 4)
+    col = (vf * ge[..., :hd]).sum(dim=-1) - ge[..., hd]  # (S, B, H, L): sum_I dS_ij
+    mean_q = torch.einsum("sbhl,bhld->sbhd", col, kf) * (scale / count)
+    return mean_q, mean_k, mean_v
 
 
 def merge_heads(block: nn.Module, out: torch.Tensor) -> torch.Tensor:
