@@ -109,8 +109,16 @@ def test_gradcam_attn_layers_keeps_the_last_maps_and_the_cams(setup):
     torch.testing.assert_close(last8.attn, full.attn[:, -8:], atol=1e-6, rtol=0)
     for a, b in zip(last8.cams, full.cams):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # A per-call value overrides the source's (the WeCLIP head asks for the maps its step reads).
+    last6 = ClipESGradCAM(backbone=bb, fg_text=fg, bg_text=bg, attn_layers=8)(x, labels, attn_layers=6)
+    assert last6.attn.shape == (2, 6, 16, 16)
+    torch.testing.assert_close(last6.attn, full.attn[:, -6:], atol=1e-6, rtol=0)
+    for a, b in zip(last6.cams, full.cams):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="attn_layers"):
         ClipESGradCAM(backbone=bb, fg_text=fg, bg_text=bg, attn_layers=13)
+    with pytest.raises(ValueError, match="attn_layers"):
+        ClipESGradCAM(backbone=bb, fg_text=fg, bg_text=bg)(x, labels, attn_layers=0)
 
 
 def test_gradcam_bad_inputs(setup):
@@ -148,6 +156,9 @@ def test_excel_svc_shapes_gradient_free_and_parity(setup):
         assert c.dtype == torch.float32 and c.grad_fn is None and not c.requires_grad
         assert c.min() >= 0 and c.max() <= 1
     assert out.attn.shape == (2, 12, 24, 24) and out.attn.grad_fn is None
+    torch.testing.assert_close(doc(x, labels, attn_layers=6).attn, out.attn[:, -6:])
+    with pytest.raises(ValueError, match="attn_layers"):
+        doc(x, labels, attn_layers=13)
     assert max((a - b).abs().max().item() for a, b in zip(out.cams, out_p.cams)) > 1e-3  # parity changes maps
     # The original path is the plain CLIP: features equal a normal pass.
     full = bb(x)

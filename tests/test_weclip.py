@@ -124,6 +124,21 @@ def test_gradients_reach_only_the_head(synthetic_root):
     labels = [stack.head.pseudo_labels(x, c.cams, c.keys, c.attn, aff.detach(), out_size=(64, 64))[0]
               for c in (cam_out, cam_all)]
     torch.testing.assert_close(labels[0], labels[1])
+    # Per step the head asks for the maps that step reads: attn_layers before RFM starts, rfm.layers after.
+    asked = []
+    real = stack.cam_source
+
+    def spy(images, labels, *, attn_layers=None):
+        out = real(images, labels, attn_layers=attn_layers)
+        asked.append((attn_layers, out.attn.shape[1]))
+        return out
+
+    object.__setattr__(stack.head, "cam_source", spy)
+    stack.head.pseudo.rfm_start_step = 5
+    for step in (4, 5):
+        stack.head.forward_train(x, keys, step=step)
+    assert asked == [(cfg.cam.attn_layers, cfg.cam.attn_layers), (cfg.head.rfm.layers, cfg.head.rfm.layers)] \
+        and cfg.cam.attn_layers != cfg.head.rfm.layers
 
 
 def test_validation_scores_the_rfm_ablation_on_the_same_decoder(synthetic_root):

@@ -285,12 +285,15 @@ class ExcelSVC:
             sim = minmax_over_tokens(feature_surgery(feat, self.text))
         return sim[:, 1:, : self.num_classes], features, attn
 
-    def __call__(self, images: torch.Tensor, labels: Sequence[Sequence[int]]) -> CamOutput:
+    def __call__(self, images: torch.Tensor, labels: Sequence[Sequence[int]], *,
+                 attn_layers: Optional[int] = None) -> CamOutput:
         """CAMs of the present classes of each image.
 
         Args:
             images: ``(B, 3, H, W)`` normalised images.
             labels: per image, present foreground class ids (1-based).
+            attn_layers: return only the last ``attn_layers`` attention maps (default: all blocks; the SVC
+                pass computes every map either way).
 
         Returns:
             :class:`~stage1_cam.cams.CamOutput` (no autograd graph anywhere).
@@ -302,4 +305,9 @@ class ExcelSVC:
         for b, k in enumerate(keys):
             idx = torch.from_numpy(k - 1).to(maps.device)
             cams.append(maps[b][:, idx].t().reshape(len(k), h, w).contiguous())
+        if attn_layers is not None:
+            if not 1 <= attn_layers <= attn.shape[1]:
+                raise ValueError(f"attn_layers must be in [1, {attn.shape[1]}] (blocks of the backbone), got "
+                                 f"{attn_layers}")
+            attn = attn[:, attn.shape[1] - int(attn_layers):]
         return CamOutput(cams=cams, keys=keys, attn=attn, features=features, grid=(h, w))

@@ -47,6 +47,12 @@ def _check_text(name: str, text: torch.Tensor, embed_dim: int, *, allow_empty: b
     return F.normalize(text.detach().float(), dim=-1)
 
 
+def _check_attn_layers(attn_layers: int, num_blocks: int) -> int:
+    if not 1 <= attn_layers <= num_blocks:
+        raise ValueError(f"attn_layers must be in [1, {num_blocks}] (blocks of the backbone), got {attn_layers}")
+    return int(attn_layers)
+
+
 def gradcam_from_grads(activations: torch.Tensor, grads: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
     """GradCAM maps from target-layer activations and gradients (CLS token first, dropped here).
 
@@ -102,31 +108,33 @@ class ClipESGradCAM:
         self.looped = bool(looped)
         self.logit_scale = float(backbone.logit_scale if logit_scale is None else logit_scale)
         n = backbone.num_blocks
-        if attn_layers is not None and not 1 <= attn_layers <= n:
-            raise ValueError(f"attn_layers must be in [1, {n}] (blocks of the backbone), got {attn_layers}")
-        self.attn_layers = n if attn_layers is None else int(attn_layers)
+        self.attn_layers = n if attn_layers is None else _check_attn_layers(attn_layers, n)
 
     @property
     def num_classes(self) -> int:
         return int(self.fg_text.shape[0])
 
-    def __call__(self, images: torch.Tensor, labels: Sequence[Sequence[int]]) -> CamOutput:
+    def __call__(self, images: torch.Tensor, labels: Sequence[Sequence[int]], *,
+                 attn_layers: Optional[int] = None) -> CamOutput:
         """Compute GradCAMs for the present classes of each image.
 
         Args:
             images: ``(B, 3, H, W)`` normalised images.
             labels: per image, present foreground class ids (1-based).
+            attn_layers: attention maps to return for this call (the last ones); default: the source's
+                ``attn_layers``. Fewer maps run more blocks with the fused attention kernel.
 
         Returns:
             :class:`~stage1_cam.cams.CamOutput`; ``features`` holds all N blocks (the last one from the
             GradCAM forward, detached) and ``attn`` is ``(B, attn_layers, h*w, h*w)`` (the last blocks' maps).
         """
+        n_maps = self.attn_layers if attn_layers is None else _check_attn_layers(attn_layers, self.backbone.num_blocks)
         if torch.is_inference_mode_enabled():
             raise RuntimeError("ClipESGradCAM needs autograd for the last block; call it outside "
                                "torch.inference_mode() (torch.no_grad() is fine)")
         bb = self.backbone
         keys = normalize_labels(labels, batch_size=images.shape[0], num_classes=self.num_classes)
-        feats = bb(images, num_blocks=bb.num_blocks - 1, attn_from=bb.num_blocks - self.attn_layers)
+        feats = bb(images, num_blocks=bb.num_blocks - 1, attn_from=bb.num_blocks - n_maps)
         x = feats.tokens[-1]
         if self.fg_text.device != x.device:  # follow the inputs' device once, not on every call
             self.fg_text, self.bg_text = self.fg_text.to(x.device), self.bg_text.to(x.device)

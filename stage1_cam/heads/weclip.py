@@ -136,9 +136,12 @@ class WeCLIPHead(nn.Module):
             labels: per image sorted foreground class ids.
             step: 0-based training step (decides RFM).
         """
-        cam_out = self.cam_source(images, labels)
+        rfm = self.use_rfm(step)
+        # Only the maps this step reads: the RFM filter's last `rfm_layers` or the plain mean's `attn_layers`.
+        maps = self.pseudo.rfm_layers if rfm else self.pseudo.attn_layers
+        cam_out = self.cam_source(images, labels, attn_layers=maps)
         logits, _, aff = self.decode(cam_out.features)
-        dec_aff = aff.detach() if self.use_rfm(step) else None
+        dec_aff = aff.detach() if rfm else None
         pseudo, _ = self.pseudo_labels(images, cam_out.cams, cam_out.keys, cam_out.attn, dec_aff,
                                        out_size=tuple(images.shape[-2:]))
         losses = weclip_loss(logits.float(), aff.float(), pseudo, grid=cam_out.grid, radius=self.aff_radius,
