@@ -97,14 +97,15 @@ def test_attention_maps_per_image_equal_one_batched_pass():
 
 
 def test_token_mean_of_the_input_gradient_from_qkv_gradients(backbone):
-    """qkv_grad_to_input_mean equals the patch-token mean of autograd's gradient w.r.t. ln_1's output."""
-    from stage1_cam.models.clip_backbone import qkv_grad_to_input_mean
+    """qkv_mean_grads_to_input equals the patch-token mean of autograd's gradient w.r.t. ln_1's output."""
+    from stage1_cam.models.clip_backbone import qkv_mean_grads_to_input
 
     x = backbone.embed(_images(2, 64, 96))[0].detach().requires_grad_(True)
     out = backbone.run_block(backbone.num_blocks - 1, x)
     target = (backbone.pool_project(out.tokens) * torch.linspace(-1, 1, backbone.embed_dim)).sum()
     ref = torch.autograd.grad(target, out.normed, retain_graph=True)[0][:, 1:].mean(dim=1)
-    got = qkv_grad_to_input_mean(backbone.blocks[-1], torch.autograd.grad(target, out.qkv))
+    means = [g[:, :, 1:].mean(dim=2) for g in torch.autograd.grad(target, out.qkv)]
+    got = qkv_mean_grads_to_input(backbone.blocks[-1], means)
     assert got.shape == (2, backbone.width)
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-4)
 

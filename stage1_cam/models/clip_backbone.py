@@ -412,19 +412,6 @@ def qkv_heads(block: nn.Module, x_normed: torch.Tensor) -> Tuple[torch.Tensor, t
     return qkv[0], qkv[1], qkv[2]
 
 
-def qkv_grad_to_input_mean(block: nn.Module, grads: Sequence[torch.Tensor], *, skip: int = 1) -> torch.Tensor:
-    """Token mean of the gradient w.r.t. a block's ``ln_1`` output, from the gradients of its q, k and v.
-
-    Args:
-        grads: gradients of ``q, k, v`` as returned by :func:`qkv_heads`, each ``(B, H, L, D / H)``.
-        skip: leading tokens left out of the mean (1: the CLS token).
-
-    Returns:
-        ``(B, D)`` float32 (see :func:`qkv_mean_grads_to_input`).
-    """
-    return qkv_mean_grads_to_input(block, [g[:, :, skip:].float().mean(dim=2) for g in grads])
-
-
 def qkv_mean_grads_to_input(block: nn.Module, means: Sequence[torch.Tensor]) -> torch.Tensor:
     """Token mean of the gradient w.r.t. a block's ``ln_1`` output, from the token means of the q, k, v gradients.
 
@@ -514,8 +501,8 @@ def attention_qkv_grad_means(att: AttentionForGrads, q: torch.Tensor, k: torch.T
         ``(mean dq, mean dk, mean dv)``, each ``(S, B, H, hd)`` float32.
     """
     probs, out, out_skip, skip = att
-    n_sets, b, h, n, hd = grad_out.shape
-    count = n - skip
+    n_sets, b, h, length, hd = grad_out.shape
+    count = length - skip
     scale = hd ** -0.5
     qf, kf, vf = q.float(), k.float(), v.float()
     d_o = grad_out.float()
@@ -525,9 +512,9 @@ def attention_qkv_grad_means(att: AttentionForGrads, q: torch.Tensor, k: torch.T
     row = (d_o * out_skip).sum(dim=-1) - delta * c  # (S, B, H, L): sum_J dS_ij
     mean_k = torch.einsum("sbhl,bhld->sbhd", row, qf) * (scale / count)
     # G and e for every gradient set in one product: P_I^T [dO_I | d_I] over the sets' columns.
-    rhs = torch.cat([d_o[..., skip:, :], delta[..., skip:, None]], dim=-1)  # (S, B, H, n - skip, hd + 1)
+    rhs = torch.cat([d_o[..., skip:, :], delta[..., skip:, None]], dim=-1)  # (S, B, H, L - skip, hd + 1)
     rhs = rhs.permute(1, 2, 3, 0, 4).reshape(b, h, count, n_sets * (hd + 1))
-    ge = (probs[:, :, skip:].transpose(-2, -1) @ rhs).reshape(b, h, n, n_sets, hd + 1).permute(3, 0, 1, 2, 4)
+    ge = (probs[:, :, skip:].transpose(-2, -1) @ rhs).reshape(b, h, length, n_sets, hd + 1).permute(3, 0, 1, 2, 4)
     col = (vf * ge[..., :hd]).sum(dim=-1) - ge[..., hd]  # (S, B, H, L): sum_I dS_ij
     mean_q = torch.einsum("sbhl,bhld->sbhd", col, kf) * (scale / count)
     return mean_q, mean_k, mean_v
