@@ -38,7 +38,7 @@ class CamOutput:
             class in ``keys[b]`` order (``(0, h, w)`` for an image without labels).
         keys: per image, int64 array ``(K_b,)`` of the class ids (1-based label ids, sorted).
         attn: ``(B, n_maps, h*w, h*w)`` float32 attention of the last ``n_maps`` blocks (every block unless
-            the source was built with fewer ``attn_layers``) with the CLS row and column removed
+            the source was built or called with fewer ``attn_layers``) with the CLS row and column removed
             (head-averaged; see the source for exceptions in parity modes).
         features: the backbone features of the same pass (tokens of every block), so heads need not
             re-run CLIP.

@@ -50,7 +50,6 @@ def neighbour_offsets(dilations: Sequence[int]) -> List[Tuple[int, int]]:
     return [(dy * d, dx * d) for d in dilations for dy, dx in _UNIT_OFFSETS]
 
 
-
 def _replicate_border_(buf: torch.Tensor, p: int) -> None:
     """Fill the ``p``-wide border of ``buf (..., H + 2p, W + 2p)`` by replicating its interior's edges, in place.
 
@@ -67,6 +66,7 @@ def _replicate_border_(buf: torch.Tensor, p: int) -> None:
     left, right = buf[..., :, p : p + 1], buf[..., :, p + w - 1 : p + w]
     buf[..., :, :p].copy_(left.expand(*left.shape[:-1], p))
     buf[..., :, p + w :].copy_(right.expand(*right.shape[:-1], p))
+
 
 class PAR(nn.Module):
     """Pixel-adaptive refinement (no learnable parameters).
