@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -195,3 +198,32 @@ def test_resume_refuses_other_config(synthetic_root, tmp_path):
     ck = tmp_path / "runs" / "synthetic" / "a" / "stage1" / "checkpoints" / "iter_000001.pth"
     other = _opts(synthetic_root, tmp_path, **{"train.max_iters": 3, "train.ckpt_interval": 1, "train.lr": 1e-3})
     assert train_main([TINY, "--run", "b", "--resume", str(ck), "--cfg-options", *other]) == 2
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_log_once_seed_per_rank_and_resume_exactly(synthetic_root, tmp_path):
+    """torchrun with 2 CPU processes (gloo): rank 0 alone logs and writes, per-rank RNG states, exact resume."""
+    common = _opts(synthetic_root, tmp_path, **{"train.max_iters": 4, "train.ckpt_interval": 2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(*args):
+        # Options go through --cfg-options: torchrun's own parser takes "--run" for its "--run-path".
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "stage1_cam.train", TINY, *args]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    torchrun("--cfg-options", "run.name=ddp", *common)
+    run = tmp_path / "runs" / "synthetic" / "ddp"
+    log = (run / "stage1" / "train.log").read_text()
+    assert "batch 2 x 2 process(es)" in log
+    assert log.count("step 3/4 loss") == 1  # one line per step: only rank 0 logs
+    full = load_checkpoint(run / "stage1" / "checkpoints" / "final.pth")
+    assert full["step"] == 4 and isinstance(full["rng"], list) and len(full["rng"]) == 2
+    assert not torch.equal(full["rng"][0]["torch"], full["rng"][1]["torch"])  # seeded per rank
+    mid = run / "stage1" / "checkpoints" / "iter_000002.pth"
+    torchrun("--resume", str(mid), "--cfg-options", "run.name=ddp_resumed", *common)
+    resumed = load_checkpoint(tmp_path / "runs" / "synthetic" / "ddp_resumed" / "stage1" / "checkpoints" / "final.pth")
+    assert resumed["step"] == 4
+    for k, v in full["head"].items():
+        assert torch.equal(v, resumed["head"][k]), k
