@@ -121,6 +121,36 @@ def test_gradcam_attn_layers_keeps_the_last_maps_and_the_cams(setup):
         ClipESGradCAM(backbone=bb, fg_text=fg, bg_text=bg)(x, labels, attn_layers=0)
 
 
+def test_gradcam_block_runs_in_the_weights_precision_under_autocast(setup, monkeypatch):
+    """Under autocast the GradCAM block (forward and class-score gradients) runs in float32: fp16 gradients
+    lose most of their bits. Its outputs keep the dtypes the earlier blocks produced."""
+    bb, fg, bg = setup
+    x = _images(2, 64, 64, seed=4)
+    labels = [[1, 12], [5]]
+    cam = ClipESGradCAM(backbone=bb, fg_text=fg, bg_text=bg)
+    ref = cam(x, labels)
+    seen = []
+    batched = ClipESGradCAM._batched
+
+    def spy(self, xs, *a):
+        seen.append((xs.dtype, torch.is_autocast_enabled("cpu")))
+        return batched(self, xs, *a)
+
+    monkeypatch.setattr(ClipESGradCAM, "_batched", spy)
+    for dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
+            out = cam(x, labels)
+            earlier = bb(x, num_blocks=bb.num_blocks - 1)
+        assert seen[-1] == (torch.float32, False)
+        assert out.features.tokens[-1].dtype == earlier.tokens[-1].dtype
+        assert out.attn.dtype == attention_without_cls(earlier.attn).dtype
+        err = torch.cat([(a - b).flatten() for a, b in zip(out.cams, ref.cams)]).norm()
+        err = (err / torch.cat([b.flatten() for b in ref.cams]).norm()).item()
+        # Measured: fp16 0.16% (0.77% with the block under autocast), bf16 2.0% (2.9%): from the earlier blocks.
+        assert err < (0.004 if dtype == torch.float16 else 0.025), (dtype, err)
+        assert all(c.dtype == torch.float32 for c in out.cams)
+
+
 def test_gradcam_bad_inputs(setup):
     bb, fg, bg = setup
     cam = build_cam_source("clip_es_gradcam", backbone=bb, fg_text=fg, bg_text=bg)
