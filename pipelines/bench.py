@@ -7,7 +7,7 @@ with other work shows there; compare figures only between runs with similar rate
 - ``cam``: CLIP-ES GradCAM images/s at 320x320 with 2 present classes, batched vs the reference's
   per-(image, class) loop, in one run.
 - ``train``: WeCLIP stage-1 training seconds/iteration (median of steps after warm-up) and peak memory,
-  batch 4, 320x320, 2 classes per image.
+  batch 4, 320x320, 2 classes per image; on CUDA for each autocast mode (bf16, fp16, float32).
 - ``train_weakclip``: the same figures for the WeakCLIP head (320x320, batch 4; includes its CPU CRF loss).
 - ``dump``: pseudo-mask dump images/s for 500x375 images (long side 512, scales {1, 0.75} + flip),
   batched vs one image at a time; the backbone FLOPs per image against a measured float32 GEMM rate;
@@ -84,39 +84,55 @@ def bench_cam(model: str, size: int, batch: int, repeats: int) -> Dict[str, Any]
 
 
 def bench_train(model: str, size: int, batch: int, steps: int) -> Dict[str, Any]:
+    """Seconds per training step and peak memory; on CUDA once per autocast mode (bf16 = the configs' default,
+    fp16 with its gradient scaler, none = float32), each from a fresh head and optimizer."""
     from stage1_cam.build import build_stage1
     from stage1_cam.utils.cpu_malloc import retain_freed_memory
     from stage1_cam.utils.dist import peak_memory_mb
 
     device = _device()
     malloc_tuned = device.type == "cpu" and retain_freed_memory()  # as stage1_cam.train does on a CPU
-    torch.manual_seed(0)
     cfg = _cfg(model, **{"data.crop_size": size, "train.batch_size": batch, "head.rfm.start_step": 0})
-    stack = build_stage1(cfg, device)
-    head = stack.head.train()
-    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.01)
-    x = torch.randn(batch, 3, size, size, device=device)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     labels = [np.array([3, 12]) for _ in range(batch)]
-    amp = device.type == "cuda"
-    if amp:
-        torch.cuda.reset_peak_memory_stats(device)
+    modes = ("bf16", "fp16", "none") if device.type == "cuda" else ("none",)
+    per_mode: Dict[str, Any] = {}
+    for amp in modes:
+        torch.manual_seed(0)
+        stack = build_stage1(cfg, device)
+        head = stack.head.train()
+        opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.01)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # as stage1_cam.train
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
 
-    def step(i: int) -> None:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            out = head.forward_train(x, labels, step=i)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
+        def step(i: int) -> None:
+            with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = head.forward_train(x, labels, step=i)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(out["loss"]).backward()
+            scaler.step(opt)
+            scaler.update()
 
-    step(0)  # warm-up
-    times = []
-    for i in range(steps):
-        times.extend(_timed(lambda: step(i + 1), device, 1))
-    return {"settings": {"model": model, "size": size, "batch": batch, "present_classes": 2, "steps": steps,
-                         "rfm": True, "amp": "bf16" if amp else "none", "malloc_tuned": malloc_tuned},
-            "seconds_per_iter_median": statistics.median(times), "seconds_per_iter_all": times,
-            "peak_memory_mib": peak_memory_mb(device),
-            "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"}
+        step(0)  # warm-up
+        times = []
+        for i in range(steps):
+            times.extend(_timed(lambda: step(i + 1), device, 1))
+        per_mode[amp] = {"seconds_per_iter_median": statistics.median(times), "seconds_per_iter_all": times,
+                         "peak_memory_mib": peak_memory_mb(device)}
+        if device.type == "cuda":
+            per_mode[amp]["peak_memory_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
+        del stack, head, opt
+    main_mode = modes[0]
+    res = {"settings": {"model": model, "size": size, "batch": batch, "present_classes": 2, "steps": steps,
+                        "rfm": True, "amp": main_mode, "malloc_tuned": malloc_tuned},
+           **per_mode[main_mode],
+           "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"}
+    if len(modes) > 1:
+        res["per_amp_mode"] = per_mode
+    return res
 
 
 def _backbone_gflop(grid: Tuple[int, int], blocks: int, width: int) -> float:
@@ -179,19 +195,26 @@ def bench_dump(model: str, images: int, batch: int) -> Dict[str, Any]:
         res["compute"] = {"backbone_gflop_per_image": gflop,
                           "achieved_gflops": gflop / res["batched"]["seconds_per_image"],
                           "fp32_gemm_gflops": _gemm_gflops(device)}
-        # The real dump path (dump_shard into an HDF5 shard, the images' own 1-3 labels): CRF off vs on in a
-        # worker process (one: the other core runs the network).
+        # The real dump path (dump_shard into an HDF5 shard, the images' own 1-3 labels): CRF off vs on in
+        # worker processes.
         meta = ShardMeta(dataset="synthetic", split="train", class_names=tuple(stack.class_names),
                          palette=[(0, 0, 0)] * len(stack.class_names))
 
         e2e: Dict[str, Any] = {}
         for mode, crf in (("crf_off", None), ("crf_on", DumpSettings.from_config(cfg).crf)):
+            # One CRF worker on a CPU (the other core runs the network); on a GPU machine, cores - 1.
+            workers = (1 if device.type == "cpu" else 0) if crf else 0
             settings = DumpSettings(long_side=512, scales=(1.0, 0.75), flip=True, batch_size=batch, crf=crf,
-                                    crf_workers=1 if crf else 0)
+                                    crf_workers=workers)
             executor = _make_executor(settings)
             try:
                 post = OrderedPostprocessor(settings=settings, executor=executor,
                                             max_in_flight=2 * settings.num_crf_workers() + 2 * batch)
+                # Warm-up on a few images (workers started, model and caches warm): a real shard is thousands of
+                # images, so start-up would otherwise weigh far more here than there.
+                with ShardWriter(Path(tmp) / f"{mode}-warm-up", 0, 1, meta=meta) as writer:
+                    dump_shard(predictor, ds, names[:2 * batch], writer, settings=settings, postprocessor=post,
+                               progress=False)
                 with ShardWriter(Path(tmp) / mode, 0, 1, meta=meta) as writer:
                     stats = dump_shard(predictor, ds, names, writer, settings=settings, postprocessor=post,
                                        progress=False)

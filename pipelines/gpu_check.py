@@ -1,0 +1,175 @@
+"""Same results on a GPU: ``python -m pipelines.gpu_check [--out bench/results]`` (needs CUDA).
+
+One WeCLIP training forward/backward and one dump-path prediction of the same ViT-B/16 head (random weights,
+VOC classes, RFM on, batch 4, 320x320 synthetic-world crops with their own labels) on the CPU in float32
+(the reference) and on the GPU in float32, bf16 and fp16 autocast. Prints and saves
+(``<name>-cuda.json``) per mode: relative error of the CAMs, the decoder logits, the loss and the head's
+gradient (dropout off; also against the CPU's pseudo labels as fixed targets), the share of pixels whose
+online pseudo label agrees with the CPU's, and the dump logits' relative error and argmax agreement.
+``--weights world:default`` runs the same on the trained synthetic-world CLIP (peaked CAMs, like real CLIP's,
+where random weights give near-ties that any rounding flips).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
+    return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _crops(size: int, batch: int, mean: Any, std: Any) -> tuple:
+    """Image-like normalised crops and their labels from a small synthetic world."""
+    from stage1_cam.data import build_dataset
+    from stage1_cam.data.synthetic import generate_synthetic
+    from stage1_cam.data.transforms import normalize
+
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_synthetic(Path(tmp) / "s", num_train=batch, num_val=1, image_size=(size, size), seed=3)
+        ds = build_dataset("synthetic", str(Path(tmp) / "s"), "train")
+        names = list(ds.names[:batch])
+        imgs = np.stack([normalize(ds.load_image(n), mean, std) for n in names])
+        keys = [np.asarray(ds.image_labels(n)) for n in names]
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous().float(), keys
+
+
+def _grad(head: Any) -> torch.Tensor:
+    return torch.cat([p.grad.flatten().float() for p in head.parameters() if p.grad is not None]).cpu()
+
+
+def _run(stack: Any, x: torch.Tensor, keys: List[np.ndarray], amp: Optional[torch.dtype],
+         targets: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+    """One training forward/backward and one dump prediction; with ``targets`` (pseudo labels), also the head's
+    gradient of the loss against those fixed targets (the precision of the backward alone)."""
+    from stage1_cam.losses import weclip_loss
+
+    head = stack.head
+    device = next(head.parameters()).device
+    x = x.to(device)
+    head.train()
+    for m in head.modules():  # dropout off: its masks come from different generators on the two devices
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.eval()
+    autocast = torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None)
+    captured: Dict[str, Any] = {}
+    with autocast:
+        head.cam_source = _Spy(head.cam_source, captured)
+        try:
+            out = head.forward_train(x, keys, step=0)
+        finally:
+            head.cam_source = head.cam_source.inner
+    head.zero_grad(set_to_none=True)
+    out["loss"].float().backward()
+    res = {"cams": torch.cat([c.flatten() for c in captured["cams"]]), "loss": out["loss"].detach().float().cpu(),
+           "grad": _grad(head), "pseudo": out["pseudo_label"].cpu()}
+    with autocast:
+        feats = head.backbone(x, num_blocks=head.num_inputs, with_attn=False)
+        logits, _, aff = head.decode(feats)
+    res["logits"] = logits.detach().float().cpu()
+    if targets is not None:
+        fixed = weclip_loss(logits.float(), aff.float(), targets.to(device), grid=feats.grid, radius=head.aff_radius,
+                            aff_weight=head.aff_weight)["loss"]
+        head.zero_grad(set_to_none=True)
+        fixed.backward()
+        res["grad_fixed_targets"] = _grad(head)
+    head.eval()
+    with autocast:
+        res["dump_logits"] = head.predict_logits(x).float().cpu()
+    return res
+
+
+class _Spy:
+    """Wraps the CAM source to keep its CAMs (the head calls it once per training forward)."""
+
+    def __init__(self, inner: Any, captured: Dict[str, Any]) -> None:
+        self.inner, self.captured = inner, captured
+
+    def __call__(self, *a: Any, **k: Any) -> Any:
+        out = self.inner(*a, **k)
+        self.captured["cams"] = [c.detach().float().cpu() for c in out.cams]
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+MODES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compare(model: str, size: int, batch: int, device: torch.device, modes: Sequence[str] = tuple(MODES),
+            weights: Optional[str] = None) -> Dict[str, Any]:
+    """Figures of ``device`` in each autocast mode against the CPU in float32 (see the module doc)."""
+    from stage1_cam.build import build_stage1
+    from stage1_cam.config import default_config
+
+    cfg = default_config({"clip.model_name": model, "clip.pretrained": None, "clip.weights": weights,
+                          "data.dataset": "voc", "data.crop_size": size, "head.rfm.start_step": 0})
+    torch.manual_seed(0)
+    cpu_stack = build_stage1(cfg, torch.device("cpu"))
+    x, keys = _crops(size, batch, cpu_stack.mean, cpu_stack.std)
+    state = {k: v.clone() for k, v in cpu_stack.head.state_dict().items()}
+    ref = _run(cpu_stack, x, keys, None)
+    ref.update(_run(cpu_stack, x, keys, None, targets=ref["pseudo"]))
+    cpu_backbone = cpu_stack.backbone.state_dict()
+    cpu_text = cpu_stack.head.cam_source.fg_text
+    del cpu_stack
+    stack = build_stage1(cfg, device)
+    stack.head.load_state_dict(state)
+    # The frozen CLIP is built from a fixed seed on either device, and the CAM text embeddings from it on the
+    # device: both must match the CPU's before any comparison means something.
+    weights_err = max(_rel(b, a) for a, b in zip(cpu_backbone.values(), stack.backbone.state_dict().values())
+                      if a.is_floating_point())
+    text_err = _rel(stack.head.cam_source.fg_text, cpu_text)
+    res: Dict[str, Any] = {"settings": {"model": model, "weights": weights, "size": size, "batch": batch,
+                                        "labels": [k.tolist() for k in keys], "rfm": True,
+                                        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+                                        "tf32_cudnn": torch.backends.cudnn.allow_tf32},
+                           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                           "torch": torch.__version__,
+                           "clip_weights_rel_err": weights_err, "text_embedding_rel_err": text_err}
+    for name in modes:
+        out = _run(stack, x, keys, MODES[name], targets=ref["pseudo"])
+        res[name] = {"cam_rel_err": _rel(out["cams"], ref["cams"]),
+                     "decoder_logits_rel_err": _rel(out["logits"], ref["logits"]),
+                     "loss": float(out["loss"]), "loss_cpu": float(ref["loss"]),
+                     "grad_rel_err": _rel(out["grad"], ref["grad"]),
+                     "grad_fixed_targets_rel_err": _rel(out["grad_fixed_targets"], ref["grad_fixed_targets"]),
+                     "pseudo_label_agreement": float((out["pseudo"] == ref["pseudo"]).float().mean()),
+                     "dump_logits_rel_err": _rel(out["dump_logits"], ref["dump_logits"]),
+                     "dump_argmax_agreement": float((out["dump_logits"].argmax(1)
+                                                     == ref["dump_logits"].argmax(1)).float().mean())}
+    return res
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines.gpu_check", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--model", default="ViT-B-16")
+    p.add_argument("--size", type=int, default=320)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--weights", help="CLIP weights (clip.weights: a file or world:NAME); default: random")
+    p.add_argument("--name", default="gpu-consistency", help="JSON file name: <name>-cuda.json")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("no CUDA device: this check compares GPU results against the CPU")
+    res = compare(args.model, args.size, args.batch, torch.device("cuda"), weights=args.weights)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{args.name}-cuda.json"
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res, indent=2))
+    print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

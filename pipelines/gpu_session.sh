@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Stage-1 figures on a CUDA machine, in one go (ViT-B/16 shapes, random weights; no data or weights needed):
+#   1. the training-step benchmark (s/iter, peak GPU memory) for bf16, fp16 and float32 autocast;
+#   2. GPU vs CPU results of the same head (pipelines.gpu_check); with WITH_WORLD=1 also on the trained
+#      synthetic-world CLIP, whose peaked CAMs are closer to real CLIP's than random weights' near-ties;
+#   3. a short real run of the VOC WeCLIP config (python -m stage1_cam.train, then stage1_cam.dump with the
+#      CRF and --evaluate) on a VOC-sized synthetic set: the entry points, logging, checkpoints and the
+#      dump's CRF workers on a GPU machine;
+#   4. the dump, GradCAM and WeakCLIP benchmarks.
+# Usage: bash pipelines/gpu_session.sh OUT_DIR [TRAIN_ITERS]   (a python with the requirements: $PYTHON or python3)
+# Results: OUT_DIR/*.json (as `make bench` writes them) and OUT_DIR/gpu_run.tgz (the short run's logs and metrics).
+set -uo pipefail
+OUT=${1:?usage: gpu_session.sh OUT_DIR [TRAIN_ITERS]}
+ITERS=${2:-200}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=$(mktemp -d)
+export PYTHONUNBUFFERED=1
+FAILED=()
+step() {  # run one step; a failure is reported and the later steps still run
+    echo "=== $*"
+    "$@" || { echo "=== FAILED ($?): $*"; FAILED+=("$1 ${2:-} ${3:-} ${4:-}"); }
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+
+step "$PY" -m pipelines.bench --only train --steps 20 --out "$OUT"
+step "$PY" -m pipelines.gpu_check --out "$OUT"
+if [ -n "${WITH_WORLD:-}" ]; then  # the trained synthetic-world CLIP (`make world`; found via $WSSS_CACHE)
+    step "$PY" -m pipelines.gpu_check --model wsss-world-ViT-16 --size 160 --weights world:default \
+        --name gpu-consistency-world --out "$OUT"
+fi
+
+SYN=$WORK/synthetic
+step "$PY" -c "from stage1_cam.data.synthetic import generate_synthetic as g; \
+g('$SYN', num_train=64, num_val=16, image_size=(375, 500), seed=0)"
+CFG=configs/stage1/weclip_vit-b16_voc12aug-320x320_30k.py
+OPTS=(data.dataset=synthetic "data.root=$SYN" data.val_split=val data.eval_split=train_aug
+      data.dump_split=train_aug "run.root=$WORK/runs" clip.pretrained=None)
+step "$PY" -m stage1_cam.train "$CFG" --run gpu --cfg-options "${OPTS[@]}" train.max_iters="$ITERS" \
+    train.log_interval=20 train.ckpt_interval=$((ITERS / 2)) train.val_interval="$ITERS" train.val_max_images=16
+step "$PY" -m stage1_cam.dump "$CFG" --run gpu --shard all --num-shards 2 --evaluate --no-progress \
+    --cfg-options "${OPTS[@]}"
+tar czf "$OUT/gpu_run.tgz" -C "$WORK/runs" --exclude='*.pth' --exclude='*.h5' .
+
+step "$PY" -m pipelines.bench --only dump cam train_weakclip --steps 10 --repeats 10 --images 64 --out "$OUT"
+rm -rf "$WORK"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    printf 'failed step: %s\n' "${FAILED[@]}"
+    exit 1
+fi

@@ -1,0 +1,43 @@
+"""The benchmark and GPU-check helpers on the tiny CLIP (CPU): figures are produced and sane."""
+
+import numpy as np
+import torch
+
+from pipelines import bench, gpu_check
+from stage1_cam.build import build_stage1
+from stage1_cam.config import default_config
+
+
+def test_bench_train_reports_steps_and_peak_rss():
+    res = bench.bench_train("wsss-tiny-ViT-16", 64, 2, 2)
+    assert res["settings"]["amp"] == "none" and "per_amp_mode" not in res  # one mode on a CPU
+    assert len(res["seconds_per_iter_all"]) == 2 and all(t > 0 for t in res["seconds_per_iter_all"])
+    assert res["seconds_per_iter_median"] == float(np.median(res["seconds_per_iter_all"]))
+    assert res["peak_memory_kind"] == "process peak RSS" and res["peak_memory_mib"] > 50
+
+
+def test_gpu_check_run_is_deterministic_and_complete_on_cpu():
+    cfg = default_config({"clip.model_name": "wsss-tiny-ViT-16", "clip.pretrained": None, "data.dataset": "voc",
+                          "data.crop_size": 64, "head.rfm.start_step": 0})
+    torch.manual_seed(0)
+    stack = build_stage1(cfg, torch.device("cpu"))
+    x, keys = gpu_check._crops(64, 2, stack.mean, stack.std)
+    assert x.shape == (2, 3, 64, 64) and all(len(k) >= 1 for k in keys)
+    a, b = gpu_check._run(stack, x, keys, None), gpu_check._run(stack, x, keys, None)
+    assert set(a) == {"cams", "logits", "loss", "grad", "pseudo", "dump_logits"}  # no targets: no fixed-target grad
+    assert a["cams"].numel() > 0 and a["grad"].abs().sum() > 0 and torch.isfinite(a["loss"])
+    assert a["pseudo"].shape == (2, 64, 64) and a["dump_logits"].shape == (2, 21, 4, 4)
+    for k in ("cams", "logits", "grad", "dump_logits"):
+        assert gpu_check._rel(b[k], a[k]) == 0.0, k
+    assert not isinstance(stack.head.cam_source, gpu_check._Spy)  # the spy is removed again
+    assert gpu_check._rel(a["logits"] + 1e-3 * a["logits"].norm() / a["logits"].numel() ** 0.5, a["logits"]) > 0
+
+
+def test_gpu_check_compare_on_the_same_device_agrees_exactly():
+    res = gpu_check.compare("wsss-tiny-ViT-16", 64, 2, torch.device("cpu"), modes=("fp32",))
+    assert res["clip_weights_rel_err"] == 0.0 and res["text_embedding_rel_err"] == 0.0
+    f = res["fp32"]
+    assert f["loss"] == f["loss_cpu"] and f["pseudo_label_agreement"] == 1.0 and f["dump_argmax_agreement"] == 1.0
+    for k in ("cam_rel_err", "grad_rel_err", "grad_fixed_targets_rel_err", "dump_logits_rel_err",
+              "decoder_logits_rel_err"):
+        assert f[k] == 0.0, k
