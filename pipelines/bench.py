@@ -57,6 +57,14 @@ def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> List[fl
     return out
 
 
+def save_results(res: Dict[str, Any], path: Path) -> None:
+    """Write ``res`` as JSON to ``path`` (its folder created) and print it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res, indent=2))
+    print(f"saved {path}")
+
+
 def _cfg(model: str, **overrides: Any):
     from stage1_cam.config import default_config
 
@@ -83,12 +91,42 @@ def bench_cam(model: str, size: int, batch: int, repeats: int) -> Dict[str, Any]
             **res}
 
 
+def _train_steps(cfg: Any, device: torch.device, x: torch.Tensor, labels: List[np.ndarray], steps: int,
+                 amp: str) -> Dict[str, Any]:
+    """Time ``steps`` training steps (after one warm-up) of a fresh head and optimizer in autocast mode ``amp``."""
+    from stage1_cam.build import build_stage1
+    from stage1_cam.utils.dist import peak_memory_mb
+
+    torch.manual_seed(0)
+    head = build_stage1(cfg, device).head.train()
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.01)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # as stage1_cam.train
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step(i: int) -> None:
+        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = head.forward_train(x, labels, step=i)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(out["loss"]).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    step(0)  # warm-up
+    times = [_timed(lambda: step(i), device, 1)[0] for i in range(1, steps + 1)]
+    res = {"seconds_per_iter_median": statistics.median(times), "seconds_per_iter_all": times,
+           "peak_memory_mib": peak_memory_mb(device)}
+    if device.type == "cuda":
+        res["peak_memory_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
+    return res
+
+
 def bench_train(model: str, size: int, batch: int, steps: int) -> Dict[str, Any]:
     """Seconds per training step and peak memory; on CUDA once per autocast mode (bf16 = the configs' default,
     fp16 with its gradient scaler, none = float32), each from a fresh head and optimizer."""
-    from stage1_cam.build import build_stage1
     from stage1_cam.utils.cpu_malloc import retain_freed_memory
-    from stage1_cam.utils.dist import peak_memory_mb
 
     device = _device()
     malloc_tuned = device.type == "cpu" and retain_freed_memory()  # as stage1_cam.train does on a CPU
@@ -96,39 +134,10 @@ def bench_train(model: str, size: int, batch: int, steps: int) -> Dict[str, Any]
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     labels = [np.array([3, 12]) for _ in range(batch)]
     modes = ("bf16", "fp16", "none") if device.type == "cuda" else ("none",)
-    per_mode: Dict[str, Any] = {}
-    for amp in modes:
-        torch.manual_seed(0)
-        stack = build_stage1(cfg, device)
-        head = stack.head.train()
-        opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.01)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # as stage1_cam.train
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-
-        def step(i: int) -> None:
-            with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                out = head.forward_train(x, labels, step=i)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(out["loss"]).backward()
-            scaler.step(opt)
-            scaler.update()
-
-        step(0)  # warm-up
-        times = []
-        for i in range(steps):
-            times.extend(_timed(lambda: step(i + 1), device, 1))
-        per_mode[amp] = {"seconds_per_iter_median": statistics.median(times), "seconds_per_iter_all": times,
-                         "peak_memory_mib": peak_memory_mb(device)}
-        if device.type == "cuda":
-            per_mode[amp]["peak_memory_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
-        del stack, head, opt
-    main_mode = modes[0]
+    per_mode = {amp: _train_steps(cfg, device, x, labels, steps, amp) for amp in modes}
     res = {"settings": {"model": model, "size": size, "batch": batch, "present_classes": 2, "steps": steps,
-                        "rfm": True, "amp": main_mode, "malloc_tuned": malloc_tuned},
-           **per_mode[main_mode],
+                        "rfm": True, "amp": modes[0], "malloc_tuned": malloc_tuned},
+           **per_mode[modes[0]],
            "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"}
     if len(modes) > 1:
         res["per_amp_mode"] = per_mode
@@ -279,10 +288,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         res.update({"benchmark": name, "device": _device_name(device), "torch": torch.__version__,
                     "wall_seconds": time.time() - t,
                     "fp32_gemm_gflops_before_after": [gemm_before, _gemm_gflops(device)]})
-        path = out / f"{name}-{tag}.json"
-        path.write_text(json.dumps(res, indent=2) + "\n")
-        print(json.dumps(res, indent=2))
-        print(f"saved {path}")
+        save_results(res, out / f"{name}-{tag}.json")
     return 0
 
 

@@ -13,13 +13,14 @@ where random weights give near-ties that any rounding flips).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from .bench import save_results
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -162,12 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not torch.cuda.is_available():
         p.error("no CUDA device: this check compares GPU results against the CPU")
     res = compare(args.model, args.size, args.batch, torch.device("cuda"), weights=args.weights)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{args.name}-cuda.json"
-    path.write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps(res, indent=2))
-    print(f"saved {path}")
+    save_results(res, Path(args.out) / f"{args.name}-cuda.json")
     return 0
 
 
