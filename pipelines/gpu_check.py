@@ -49,8 +49,8 @@ def _grad(head: Any) -> torch.Tensor:
 
 def _run(stack: Any, x: torch.Tensor, keys: List[np.ndarray], amp: Optional[torch.dtype],
          targets: Optional[torch.Tensor] = None) -> Dict[str, Any]:
-    """One training forward/backward and one dump prediction; with ``targets`` (pseudo labels), also the head's
-    gradient of the loss against those fixed targets (the precision of the backward alone)."""
+    """One training forward/backward and one dump prediction, and the head's gradient of the loss against fixed
+    pseudo labels ``targets`` (default: this run's own), which isolates the precision of the backward."""
     from stage1_cam.losses import weclip_loss
 
     head = stack.head
@@ -76,12 +76,12 @@ def _run(stack: Any, x: torch.Tensor, keys: List[np.ndarray], amp: Optional[torc
         feats = head.backbone(x, num_blocks=head.num_inputs, with_attn=False)
         logits, _, aff = head.decode(feats)
     res["logits"] = logits.detach().float().cpu()
-    if targets is not None:
-        fixed = weclip_loss(logits.float(), aff.float(), targets.to(device), grid=feats.grid, radius=head.aff_radius,
-                            aff_weight=head.aff_weight)["loss"]
-        head.zero_grad(set_to_none=True)
-        fixed.backward()
-        res["grad_fixed_targets"] = _grad(head)
+    targets = out["pseudo_label"] if targets is None else targets.to(device)
+    fixed = weclip_loss(logits.float(), aff.float(), targets, grid=feats.grid, radius=head.aff_radius,
+                        aff_weight=head.aff_weight)["loss"]
+    head.zero_grad(set_to_none=True)
+    fixed.backward()
+    res["grad_fixed_targets"] = _grad(head)
     head.eval()
     with autocast:
         res["dump_logits"] = head.predict_logits(x).float().cpu()
@@ -119,7 +119,6 @@ def compare(model: str, size: int, batch: int, device: torch.device, modes: Sequ
     x, keys = _crops(size, batch, cpu_stack.mean, cpu_stack.std)
     state = {k: v.clone() for k, v in cpu_stack.head.state_dict().items()}
     ref = _run(cpu_stack, x, keys, None)
-    ref.update(_run(cpu_stack, x, keys, None, targets=ref["pseudo"]))
     cpu_backbone = cpu_stack.backbone.state_dict()
     cpu_text = cpu_stack.head.cam_source.fg_text
     del cpu_stack

@@ -24,10 +24,12 @@ def test_gpu_check_run_is_deterministic_and_complete_on_cpu():
     x, keys = gpu_check._crops(64, 2, stack.mean, stack.std)
     assert x.shape == (2, 3, 64, 64) and all(len(k) >= 1 for k in keys)
     a, b = gpu_check._run(stack, x, keys, None), gpu_check._run(stack, x, keys, None)
-    assert set(a) == {"cams", "logits", "loss", "grad", "pseudo", "dump_logits"}  # no targets: no fixed-target grad
+    assert set(a) == {"cams", "logits", "loss", "grad", "grad_fixed_targets", "pseudo", "dump_logits"}
+    # Against its own pseudo labels the fixed-target gradient is the training gradient (dropout off).
+    torch.testing.assert_close(a["grad_fixed_targets"], a["grad"], rtol=1e-5, atol=1e-7)
     assert a["cams"].numel() > 0 and a["grad"].abs().sum() > 0 and torch.isfinite(a["loss"])
     assert a["pseudo"].shape == (2, 64, 64) and a["dump_logits"].shape == (2, 21, 4, 4)
-    for k in ("cams", "logits", "grad", "dump_logits"):
+    for k in ("cams", "logits", "grad", "grad_fixed_targets", "dump_logits"):
         assert gpu_check._rel(b[k], a[k]) == 0.0, k
     assert not isinstance(stack.head.cam_source, gpu_check._Spy)  # the spy is removed again
     assert gpu_check._rel(a["logits"] + 1e-3 * a["logits"].norm() / a["logits"].numel() ** 0.5, a["logits"]) > 0
