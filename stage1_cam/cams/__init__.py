@@ -85,6 +85,13 @@ def normalize_labels(labels: Sequence[Sequence[int]], *, batch_size: int, num_cl
     return out
 
 
+def check_attn_layers(attn_layers: int, num_blocks: int) -> int:
+    """``attn_layers`` (the number of last attention maps a source returns) as an int in ``[1, num_blocks]``."""
+    if not 1 <= attn_layers <= num_blocks:
+        raise ValueError(f"attn_layers must be in [1, {num_blocks}] (blocks of the backbone), got {attn_layers}")
+    return int(attn_layers)
+
+
 def attention_without_cls(attn: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack per-block ``(B, L, L)`` attention into ``(B, n_blocks, L-1, L-1)`` float32 with CLS removed."""
     return torch.stack([a[:, 1:, 1:].float() for a in attn], dim=1)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from ..models.clip_backbone import ClipFeatures, FrozenClipBackbone, block_mlp, merge_heads, qkv_heads, \
     softmax_attention
-from . import CAM_SOURCES, CamOutput, attention_without_cls, normalize_labels
+from . import CAM_SOURCES, CamOutput, attention_without_cls, check_attn_layers, normalize_labels
 
 _logger = logging.getLogger(__name__)
 
@@ -306,8 +306,5 @@ class ExcelSVC:
             idx = torch.from_numpy(k - 1).to(maps.device)
             cams.append(maps[b][:, idx].t().reshape(len(k), h, w).contiguous())
         if attn_layers is not None:
-            if not 1 <= attn_layers <= attn.shape[1]:
-                raise ValueError(f"attn_layers must be in [1, {attn.shape[1]}] (blocks of the backbone), got "
-                                 f"{attn_layers}")
-            attn = attn[:, attn.shape[1] - int(attn_layers):]
+            attn = attn[:, attn.shape[1] - check_attn_layers(attn_layers, attn.shape[1]):]
         return CamOutput(cams=cams, keys=keys, attn=attn, features=features, grid=(h, w))

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..models.clip_backbone import (ClipFeatures, FrozenClipBackbone, attention_for_grads, attention_qkv_grad_means,
                                      block_mlp, merge_heads, qkv_heads, qkv_mean_grads_to_input)
-from . import CAM_SOURCES, CamOutput, attention_without_cls, minmax_scale, normalize_labels
+from . import CAM_SOURCES, CamOutput, attention_without_cls, check_attn_layers, minmax_scale, normalize_labels
 
 _logger = logging.getLogger(__name__)
 
@@ -45,12 +45,6 @@ def _check_text(name: str, text: torch.Tensor, embed_dim: int, *, allow_empty: b
     if text.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} is empty")
     return F.normalize(text.detach().float(), dim=-1)
-
-
-def _check_attn_layers(attn_layers: int, num_blocks: int) -> int:
-    if not 1 <= attn_layers <= num_blocks:
-        raise ValueError(f"attn_layers must be in [1, {num_blocks}] (blocks of the backbone), got {attn_layers}")
-    return int(attn_layers)
 
 
 def gradcam_from_grads(activations: torch.Tensor, grads: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
@@ -108,7 +102,7 @@ class ClipESGradCAM:
         self.looped = bool(looped)
         self.logit_scale = float(backbone.logit_scale if logit_scale is None else logit_scale)
         n = backbone.num_blocks
-        self.attn_layers = n if attn_layers is None else _check_attn_layers(attn_layers, n)
+        self.attn_layers = n if attn_layers is None else check_attn_layers(attn_layers, n)
 
     @property
     def num_classes(self) -> int:
@@ -128,7 +122,7 @@ class ClipESGradCAM:
             :class:`~stage1_cam.cams.CamOutput`; ``features`` holds all N blocks (the last one from the
             GradCAM forward, detached) and ``attn`` is ``(B, attn_layers, h*w, h*w)`` (the last blocks' maps).
         """
-        n_maps = self.attn_layers if attn_layers is None else _check_attn_layers(attn_layers, self.backbone.num_blocks)
+        n_maps = self.attn_layers if attn_layers is None else check_attn_layers(attn_layers, self.backbone.num_blocks)
         if torch.is_inference_mode_enabled():
             raise RuntimeError("ClipESGradCAM needs autograd for the last block; call it outside "
                                "torch.inference_mode() (torch.no_grad() is fine)")
