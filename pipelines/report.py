@@ -183,31 +183,45 @@ def collect(run: RunDir, cfg: Any) -> Dict[str, Any]:
 
 
 def _quality_rows(m: Dict[str, Any]) -> List[List[str]]:
+    """Rows of (what, split, mIoU, mIoU over classes with ground truth, fwIoU); n/a where not recorded."""
     rows = []
     cams = m.get("cams") or {}
     for k, v in (cams.get("table") or {}).items():
-        rows.append([f"initial CAM ({k})", cams.get("split", "?"), _fmt(v)])
+        rows.append([f"initial CAM ({k})", cams.get("split", "?"), _fmt(v), _fmt((cams.get("table_gt") or {}).get(k)),
+                     _fmt((cams.get("table_fwiou") or {}).get(k))])
     val = m.get("stage1_validation") or []
     if val:
         last = val[-1]
-        rows.append(["online pseudo label (CAM+RFM+PAR), last validation", "val", _fmt(last.get("pseudo_miou"))])
-        if "pseudo_no_rfm_miou" in last:
-            rows.append(["online pseudo label without RFM (same decoder; ablation)", "val",
-                         _fmt(last["pseudo_no_rfm_miou"])])
-        rows.append(["stage-1 decoder, last validation", "val", _fmt(last.get("decoder_miou"))])
+        for key, label in (("pseudo", "online pseudo label (CAM+RFM+PAR), last validation"),
+                           ("pseudo_no_rfm", "online pseudo label without RFM (same decoder; ablation)"),
+                           ("decoder", "stage-1 decoder, last validation")):
+            if f"{key}_miou" in last or key != "pseudo_no_rfm":
+                rows.append([label, "val", _fmt(last.get(f"{key}_miou")), _fmt(last.get(f"{key}_miou_gt")), "n/a"])
     pm = m.get("pseudo_masks") or {}
     crf_on = (pm.get("dump_settings") or {}).get("crf") is not None  # None when the dump ran without CRF
     for key, label in (("no_crf", "dumped masks, msc+flip, before CRF"),
                        ("final", f"dumped masks as written (msc+flip{'+CRF' if crf_on else ''})"),
                        ("final_confident", "dumped masks, confident pixels only")):
         if isinstance(pm.get(key), dict):
-            rows.append([label, pm.get("split", "?"), _fmt(pm[key].get("miou"))])
+            r = pm[key]
+            rows.append([label, pm.get("split", "?"), _fmt(r.get("miou")), _fmt(r.get("miou_gt")),
+                         _fmt(r.get("fwiou"))])
     s2 = m.get("stage2") or {}
     for key, label in (("single_scale", "retrained, single scale"), ("single_scale_crf", "retrained, single scale+CRF"),
                        ("msc_flip", "retrained, msc+flip"), ("msc_flip_crf", "retrained, msc+flip+CRF")):
         if isinstance(s2.get(key), dict):
-            rows.append([label, s2.get("split") or "val", _fmt(s2[key].get("mIoU"))])
+            r = s2[key]
+            rows.append([label, s2.get("split") or "val", _fmt(r.get("mIoU")), _fmt(r.get("mIoU_gt_classes")),
+                         _fmt(r.get("fwIoU"))])
     return rows
+
+
+QUALITY_HEADER = ["what", "split", "mIoU", "mIoU, GT classes only", "fwIoU"]
+QUALITY_NOTE = ("mIoU follows MMSegmentation's IoUMetric: a class predicted but absent from the ground truth counts "
+                "as IoU 0. 'GT classes only' averages over the classes with ground-truth pixels, as the WeCLIP and "
+                "CLIP-ES evaluation scripts do: the papers' CAM and pseudo-mask figures use it; fwIoU is CLIP-ES's "
+                "frequency-weighted IoU. The two mIoUs agree on a full VOC split; on subsets (a short validation, a "
+                "missing class) compare the second with the papers.")
 
 
 def _per_class_rows(m: Dict[str, Any]) -> List[List[str]]:
@@ -271,8 +285,8 @@ def build_report(cfg: Any, run: RunDir) -> Path:
     md = [f"# WSSS run report: {run.path}", "",
           f"Dataset `{cfg.data.dataset}`, CLIP `{cfg.clip.model_name}` ({_clip_weights(cfg)}), "
           f"CAM `{cfg.cam.source}`, head `{cfg.head.type}`, config hash `{m['config_hash']}`.", "",
-          "## Quality (mIoU %)", "", _md_table(["what", "split", "mIoU"], quality) if quality else "(no metrics yet)",
-          "", "## Per class (%)", "", _md_table(PER_CLASS_HEADER, _per_class_rows(m)),
+          "## Quality (mIoU %)", "", _md_table(QUALITY_HEADER, quality) if quality else "(no metrics yet)", "",
+          QUALITY_NOTE, "", "## Per class (%)", "", _md_table(PER_CLASS_HEADER, _per_class_rows(m)),
           "", "## Published anchors (VOC/COCO; not comparable to the synthetic set)", "",
           _md_table(["method", "what", "mIoU", "protocol"], anchors), "", "## Cost", "",
           _md_table(["stage", "time", "peak memory", "device"], cost) if cost else "(no timings)", "",
@@ -293,7 +307,7 @@ def build_report(cfg: Any, run: RunDir) -> Path:
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;}}img{{max-width:100%;}}</style></head><body>
 <h1>WSSS run report</h1><p>{html.escape(str(run.path))} &middot; dataset <b>{html.escape(cfg.data.dataset)}</b>
 &middot; config hash <code>{m['config_hash']}</code></p>
-<h2>Quality (mIoU %)</h2>{table(["what", "split", "mIoU"], quality)}
+<h2>Quality (mIoU %)</h2>{table(QUALITY_HEADER, quality)}<p>{html.escape(QUALITY_NOTE)}</p>
 <h2>Per class (%)</h2>{table(PER_CLASS_HEADER, _per_class_rows(m))}
 <h2>Published anchors</h2>{table(["method", "what", "mIoU", "protocol"], anchors)}
 <h2>Cost</h2>{table(["stage", "time", "peak memory", "device"], cost)}

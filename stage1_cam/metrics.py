@@ -12,6 +12,14 @@ Definitions match MMSegmentation 1.2.2's ``IoUMetric`` (``intersect_and_union`` 
 * ``aAcc = sum TP / sum GT``; ``Acc_c = recall_c = TP_c / GT_c``; ``mAcc`` = NaN-mean of ``Acc``;
   ``precision_c = TP_c / Pred_c``.
 
+Two more definitions, those of the WeCLIP / CLIP-ES evaluation scripts (``utils/evaluate.scores``,
+``eval_cam.py``), whose papers' CAM and pseudo-mask figures were computed with them:
+
+* ``miou_gt``: the mean IoU over the classes that have ground-truth pixels only (a class predicted but absent
+  from the ground truth is left out instead of counting 0). On a full VOC split, where every class occurs, it
+  equals ``miou``; on subsets (a 60-image validation, one class missing) it is higher;
+* ``fwiou``: CLIP-ES's frequency-weighted IoU, ``sum_c (GT_c / sum GT) IoU_c``.
+
 Unlike MMSegmentation's summary, nothing is rounded and values are fractions in [0, 1], not percentages.
 """
 
@@ -149,7 +157,8 @@ class ConfusionMatrix:
             class_names: names for ``per_class``; defaults to ``"0"``, ``"1"``, ...
 
         Returns:
-            dict with ``miou``, ``iou`` (list per class), ``per_class`` (name -> {iou, precision, recall}),
+            dict with ``miou``, ``miou_gt`` and ``fwiou`` (module docstring), ``iou`` (list per class),
+            ``per_class`` (name -> {iou, precision, recall}),
             ``pixel_acc``, ``mean_acc``, ``precision`` and ``recall`` (lists per class), ``ignore_coverage``
             (fraction of valid ground-truth pixels predicted out of range, e.g. 255), ``num_pixels`` (valid
             ground-truth pixels).
@@ -170,8 +179,11 @@ class ConfusionMatrix:
         total = float(gt.sum())
         pixel_acc = float(tp.sum() / total) if total > 0 else float("nan")
         ignore_cov = float(self.mat[:, k].sum() / total) if total > 0 else float("nan")
+        has_gt = gt > 0
         return {
             "miou": _nanmean(iou),
+            "miou_gt": float(iou[has_gt].mean()) if has_gt.any() else float("nan"),
+            "fwiou": float((gt[has_gt] / total * iou[has_gt]).sum()) if has_gt.any() else float("nan"),
             "iou": iou.tolist(),
             "per_class": {n: {"iou": float(iou[i]), "precision": float(precision[i]), "recall": float(recall[i])}
                           for i, n in enumerate(names)},

@@ -58,10 +58,15 @@ class EpochSampler(Sampler[int]):
 
 
 def lr_multiplier(step: int, *, warmup_iters: int, warmup_ratio: float, max_iters: int, power: float) -> float:
-    """Linear warmup from ``warmup_ratio`` to 1 over ``warmup_iters`` steps, then (1 - step/max)^power."""
+    """Linear warmup from ``warmup_ratio`` to 1 over ``warmup_iters`` steps, then (1 - step/max)^power.
+
+    Steps at or past ``max_iters`` keep the value of step ``max_iters - 1``, as the reference's
+    ``PolyWarmupAdamW`` does (it stops updating the learning rate there; it never reaches 0).
+    """
+    step = min(int(step), int(max_iters) - 1)
     if step < warmup_iters:
         return 1.0 - (1.0 - step / warmup_iters) * (1.0 - warmup_ratio)
-    return max(1.0 - step / max_iters, 0.0) ** power
+    return (1.0 - step / max_iters) ** power
 
 
 def _collate(batch: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -168,7 +173,10 @@ def validate(stack: Any, cfg: Any, device: torch.device, *, max_images: int = 0)
         for key, pred in preds.items():
             cms.setdefault(key, ConfusionMatrix(n_cls)).update(pred[0].cpu().numpy(), item["gt"])
     head.train(was_training)
-    return {**{f"{key}_miou": cm.compute()["miou"] for key, cm in cms.items()}, "images": n}
+    scores = {key: cm.compute() for key, cm in cms.items()}
+    # _miou: MMSegmentation's definition; _miou_gt: WeCLIP's (classes with ground truth only; stage1_cam.metrics)
+    return {**{f"{key}_miou": r["miou"] for key, r in scores.items()},
+            **{f"{key}_miou_gt": r["miou_gt"] for key, r in scores.items()}, "images": n}
 
 
 def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Optional[DistInfo] = None) -> Path:

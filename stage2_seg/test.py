@@ -102,6 +102,8 @@ def summarize(cm: ConfusionMatrix, class_names: Sequence[str]) -> Dict[str, Any]
     m = cm.compute(class_names)
     return json_safe({
         "mIoU": m["miou"],
+        "mIoU_gt_classes": m["miou_gt"],  # WeCLIP / CLIP-ES scripts' definition (stage1_cam.metrics)
+        "fwIoU": m["fwiou"],
         "aAcc": m["pixel_acc"],
         "mAcc": m["mean_acc"],
         "per_class_iou": {n: m["per_class"][n]["iou"] for n in class_names},

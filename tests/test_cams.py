@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from stage1_cam.cams import CAM_SOURCES, CamOutput, attention_without_cls, build_cam_source, minmax_scale
 from stage1_cam.cams.excel import (ExcelSVC, build_attribute_bank, enrich_text, feature_surgery,
                                    load_attribute_bank, minmax_over_tokens)
-from stage1_cam.cams.gradcam import ClipESGradCAM
+from stage1_cam.cams.gradcam import ClipESGradCAM, gradcam_from_weights, gradcam_scale
 from stage1_cam.models.clip_backbone import FrozenClipBackbone
 from stage1_cam.models.text import build_dataset_text_embeddings, get_tokenizer
 
@@ -78,8 +78,10 @@ def test_gradcam_against_hooked_open_clip_block(setup, tiny_clip):
             (grad,) = torch.autograd.grad(prob[0, j], captured["a"])
         act = captured["a"][0, 1:].detach()
         cam = torch.relu(act @ grad[0, 1:].mean(0)).reshape(4, 4)
-        cam = cam - cam.min()
-        cam = cam / (cam.max() + 1e-7)
+        for _ in range(2):  # scale_cam_image per target layer, then again after the (ReLU, mean) aggregation
+            cam = torch.relu(cam)
+            cam = cam - cam.min()
+            cam = cam / (cam.max() + 1e-7)
         torch.testing.assert_close(out.cams[0][j], cam, atol=1e-5, rtol=0)
 
 
@@ -167,6 +169,28 @@ def test_gradcam_bad_inputs(setup):
         cam(x, [[1]])
 
 
+def _scale_cam_image(cam: np.ndarray) -> np.ndarray:
+    """pytorch_grad_cam's ``scale_cam_image`` (no resize), in float64."""
+    cam = cam - cam.min()
+    return cam / (1e-7 + cam.max())
+
+
+def test_gradcam_scaling_applies_both_reference_passes():
+    # A small raw CAM: one min-max pass leaves the maximum at 1e-6 / (1e-6 + 1e-7) = 0.909; the reference's layer
+    # aggregation (ReLU, mean over the one layer, min-max again) brings it to 1 - O(1e-7).
+    raw = torch.tensor([[[0.0, 2.5e-7], [5e-7, 1e-6]]])
+    one = _scale_cam_image(raw[0].double().numpy())
+    ref = _scale_cam_image(np.maximum(one[None], 0).mean(axis=0))
+    ours = gradcam_scale(raw)
+    assert abs(ours.max().item() - 1.0) < 1e-6 and abs(one.max() - 1.0) > 0.05
+    np.testing.assert_allclose(ours[0].double().numpy(), ref, rtol=0, atol=4 * 2.0 ** -24)  # two float32 divisions
+    # The CAM sources go through it: a GradCAM map's maximum is 1 up to float32 rounding, however small the gradients.
+    acts = torch.zeros(1, 5, 3)
+    acts[0, 1:, 0] = torch.tensor([0.0, 1.0, 2.0, 4.0])
+    cam = gradcam_from_weights(acts, torch.tensor([[1e-6, 0.0, 0.0]]), (2, 2))
+    assert abs(cam.max().item() - 1.0) < 1e-6
+
+
 def test_minmax_scale_reference_formula():
     cam = torch.tensor([[[2.0, 4.0], [6.0, 10.0]]])
     torch.testing.assert_close(minmax_scale(cam), (cam - 2.0) / (8.0 + 1e-7))
@@ -241,6 +265,26 @@ def test_enrich_text_drops_lowest_attributes():
     torch.testing.assert_close(out, F.normalize(w @ bank.t() + t, dim=-1))
     with pytest.raises(ValueError, match="topk"):
         enrich_text(t, bank, topk=0.0)
+
+
+def test_enrich_text_parity_uses_rows_as_given():
+    # attr_aggregate takes the class rows as its caller gave them; the default normalises them first.
+    g = torch.Generator().manual_seed(1)
+    t = F.normalize(torch.randn(3, 8, generator=g), dim=-1) * torch.tensor([[1.0], [1.01], [0.98]])
+    bank = F.normalize(torch.randn(8, 20, generator=g), dim=0)
+
+    def reference(rows):
+        logits = rows @ bank
+        n_keep = 20 - int((1 - 0.9) * 20)  # the reference's count (19: float rounding of 0.1 * 20)
+        keep = logits >= logits.sort(dim=1, descending=True).values[:, n_keep - 1:n_keep]
+        w = torch.where(keep, logits, torch.full_like(logits, float("-inf"))).softmax(1)
+        return F.normalize(w @ bank.t() + rows, dim=-1)
+
+    torch.testing.assert_close(enrich_text(t, bank, parity=True), reference(t))
+    torch.testing.assert_close(enrich_text(t, bank), reference(F.normalize(t, dim=-1)))
+    assert (enrich_text(t, bank, parity=True) - enrich_text(t, bank)).abs().max() > 1e-4
+    unit = F.normalize(t, dim=-1)
+    torch.testing.assert_close(enrich_text(unit, bank, parity=True), enrich_text(unit, bank))
 
 
 def test_attribute_bank_roundtrip_and_enrichment(setup, tmp_path):

@@ -51,6 +51,22 @@ def test_absent_classes_and_false_positives():
     assert json_safe({"x": np.float32("nan"), "y": np.arange(2)}) == {"x": None, "y": [0, 1]}
 
 
+def test_gt_class_miou_and_fwiou_follow_the_weclip_clip_es_scripts():
+    # fcn-style `scores` as in WeCLIP's utils/evaluate.py: mean IoU over classes with ground-truth pixels only,
+    # and CLIP-ES's frequency-weighted IoU; a class predicted but absent from the GT (class 2) is left out.
+    gt = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    pred = np.array([0, 0, 2, 1, 1, 1, 0, 3])
+    r = ConfusionMatrix(4).update(pred, gt).compute()
+    iou0, iou1 = 2 / 4, 3 / 5  # class 0: TP 2, GT 3, pred 3; class 1: TP 3, GT 5, pred 3
+    assert r["miou"] == pytest.approx((iou0 + iou1 + 0 + 0) / 4)  # MMSegmentation: classes 2, 3 count as 0
+    assert r["miou_gt"] == pytest.approx((iou0 + iou1) / 2)
+    assert r["fwiou"] == pytest.approx(3 / 8 * iou0 + 5 / 8 * iou1)
+    full = ConfusionMatrix(2).update(np.array([0, 1, 1]), np.array([0, 0, 1])).compute()
+    assert full["miou_gt"] == full["miou"]  # every class has ground truth: the definitions agree
+    empty = ConfusionMatrix(2).compute()
+    assert math.isnan(empty["miou_gt"]) and math.isnan(empty["fwiou"])
+
+
 def test_out_of_range_values_and_empty():
     cm = ConfusionMatrix(2)
     gt = np.array([0, 1, 7, 255, 1])  # 7 and 255 are skipped

@@ -40,7 +40,8 @@ def _make_run(tmp_path, synthetic_root):
 def test_report_files_and_content(tmp_path, synthetic_root):
     cfg, run, metrics = _make_run(tmp_path, synthetic_root)
     (run.path / "stage1").mkdir(exist_ok=True)
-    last_val = {"step": 300, "pseudo_miou": 0.6187, "decoder_miou": 0.4125, "pseudo_no_rfm_miou": 0.6074, "images": 60}
+    last_val = {"step": 300, "pseudo_miou": 0.6187, "decoder_miou": 0.4125, "pseudo_no_rfm_miou": 0.6074, "images": 60,
+                "pseudo_miou_gt": 0.6402}
     (run.path / "stage1" / "val_metrics.jsonl").write_text(json.dumps(last_val) + "\n")
     index = build_report(cfg, run)
     out = run.report_dir
@@ -50,8 +51,12 @@ def test_report_files_and_content(tmp_path, synthetic_root):
     assert data["config_hash"] and data["env"]["packages"]["torch"]
     md = (out / "report.md").read_text()
     assert f"{100 * metrics['miou']:.1f}" in md
-    assert "| online pseudo label (CAM+RFM+PAR), last validation | val | 61.9 |" in md
-    assert "| online pseudo label without RFM (same decoder; ablation) | val | 60.7 |" in md
+    # both mIoU definitions, labelled, and which one the papers use
+    assert "| what | split | mIoU | mIoU, GT classes only | fwIoU |" in md and "WeCLIP and CLIP-ES evaluation" in md
+    assert "| online pseudo label (CAM+RFM+PAR), last validation | val | 61.9 | 64.0 | n/a |" in md
+    assert "| online pseudo label without RFM (same decoder; ablation) | val | 60.7 | n/a | n/a |" in md
+    final = metrics["final"]
+    assert (f"| {100 * final['miou']:.1f} | {100 * final['miou_gt']:.1f} | {100 * final['fwiou']:.1f} |") in md
     assert "CLIP `wsss-tiny-ViT-16` (random init)" in md
     for a in ANCHORS:
         assert a["protocol"] in md

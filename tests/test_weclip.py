@@ -91,6 +91,17 @@ def test_lr_schedule_matches_reference():
     assert lr_multiplier(29999, **kw) == pytest.approx(1 / 30000)
 
 
+def test_lr_schedule_keeps_last_value_past_max_iters():
+    # PolyWarmupAdamW stops updating at max_iter: the lr stays at step max_iter - 1's value, never 0.
+    kw = dict(warmup_iters=50, warmup_ratio=1e-6, max_iters=30000, power=0.9)
+    last = lr_multiplier(29999, **kw)
+    assert last == pytest.approx((1 / 30000) ** 0.9) and last > 0
+    for step in (30000, 30001, 45000):
+        assert lr_multiplier(step, **kw) == last
+    short = dict(warmup_iters=50, warmup_ratio=1e-6, max_iters=20, power=1.0)  # max_iters inside the warmup
+    assert lr_multiplier(25, **short) == lr_multiplier(19, **short) == pytest.approx(1 - (1 - 19 / 50) * (1 - 1e-6))
+
+
 def _opts(synthetic_root, tmp_path, **extra):
     opts = {"data.root": str(synthetic_root), "run.root": str(tmp_path / "runs"), "data.crop_size": 64,
             "data.num_workers": 0, "train.batch_size": 2, "train.log_interval": 1, "train.val_interval": 0,
@@ -153,12 +164,13 @@ def test_validation_scores_the_rfm_ablation_on_the_same_decoder(synthetic_root):
     cfg = load_config(TINY, {"data.root": str(synthetic_root)})
     stack = build_stage1(cfg, torch.device("cpu"))
     both = validate(stack, cfg, torch.device("cpu"), max_images=3)
-    assert set(both) == {"pseudo_miou", "pseudo_no_rfm_miou", "decoder_miou", "images"}
+    assert set(both) == {"pseudo_miou", "pseudo_no_rfm_miou", "decoder_miou", "images", "pseudo_miou_gt",
+                         "pseudo_no_rfm_miou_gt", "decoder_miou_gt"}
     assert stack.head.training  # validation puts the head back in training mode
     # The ablation figure is what the same head scores with RFM switched off.
     stack.head.pseudo = dataclasses.replace(stack.head.pseudo, rfm_enabled=False)
     plain = validate(stack, cfg, torch.device("cpu"), max_images=3)
-    assert set(plain) == {"pseudo_miou", "decoder_miou", "images"}
+    assert set(plain) == {"pseudo_miou", "decoder_miou", "images", "pseudo_miou_gt", "decoder_miou_gt"}
     assert plain["pseudo_miou"] == both["pseudo_no_rfm_miou"] and plain["decoder_miou"] == both["decoder_miou"]
 
 

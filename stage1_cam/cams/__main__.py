@@ -85,9 +85,13 @@ def evaluate_cams(shard_dir: Path, dataset) -> Dict[str, object]:
         for s in settings:
             cms[s].update(labels_from_cams(cams, keys, bg=s[0], value=s[1]), gt)
     reader.close()
-    table = {(f"bg=(1-max)^{v:g}" if k == "exp" else f"bg={v:g}"): cms[(k, v)].compute()["miou"] for k, v in settings}
+    results = {(f"bg=(1-max)^{v:g}" if k == "exp" else f"bg={v:g}"): cms[(k, v)].compute() for k, v in settings}
+    table = {k: r["miou"] for k, r in results.items()}
     best = max(table, key=lambda k: -1 if table[k] is None else table[k])
+    # table: MMSegmentation's mIoU; table_gt / table_fwiou: CLIP-ES's eval_cam.py definitions (stage1_cam.metrics)
     return {"split": dataset.split, "table": table, "best": best,
+            "table_gt": {k: r["miou_gt"] for k, r in results.items()},
+            "table_fwiou": {k: r["fwiou"] for k, r in results.items()},
             "per_class_best": cms[settings[list(table).index(best)]].compute(list(dataset.class_names))["per_class"]}
 
 

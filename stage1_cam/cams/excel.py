@@ -18,10 +18,11 @@ Gradient-free and batched over images and classes:
    subtraction summed over channels, computed in closed form), then min-max over tokens per text;
 4. the patch rows and the fg columns of the present classes are the CAMs.
 
-``parity=True`` reproduces two reference quirks: the SVC attention is *summed* over heads (the block
-output is scaled by the number of heads and the returned attention rows of those blocks sum to H), and
-the image features are normalised per channel across tokens (``norm(dim=1)`` of ``(B, N, E)``).
-``parity=False`` (documented behaviour) averages over heads and L2-normalises each token.
+``parity=True`` reproduces three reference quirks: the SVC attention is *summed* over heads (the block
+output is scaled by the number of heads and the returned attention rows of those blocks sum to H), the
+image features are normalised per channel across tokens (``norm(dim=1)`` of ``(B, N, E)``), and TSE uses
+the class text rows as given. ``parity=False`` (documented behaviour) averages over heads, L2-normalises
+each token, and L2-normalises the class rows before TSE (equal up to rounding for unit-norm rows).
 
 Optional text semantic enrichment (TSE, 4.4): :func:`enrich_text` with an attribute bank, loaded from
 ExCEL's released ``*_embedding_bank.pth`` (:func:`load_attribute_bank`) or clustered from class
@@ -56,16 +57,19 @@ _logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------
 
 
-def enrich_text(fg_text: torch.Tensor, bank: torch.Tensor, topk: float = 0.9) -> torch.Tensor:
+def enrich_text(fg_text: torch.Tensor, bank: torch.Tensor, topk: float = 0.9, *, parity: bool = False) -> torch.Tensor:
     """TSE aggregation (ExCEL ``attr_aggregate``): add a softmax-weighted mix of attribute embeddings.
 
     ``logits = t @ bank``; the lowest ``int((1 - topk) * n_attr)`` logits per class are dropped; ``w =
     softmax(logits)`` (no temperature); ``t_enr = w @ bank^T + t``; rows L2-normalised.
 
     Args:
-        fg_text: ``(C, E)`` foreground prompt embeddings (normalised here).
+        fg_text: ``(C, E)`` foreground prompt embeddings, L2-normalised here first (documented behaviour: rows that
+            are not exactly unit norm, e.g. from a float16 bank or another text encoder, are scaled to it).
         bank: ``(E, n_attr)`` attribute embeddings (cluster centres, one per column).
         topk: fraction of attributes kept, in ``(0, 1]``.
+        parity: use the rows of ``fg_text`` as given, as the reference's ``attr_aggregate`` does (its caller
+            normalised them already).
 
     Returns:
         ``(C, E)`` float32 enriched, L2-normalised embeddings.
@@ -74,7 +78,7 @@ def enrich_text(fg_text: torch.Tensor, bank: torch.Tensor, topk: float = 0.9) ->
         raise ValueError(f"topk must be in (0, 1], got {topk}")
     if bank.ndim != 2 or bank.shape[0] != fg_text.shape[1]:
         raise ValueError(f"attribute bank must be (E={fg_text.shape[1]}, n_attr), got {tuple(bank.shape)}")
-    t = F.normalize(fg_text.float(), dim=-1)
+    t = fg_text.float() if parity else F.normalize(fg_text.float(), dim=-1)
     bank = bank.float().to(t.device)
     n_attr = bank.shape[1]
     logits = t @ bank  # (C, n_attr)
@@ -228,7 +232,7 @@ class ExcelSVC:
         self.svc_blocks = int(svc_blocks)
         fg = fg_text.detach().float()
         if attribute_bank is not None:
-            fg = enrich_text(fg, attribute_bank.to(fg.device), topk)
+            fg = enrich_text(fg, attribute_bank.to(fg.device), topk, parity=self.parity)
         self.num_classes = int(fg.shape[0])
         self.text = F.normalize(torch.cat([fg, bg_text.detach().float().to(fg.device)], dim=0), dim=-1)  # (T, E)
 
