@@ -1,13 +1,15 @@
 """Benchmarks (not tests): ``python -m pipelines.bench [--only NAME ...] [--out bench/results]``.
 
 Each benchmark prints its figures and saves them as JSON (``bench/results/<name>-<device>.json``), with the
-device, torch version, settings, and the float32 GEMM rate measured just before and after it (a machine shared
-with other work shows there; compare figures only between runs with similar rates). ViT-B/16 runs with random weights (same shapes and cost as OpenAI's).
+device, the CPU's capabilities (ATen kernel level, native bf16), torch version, settings, and the float32 GEMM rate
+measured just before and after it (a machine shared with other work shows there; compare figures only between
+runs with similar rates). ViT-B/16 runs with random weights (same shapes and cost as OpenAI's).
 
 - ``cam``: CLIP-ES GradCAM images/s at 320x320 with 2 present classes, batched vs the reference's
   per-(image, class) loop, in one run.
 - ``train``: WeCLIP stage-1 training seconds/iteration (median of steps after warm-up) and peak memory,
-  batch 4, 320x320, 2 classes per image; on CUDA for each autocast mode (bf16, fp16, float32).
+  batch 4, 320x320, 2 classes per image; for each autocast mode (CUDA: bf16, fp16, float32; a CPU with native
+  bf16: bf16, float32).
 - ``train_weakclip``: the same figures for the WeakCLIP head (320x320, batch 4; includes its CPU CRF loss).
 - ``dump``: pseudo-mask dump images/s for 500x375 images (long side 512, scales {1, 0.75} + flip),
   batched vs one image at a time; the backbone FLOPs per image against a measured float32 GEMM rate;
@@ -18,6 +20,7 @@ with other work shows there; compare figures only between runs with similar rate
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -29,6 +32,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+
+from stage1_cam.utils.precision import autocast_dtype, cpu_features, native_bf16_cpu, precision_name
 
 
 def _device() -> torch.device:
@@ -100,7 +105,7 @@ def _train_steps(cfg: Any, device: torch.device, x: torch.Tensor, labels: List[n
     torch.manual_seed(0)
     head = build_stage1(cfg, device).head.train()
     opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.01)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    dtype = autocast_dtype(amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # as stage1_cam.train
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -123,9 +128,17 @@ def _train_steps(cfg: Any, device: torch.device, x: torch.Tensor, labels: List[n
     return res
 
 
+def _modes(device: torch.device) -> Tuple[str, ...]:
+    """Autocast modes to time, the configs' default ("auto") first: on CUDA bf16, fp16 and float32; on a CPU with
+    native bf16 bf16 and float32; elsewhere float32 only."""
+    if device.type == "cuda":
+        return ("bf16", "fp16", "none")
+    return ("bf16", "none") if native_bf16_cpu() else ("none",)
+
+
 def bench_train(model: str, size: int, batch: int, steps: int) -> Dict[str, Any]:
-    """Seconds per training step and peak memory; on CUDA once per autocast mode (bf16 = the configs' default,
-    fp16 with its gradient scaler, none = float32), each from a fresh head and optimizer."""
+    """Seconds per training step and peak memory, once per autocast mode of :func:`_modes` (fp16 with its
+    gradient scaler, none = float32), each from a fresh head and optimizer."""
     from stage1_cam.utils.cpu_malloc import retain_freed_memory
 
     device = _device()
@@ -133,7 +146,7 @@ def bench_train(model: str, size: int, batch: int, steps: int) -> Dict[str, Any]
     cfg = _cfg(model, **{"data.crop_size": size, "train.batch_size": batch, "head.rfm.start_step": 0})
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     labels = [np.array([3, 12]) for _ in range(batch)]
-    modes = ("bf16", "fp16", "none") if device.type == "cuda" else ("none",)
+    modes = _modes(device)
     per_mode = {amp: _train_steps(cfg, device, x, labels, steps, amp) for amp in modes}
     res = {"settings": {"model": model, "size": size, "batch": batch, "present_classes": 2, "steps": steps,
                         "rfm": True, "amp": modes[0], "malloc_tuned": malloc_tuned},
@@ -175,8 +188,8 @@ def bench_dump(model: str, images: int, batch: int) -> Dict[str, Any]:
     head = stack.head.eval()
     predictor = Predictor(predict=head.predict_logits, patch_size=stack.backbone.patch_size,
                           num_classes=len(stack.class_names), mean=stack.mean, std=stack.std, device=device,
-                          amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
-    res: Dict[str, Any] = {}
+                          amp_dtype=autocast_dtype("auto", device))
+    res: Dict[str, Any] = {"precision": precision_name(predictor.amp_dtype)}
     # Image-like inputs (the CRF's bilateral lattice grows with colour noise, so random pixels would
     # misstate its cost): synthetic-world images at VOC's typical 500x375.
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,6 +209,12 @@ def bench_dump(model: str, images: int, batch: int) -> Dict[str, Any]:
             t = _timed(run, device, 1)[0]
             res[mode] = {"batch_size": bs, "images_per_s": images / t, "seconds_per_image": t / images}
         res["batched_speedup"] = res["batched"]["images_per_s"] / res["one_by_one"]["images_per_s"]
+        if predictor.amp_dtype is not None and device.type == "cpu":  # the same batched pass in float32
+            fp32 = dataclasses.replace(predictor, amp_dtype=None)
+            settings = DumpSettings(long_side=512, scales=(1.0, 0.75), flip=True, batch_size=batch)
+            t = _timed(lambda: [predict_probs(fp32, imgs[i:i + batch], keys[i:i + batch], settings=settings)
+                                for i in range(0, images, batch)], device, 1)[0]
+            res["batched_float32"] = {"images_per_s": images / t, "seconds_per_image": t / images}
         # How close the network pass is to the compute ceiling: backbone FLOPs per image vs a measured GEMM.
         bb = stack.backbone
         size = network_size(375, 500, long_side=512, patch=bb.patch_size)
@@ -286,6 +305,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         res = BENCHES[name](args)
         # A shared or throttled machine shows here: the same GEMM measured around the benchmark.
         res.update({"benchmark": name, "device": _device_name(device), "torch": torch.__version__,
+                    "cpu": cpu_features(),
                     "wall_seconds": time.time() - t,
                     "fp32_gemm_gflops_before_after": [gemm_before, _gemm_gflops(device)]})
         save_results(res, out / f"{name}-{tag}.json")

@@ -1,4 +1,4 @@
-"""Same results on a GPU: ``python -m pipelines.gpu_check [--out bench/results]`` (needs CUDA).
+"""Same results on a GPU (or in CPU bf16): ``python -m pipelines.gpu_check [--device cpu] [--out bench/results]``.
 
 One WeCLIP training forward/backward and one dump-path prediction of the same ViT-B/16 head (random weights,
 VOC classes, RFM on, batch 4, 320x320 synthetic-world crops with their own labels) on the CPU in float32
@@ -7,7 +7,8 @@ VOC classes, RFM on, batch 4, 320x320 synthetic-world crops with their own label
 gradient (dropout off; also against the CPU's pseudo labels as fixed targets), the share of pixels whose
 online pseudo label agrees with the CPU's, and the dump logits' relative error and argmax agreement.
 ``--weights world:default`` runs the same on the trained synthetic-world CLIP (peaked CAMs, like real CLIP's,
-where random weights give near-ties that any rounding flips).
+where random weights give near-ties that any rounding flips). ``--device cpu`` compares the CPU's bf16 autocast
+(``train.amp="auto"`` on a CPU with native bf16) against its float32 the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from stage1_cam.utils.precision import cpu_features
 
 from .bench import save_results
 
@@ -157,12 +160,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--size", type=int, default=320)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--weights", help="CLIP weights (clip.weights: a file or world:NAME); default: random")
-    p.add_argument("--name", default="gpu-consistency", help="JSON file name: <name>-cuda.json")
+    p.add_argument("--name", default="gpu-consistency", help="JSON file name: <name>-<device>.json")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: the CPU's bf16 autocast against its own float32")
+    p.add_argument("--modes", nargs="+", choices=sorted(MODES), default=None,
+                   help="autocast modes to compare (default: all on cuda, bf16 on cpu)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        p.error("no CUDA device: this check compares GPU results against the CPU")
-    res = compare(args.model, args.size, args.batch, torch.device("cuda"), weights=args.weights)
-    save_results(res, Path(args.out) / f"{args.name}-cuda.json")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("no CUDA device: this check compares GPU results against the CPU (--device cpu checks CPU bf16)")
+    modes = args.modes or (tuple(MODES) if args.device == "cuda" else ("bf16",))
+    res = compare(args.model, args.size, args.batch, torch.device(args.device), modes=modes, weights=args.weights)
+    res["cpu"] = cpu_features()
+    save_results(res, Path(args.out) / f"{args.name}-{args.device}.json")
     return 0
 
 

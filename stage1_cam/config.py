@@ -109,7 +109,7 @@ class TrainCfg:
     warmup_iters: int = 50  # linear warmup steps
     warmup_ratio: float = 1e-6  # lr multiplier at step 0
     power: float = 1.0  # poly decay power
-    amp: str = "bf16"  # bf16 | fp16 | none (autocast dtype on GPU; CPU always runs fp32)
+    amp: str = "auto"  # auto | bf16 | fp16 | none: autocast of every stage-1 network pass (utils/precision.py)
     log_interval: int = 50  # steps between log lines
     ckpt_interval: int = 2000  # steps between checkpoints
     val_interval: int = 2000  # steps between validations (0 = off)

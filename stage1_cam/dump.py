@@ -67,6 +67,7 @@ from .io import ShardFormatError, ShardLockedError, ShardMeta, ShardReader, Shar
     shard_filename, write_manifest
 from .metrics import ConfusionMatrix, json_safe
 from .utils.logging import EveryN, setup_logging
+from .utils.precision import autocast_dtype, precision_name
 from .utils.run_dir import RunDir, RunDirError, git_sha
 
 # Under ``python -m stage1_cam.dump`` the module is ``__main__``; keep its records in the package logger tree.
@@ -217,7 +218,7 @@ class Predictor:
         num_classes: C, background included.
         mean, std: per-channel normalisation (0-255 scale, RGB).
         device: device of the network.
-        amp_dtype: autocast dtype on CUDA (None = float32).
+        amp_dtype: autocast dtype (None = float32; see ``utils/precision.py``).
     """
 
     predict: Callable[[torch.Tensor], torch.Tensor]
@@ -230,9 +231,8 @@ class Predictor:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> float32 logits (B, C, H // patch, W // patch)."""
-        use_amp = self.amp_dtype is not None and images.device.type == "cuda"
         with torch.autocast(device_type=images.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=use_amp):
+                            enabled=self.amp_dtype is not None):
             return self.predict(images).float()
 
     def prepare(self, image: np.ndarray, size: Tuple[int, int]) -> torch.Tensor:
@@ -696,7 +696,8 @@ def _build_predictor(cfg: Any, checkpoint: Path, device: torch.device) -> Predic
     head = stack.head
     head.decoder.load_state_dict(ckpt["head"], strict=True)
     head.eval()
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if device.type == "cuda" else None
+    amp = autocast_dtype(cfg.train.amp, device)
+    _logger.info("dump network pass in %s on %s", precision_name(amp), device)
     return Predictor(predict=head.predict_logits, patch_size=stack.backbone.patch_size,
                      num_classes=len(stack.class_names), mean=tuple(stack.mean), std=tuple(stack.std),
                      device=device, amp_dtype=amp)
@@ -786,11 +787,13 @@ def run_dump(cfg: Any, *, shards: Sequence[int], out_dir: Path, checkpoint: Opti
     dataset = build_dataset(cfg.data.dataset, cfg.data.root, split)
     if reader is not None and tuple(reader.class_names) != tuple(dataset.class_names):
         raise ShardFormatError(f"{from_probs} has classes {reader.class_names}, the dataset {dataset.class_names}")
+    device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if reader is None:  # "auto" resolves per machine: shards written in another precision are not mixed in
+        extra_src["precision"] = precision_name(autocast_dtype(cfg.train.amp, device))
     meta = ShardMeta(dataset=cfg.data.dataset, split=split, class_names=dataset.class_names, palette=voc_palette(256),
                      ignore_index=settings.ignore_index, config_hash=chash, git_sha=git_sha(),
                      checkpoint_hash=ckpt_hash, extra={**settings.record(), **extra_src})
     assignment = assign_shards(dataset.names, num_shards)
-    device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     predictor: Optional[Predictor] = None
     executor: Optional[ProcessPoolExecutor] = None
     stats: Dict[int, Dict[str, float]] = {}

@@ -1,7 +1,8 @@
 """Stage-1 training: ``python -m stage1_cam.train CONFIG [--run NAME] [--resume [CKPT]] [--cfg-options k=v]``.
 
 Iteration-based training of the refinement head on the frozen CLIP, from image-level labels only.
-AdamW on the head only, linear warmup then poly decay; autocast (bf16/fp16) on GPU, float32 on CPU;
+AdamW on the head only, linear warmup then poly decay; autocast per ``train.amp`` (utils/precision.py: bf16 on GPU
+and on CPUs with native bf16 by default);
 DDP under torchrun (one process per GPU). Checkpoints hold the head, optimizer, scheduler, data
 position and every RNG state, so ``--resume`` (or re-running the same command) continues exactly.
 """
@@ -28,6 +29,7 @@ from .metrics import ConfusionMatrix
 from .utils.cpu_malloc import retain_freed_memory
 from .utils.dist import DistInfo, device_for, init_distributed, peak_memory_mb
 from .utils.logging import setup_logging
+from .utils.precision import autocast_dtype, precision_name
 from .utils.run_dir import RunDir, RunDirError, git_sha
 
 _logger = logging.getLogger("stage1_cam.train")  # not __name__: it is "__main__" under -m
@@ -232,9 +234,9 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
                        else ckpt["rng"])
         _logger.info("resumed from %s at step %d", resume_path, step)
 
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp)
-    use_amp = device.type == "cuda" and amp_dtype is not None
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    amp_dtype = autocast_dtype(tc.amp, device)
+    use_amp = amp_dtype is not None
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp_dtype == torch.float16)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     loader_gen = torch.Generator()
@@ -267,8 +269,9 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
     it = make_loader()
     t0, t_last, history, curve = time.time(), time.time(), [], []
     val_log = run_dir.path / "stage1" / "val_metrics.jsonl"
-    _logger.info("training %s for %d iterations (batch %d x %d process(es), %d steps/epoch) on %s",
-                 cfg.head.type, tc.max_iters, tc.batch_size, dist.world_size, steps_per_epoch, device)
+    _logger.info("training %s for %d iterations (batch %d x %d process(es), %d steps/epoch) on %s in %s",
+                 cfg.head.type, tc.max_iters, tc.batch_size, dist.world_size, steps_per_epoch, device,
+                 precision_name(amp_dtype))
     while step < tc.max_iters:
         try:
             batch = next(it)
@@ -311,8 +314,8 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
 
     final = run_dir.final_ckpt
     summary = {"steps": step, "seconds": time.time() - t0, "peak_memory_mib": peak_memory_mb(device),
-               "device": str(device), "final_loss": float(np.mean(history[-tc.log_interval:])) if history else None,
-               "loss_curve": curve}
+               "device": str(device), "precision": precision_name(amp_dtype),
+               "final_loss": float(np.mean(history[-tc.log_interval:])) if history else None, "loss_curve": curve}
     checkpoint(final, summary)
     if dist.is_main:
         (run_dir.path / "stage1" / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -19,7 +19,7 @@ head = dict(
     ),
 )
 train = dict(max_iters=20000, batch_size=8, lr=1e-4, weight_decay=3e-5, warmup_iters=1500, warmup_ratio=1e-6,
-             power=1.0, amp="bf16", log_interval=50, ckpt_interval=2000, val_interval=2000, val_max_images=0)
+             power=1.0, amp="auto", log_interval=50, ckpt_interval=2000, val_interval=2000, val_max_images=0)
 dump = dict(long_side=512, scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True,
             crf=dict(enabled=True, iterations=10, pos_xy_std=3.0, pos_w=3.0, bi_xy_std=83.0, bi_rgb_std=5.0,
                      bi_w=3.0))

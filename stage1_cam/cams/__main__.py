@@ -34,6 +34,7 @@ from ..metrics import ConfusionMatrix
 from ..refine.affinity import attention_affinity, refine_cams
 from ..refine.sinkhorn import transition_matrix
 from ..utils.dist import device_for, init_distributed
+from ..utils.precision import autocast_dtype, precision_name
 from ..utils.logging import EveryN, setup_logging
 from ..utils.run_dir import RunDir, RunDirError, git_sha
 from . import minmax_scale
@@ -101,9 +102,11 @@ def run_cams(cfg, run_dir: RunDir, device: torch.device) -> Path:
     out = run_dir.cams_dir
     meta = ShardMeta(dataset=cfg.data.dataset, split=ds.split, class_names=ds.class_names,
                      palette=voc_palette(256), config_hash=config_hash(cfg, ("data", "clip", "cam")),
-                     git_sha=git_sha(), extra={"kind": "initial-cam", "cam_source": cfg.cam.source})
+                     git_sha=git_sha(), extra={"kind": "initial-cam", "cam_source": cfg.cam.source,
+                                               "precision": precision_name(autocast_dtype(cfg.train.amp, device))})
     mean, std = normalization(cfg)
     _, backbone, cam_source = build_cam_stack(cfg, device)
+    amp = autocast_dtype(cfg.train.amp, device)
     patch = backbone.patch_size
     with ShardWriter(out, 0, 1, meta=meta) as writer:
         todo = [n for n in ds.names if n not in writer.done_ids]
@@ -119,7 +122,8 @@ def run_cams(cfg, run_dir: RunDir, device: torch.device) -> Path:
             h, w = image.shape[:2]
             x = torch.from_numpy(normalize(image, mean, std)).permute(2, 0, 1)[None].to(device)
             x = F.interpolate(x, size=network_size(h, w, patch), mode="bicubic", align_corners=False)
-            out_cam = cam_source(x, [labels])
+            with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                out_cam = cam_source(x, [labels])
             maps = refined_cams(out_cam.cams[0], out_cam.attn[0], out_size=(h, w),
                                 attn_layers=cfg.cam.attn_layers, box_threshold=cfg.cam.box_threshold,
                                 parity=cfg.cam.parity).cpu().numpy()

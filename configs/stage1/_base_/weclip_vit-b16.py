@@ -10,7 +10,7 @@ head = dict(
     rfm=dict(enabled=True, start_step=15000, layers=6, score="signed"),
 )
 # Effective lr 2e-3 (the reference's 2e-4 times its hidden 10x multiplier), AdamW wd 0.01, warmup 50 then poly.
-train = dict(max_iters=30000, batch_size=4, lr=2e-3, weight_decay=0.01, warmup_iters=50, power=1.0, amp="bf16",
+train = dict(max_iters=30000, batch_size=4, lr=2e-3, weight_decay=0.01, warmup_iters=50, power=1.0, amp="auto",
              log_interval=50, ckpt_interval=2000, val_interval=2000, val_max_images=0)
 dump = dict(long_side=512, scales=(1.0, 0.75), flip=True, batch_size=8, label_constrained=True,
             ignore_threshold=0.0, save_probs=False, num_shards=16,

@@ -1,0 +1,90 @@
+"""Which autocast dtype a network pass runs in, and what the CPU can do natively.
+
+``train.amp`` (used by every stage-1 network pass: CAMs, training, dump) takes:
+
+* ``"auto"``: bf16 on CUDA, and on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX-BF16, as the CPU reports
+  it, and an ATen kernel level that uses it); float32 elsewhere. On a CPU without native bf16, bf16 is emulated and
+  slower than float32.
+* ``"bf16"``: bf16 autocast on any device. ``"fp16"``: fp16 autocast on CUDA (with a gradient scaler), float32 on
+  a CPU. ``"none"``: float32.
+
+The CLIP-ES GradCAM block stays in float32 under autocast on every device (see ``cams/gradcam.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+_logger = logging.getLogger(__name__)
+
+AMP_MODES = ("auto", "bf16", "fp16", "none")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo_flags() -> frozenset:
+    """The first CPU's flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _torch_probe(name: str) -> Optional[bool]:
+    fn = getattr(torch.cpu, name, None)  # private cpuinfo probes; absent in some torch builds
+    try:
+        return bool(fn()) if fn is not None else None
+    except RuntimeError:
+        return None
+
+
+def cpu_features() -> Dict[str, Any]:
+    """What the benchmarks record next to their figures: ATen's kernel level and the bf16-relevant ISA flags."""
+    flags = _cpuinfo_flags()
+    avx512_bf16 = _torch_probe("_is_avx512_bf16_supported")
+    amx = _torch_probe("_is_amx_tile_supported")
+    return {
+        "aten_capability": torch.backends.cpu.get_cpu_capability(),
+        "avx2": "avx2" in flags or bool(_torch_probe("_is_avx2_supported")),
+        "avx512f": "avx512f" in flags or bool(_torch_probe("_is_avx512_supported")),
+        "avx512_bf16": bool(avx512_bf16) if avx512_bf16 is not None else "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags or bool(amx),
+        "native_bf16": native_bf16_cpu(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def native_bf16_cpu() -> bool:
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16) and ATen runs its AVX-512 kernels.
+
+    Read from the CPU's own feature flags, not guessed from its model name. ``ATEN_CPU_CAPABILITY=avx2`` (or
+    ``default``) turns it off: the user asked for the narrower kernels.
+    """
+    flags = _cpuinfo_flags()
+    has = bool(_torch_probe("_is_avx512_bf16_supported")) or "avx512_bf16" in flags or "amx_bf16" in flags
+    return has and torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
+
+
+def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for ``train.amp`` on ``device``; None means float32 (autocast off)."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp={amp!r} is not one of {', '.join(AMP_MODES)}")
+    if amp == "none":
+        return None
+    if device.type == "cuda":
+        return torch.float16 if amp == "fp16" else torch.bfloat16
+    if amp == "bf16" or (amp == "auto" and native_bf16_cpu()):
+        return torch.bfloat16
+    return None
+
+
+def precision_name(dtype: Optional[torch.dtype]) -> str:
+    """``"bf16"``, ``"fp16"`` or ``"float32"`` (for logs and summaries)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "float32")
