@@ -54,7 +54,7 @@ test-all: test test-slow  ## both
 data: $(STAMP)  ## generate (synthetic) or check (voc, coco) the dataset under $$WSSS_DATA_ROOT
 	$(PY) -m stage1_cam.data --config $(CONFIG)
 
-cams: $(STAMP) $(NEEDS_WORLD) data  ## initial CLIP CAMs for a split + their evaluation table (issue 3)
+cams: $(STAMP) $(NEEDS_WORLD) data  ## initial CLIP CAMs for a split + their evaluation table
 	$(PY) -m stage1_cam.cams $(CONFIG) --run $(RUN)
 
 world: $(STAMP)  ## tiny CLIP trained on the synthetic world, cached under $$WSSS_CACHE/world (default ~/.cache/wsss-clip)

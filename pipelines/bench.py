@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from stage1_cam.utils.precision import autocast_dtype, cpu_features, native_bf16_cpu, precision_name
 
@@ -176,7 +177,7 @@ def bench_dump(model: str, images: int, batch: int) -> Dict[str, Any]:
     from stage1_cam.build import build_stage1
     from stage1_cam.data import build_dataset
     from stage1_cam.data.synthetic import generate_synthetic
-    from stage1_cam.dump import (DumpSettings, OrderedPostprocessor, Predictor, _make_executor, dump_shard,
+    from stage1_cam.dump import (DumpSettings, OrderedPostprocessor, Predictor, dump_shard, make_crf_executor,
                                  network_size, predict_probs, scaled_size)
     from stage1_cam.io.shards import ShardMeta, ShardWriter
     from stage1_cam.refine.crf import crf_labels
@@ -234,7 +235,7 @@ def bench_dump(model: str, images: int, batch: int) -> Dict[str, Any]:
             workers = (1 if device.type == "cpu" else 0) if crf else 0
             settings = DumpSettings(long_side=512, scales=(1.0, 0.75), flip=True, batch_size=batch, crf=crf,
                                     crf_workers=workers)
-            executor = _make_executor(settings)
+            executor = make_crf_executor(settings)
             try:
                 post = OrderedPostprocessor(settings=settings, executor=executor,
                                             max_in_flight=2 * settings.num_crf_workers() + 2 * batch)
@@ -260,7 +261,7 @@ def bench_dump(model: str, images: int, batch: int) -> Dict[str, Any]:
         crf_labels(imgs[0], p, np.arange(k))
         crf_t[f"{k}_labels_seconds"] = time.perf_counter() - t
     res["crf_seconds_per_image"] = crf_t
-    res["reference_seconds_per_image_no_crf"] = 3.2  # issue 5: reference path on this 2-core CPU, same settings
+    res["reference_seconds_per_image_no_crf"] = 3.2  # the reference code's path on the 2-core CPU, same settings (bench/README.md)
     return {"settings": {"model": model, "image": "500x375", "long_side": 512, "scales": [1.0, 0.75], "flip": True,
                          "images": images, "present_classes": 2}, **res}
 
@@ -271,10 +272,65 @@ BENCHES = {"cam": lambda a: bench_cam(a.model, a.size, a.batch, a.repeats),
            "train_weakclip": lambda a: _bench_weakclip(a)}
 
 
-def _bench_weakclip(a: argparse.Namespace) -> Dict[str, Any]:
-    from stage1_cam.heads.weakclip import bench_step
+def bench_train_weakclip(*, model: str = "ViT-B-16", size: int = 320, batch: int = 4, steps: int = 3,
+               device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """WeakCLIP training seconds/iteration and peak memory (random CLIP weights, VOC classes).
 
-    return bench_step(model=a.model, size=a.size, batch=4, steps=a.steps, device=_device())
+    One warm-up step, then ``steps`` timed steps (forward with the CPU CRF, backward, AdamW) on random
+    images and blocky random masks; bf16 autocast on CUDA.
+
+    Returns:
+        settings, ``seconds_per_iter_median``, ``seconds_per_iter_all``, ``peak_memory_mib`` and its kind.
+    """
+    from stage1_cam.build import build_stage1
+    from stage1_cam.config import default_config
+    from stage1_cam.constants import IGNORE_INDEX
+    from stage1_cam.utils.dist import peak_memory_mb
+
+    device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    cfg = default_config({"clip.model_name": model, "clip.pretrained": None, "data.dataset": "voc",
+                          "head.type": "weakclip", "head.decoder_heads": 4, "data.crop_size": size,
+                          "train.batch_size": batch})
+    torch.manual_seed(0)
+    stack = build_stage1(cfg, device)
+    head = stack.head.train()
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=1e-4, weight_decay=3e-5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    blocks = torch.tensor([0, 3, 12, IGNORE_INDEX])[torch.randint(0, 4, (batch, size // 32, size // 32), generator=g)]
+    masks = blocks.repeat_interleave(32, 1).repeat_interleave(32, 2)
+    masks = F.pad(masks, (0, size - masks.shape[-1], 0, size - masks.shape[-2]), value=IGNORE_INDEX).to(device)
+    amp = device.type == "cuda"
+    if amp:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def step(i: int) -> float:
+        sync()
+        t = time.perf_counter()
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            out = head.forward_train(x, None, i, masks=masks)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        sync()
+        return time.perf_counter() - t
+
+    step(0)  # warm-up
+    times = [step(i + 1) for i in range(steps)]
+    n_train = sum(p.numel() for p in head.parameters() if p.requires_grad)
+    return {"settings": {"model": model, "size": size, "batch": batch, "steps": steps, "amp": "bf16" if amp else "none",
+                         "trainable_parameters": n_train},
+            "seconds_per_iter_median": statistics.median(times), "seconds_per_iter_all": times,
+            "peak_memory_mib": peak_memory_mb(device),
+            "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"}
+
+
+def _bench_weakclip(a: argparse.Namespace) -> Dict[str, Any]:
+    return bench_train_weakclip(model=a.model, size=a.size, batch=4, steps=a.steps, device=_device())
 
 
 def main(argv: Optional[List[str]] = None) -> int:

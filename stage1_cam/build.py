@@ -9,8 +9,13 @@ from typing import Any, Tuple
 import torch
 from mmengine.config import ConfigDict as Config
 
-from .constants import NORMALIZATIONS
+from .cams import build_cam_source
+from .cams.excel import build_attribute_bank, load_attribute_bank, load_descriptions
 from .data.class_names import BACKGROUND_WORDS, PROMPT_NAMES, get_classes
+from .data.transforms import normalization
+from .heads import HEADS
+from .models.clip_backbone import FrozenClipBackbone, load_clip
+from .models.text import build_text_embeddings, get_tokenizer
 
 _logger = logging.getLogger(__name__)
 
@@ -28,18 +33,8 @@ class Stage1Stack:
     std: Tuple[float, float, float]
 
 
-def normalization(cfg: Config) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    try:
-        return NORMALIZATIONS[cfg.data.normalization]
-    except KeyError:
-        raise ValueError(f"data.normalization={cfg.data.normalization!r}; valid: {', '.join(NORMALIZATIONS)}") from None
-
-
 def build_cam_stack(cfg: Config, device: torch.device) -> Tuple[Any, Any, Any]:
     """(clip_model, backbone, cam_source) from ``cfg.clip`` and ``cfg.cam``."""
-    from .cams import build_cam_source
-    from .models.clip_backbone import FrozenClipBackbone, load_clip
-    from .models.text import build_text_embeddings, get_tokenizer
 
     clip_model = load_clip(cfg.clip.model_name, pretrained=cfg.clip.pretrained, weights=cfg.clip.weights,
                            precision=cfg.clip.precision, device=device)
@@ -55,7 +50,6 @@ def build_cam_stack(cfg: Config, device: torch.device) -> Tuple[Any, Any, Any]:
     if cfg.cam.source == "excel_svc":
         kwargs.update(parity=cfg.cam.parity, topk=cfg.cam.topk)
         if cfg.cam.descriptors:
-            from .cams.excel import build_attribute_bank, load_attribute_bank, load_descriptions
 
             path = cfg.cam.descriptors
             if str(path).endswith((".pth", ".pt")):
@@ -70,7 +64,6 @@ def build_cam_stack(cfg: Config, device: torch.device) -> Tuple[Any, Any, Any]:
 
 def build_stage1(cfg: Config, device: torch.device) -> Stage1Stack:
     """Build the full stage-1 stack (head in train mode, on ``device``)."""
-    from .heads import HEADS
 
     class_names = get_classes(cfg.data.dataset)
     clip_model, backbone, cam_source = build_cam_stack(cfg, device)

@@ -279,7 +279,7 @@ def config_hash(cfg: ConfigDict, sections: Optional[Sequence[str]] = None) -> st
     """Stable 12-hex-digit hash of everything in ``cfg`` that affects outputs.
 
     ``clip.weights = "world:<preset>"`` names weights that ``make world`` trains; the config alone does not
-    say which, so the preset's training hash (:func:`stage1_cam.world.world_hash`, the key of its cache
+    say which, so the preset's training hash (:func:`stage1_cam.models.world_weights.world_hash`, the key of its cache
     entry) is hashed with it as ``clip.weights_identity``. It is computed from the preset's settings, so
     the world does not have to be trained (or present) for the hash to be known.
 
@@ -290,10 +290,11 @@ def config_hash(cfg: ConfigDict, sections: Optional[Sequence[str]] = None) -> st
     flat = {k: v for k, v in flat.items() if k not in _HASH_EXCLUDE and k != "_base_"}
     weights = flat.get("clip.weights")
     if isinstance(weights, str) and weights.startswith("world:"):
-        from . import world  # lazy: torch/open_clip only for world configs
+        from .models import world_weights  # lazy (cost, not a cycle): models/ loads torch, only world configs need it
 
         try:
-            flat["clip.weights_identity"] = world.world_hash(world.get_preset(weights[len("world:"):] or "default"))
+            flat["clip.weights_identity"] = world_weights.world_hash(
+                world_weights.get_preset(weights[len("world:"):] or "default"))
         except KeyError:  # unknown preset: loading the weights names the valid ones
             flat["clip.weights_identity"] = None
     if sections is not None:

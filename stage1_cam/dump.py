@@ -724,7 +724,8 @@ def _process_slot() -> Tuple[int, int, int]:
     return int(env.get("RANK", "0")), world, int(env.get("LOCAL_RANK", "0"))
 
 
-def _make_executor(settings: DumpSettings) -> Optional[ProcessPoolExecutor]:
+def make_crf_executor(settings: DumpSettings) -> Optional[ProcessPoolExecutor]:
+    """The dense-CRF worker pool of ``settings`` (``spawn`` processes), or None when the CRF runs in-process."""
     n = settings.num_crf_workers()
     if n == 0:
         return None
@@ -805,7 +806,7 @@ def run_dump(cfg: Any, *, shards: Sequence[int], out_dir: Path, checkpoint: Opti
                     writer.finalize()
                     continue
                 if executor is None and settings.crf is not None:
-                    executor = _make_executor(settings)
+                    executor = make_crf_executor(settings)
                 workers = settings.num_crf_workers()
                 post = OrderedPostprocessor(settings=settings, executor=executor,
                                             max_in_flight=2 * workers + 2 * settings.batch_size)

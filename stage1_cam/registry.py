@@ -46,3 +46,9 @@ class Registry:
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+
+# The project's registries live here, in a module that imports nothing from the package, so that a module that
+# registers a member and the package that lists them never import each other.
+CAM_SOURCES = Registry("CAM source")  # members: stage1_cam.cams
+HEADS = Registry("head")  # members: stage1_cam.heads

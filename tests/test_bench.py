@@ -45,3 +45,9 @@ def test_gpu_check_compare_on_the_same_device_agrees_exactly():
     for k in ("cam_rel_err", "grad_rel_err", "grad_fixed_targets_rel_err", "dump_logits_rel_err",
               "decoder_logits_rel_err"):
         assert f[k] == 0.0, k
+
+
+def test_bench_weakclip_step_reports_time_and_memory():
+    res = bench.bench_train_weakclip(model="wsss-tiny-ViT-16", size=64, batch=2, steps=1, device=torch.device("cpu"))
+    assert res["seconds_per_iter_median"] > 0 and res["peak_memory_mib"] > 0
+    assert res["settings"]["trainable_parameters"] > 0

@@ -19,7 +19,7 @@ from stage1_cam.data import TrainAugment, TrainCropDataset, build_dataset, voc_p
 from stage1_cam.data.transforms import sample_rng
 from stage1_cam.heads import HEADS
 from stage1_cam.heads.weakclip import (PARITY_OPTIONS, MaskedTrainCrops, PromptTextEncoder, WeakCLIPHead,
-                                       augment_mask, bench_step, boundary_loss, crf_targets, dgcn_softmax,
+                                       augment_mask, boundary_loss, crf_targets, dgcn_softmax,
                                        resolve_options, score_map_loss, seed_loss)
 from stage1_cam.io.shards import ShardMeta, ShardReader, ShardWriter, write_manifest
 
@@ -392,9 +392,3 @@ def test_train_main_twenty_steps_checkpoint_and_resume(synthetic_root, masks_dir
                                         / "final.pth")
     for k, v in full["head"].items():
         assert torch.equal(v, resumed["head"][k]), k
-
-
-def test_bench_step_reports_time_and_memory():
-    res = bench_step(model="wsss-tiny-ViT-16", size=64, batch=2, steps=1, device=torch.device("cpu"))
-    assert res["seconds_per_iter_median"] > 0 and res["peak_memory_mib"] > 0
-    assert res["settings"]["trainable_parameters"] > 0

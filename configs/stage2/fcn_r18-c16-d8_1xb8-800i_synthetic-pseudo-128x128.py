@@ -2,10 +2,7 @@
 # synthetic pseudo-masks at 128x128, batch 8, AdamW 4e-3 with poly decay, no auxiliary head, 800 iterations
 # (about 3-4 minutes on 2 CPU cores). Used by tests/test_stage2.py and `make demo`; shrink further with
 # --cfg-options train_cfg.max_iters=N.
-# Measured (2026-11-22, 1 torch thread on the shared 2-core CPU, trained on the dumped pseudo-masks of a
-# world-CLIP stage-1 run whose masks score 66.3 mIoU): val mIoU 17.9 / 25.2 / 43.5 / 51.2 after 200 / 400 /
-# 600 / 800 iterations. The previous smoke config (full-width FCN-R18-d16, SGD 0.01, batch 4, 200
-# iterations) stayed at 4.0 (background only).
+# Why these settings (measured learning curve): docs/results.md, "Stage-2 smoke FCN".
 _base_ = [
     'mmseg::_base_/models/fcn_r50-d8.py',
     './_base_/datasets/synthetic_pseudo.py',

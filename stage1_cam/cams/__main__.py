@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..build import build_cam_stack, normalization
+from ..build import build_cam_stack
 from ..config import ConfigError, DictAction, config_hash, load_config
 from ..data import build_dataset
 from ..data.class_names import voc_palette
-from ..data.transforms import normalize
+from ..data.transforms import normalization, normalize
 from ..io.shards import ShardMeta, ShardReader, ShardWriter, write_manifest
 from ..metrics import ConfusionMatrix
 from ..refine.affinity import attention_affinity, refine_cams
@@ -37,7 +37,7 @@ from ..utils.dist import device_for, init_distributed
 from ..utils.precision import autocast_dtype, precision_name
 from ..utils.logging import EveryN, setup_logging
 from ..utils.run_dir import RunDir, RunDirError, git_sha
-from . import minmax_scale
+from .base import minmax_scale
 
 _logger = logging.getLogger("stage1_cam.cams")  # not __name__: it is "__main__" under -m
 

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 
 from ..models.clip_backbone import ClipFeatures, FrozenClipBackbone, block_mlp, merge_heads, qkv_heads, \
     softmax_attention
-from . import CAM_SOURCES, CamOutput, attention_without_cls, check_attn_layers, normalize_labels
+from ..registry import CAM_SOURCES
+from .base import CamOutput, attention_without_cls, check_attn_layers, normalize_labels
 
 _logger = logging.getLogger(__name__)
 

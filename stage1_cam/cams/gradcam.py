@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from ..models.clip_backbone import (ClipFeatures, FrozenClipBackbone, attention_for_grads, attention_qkv_grad_means,
                                      block_mlp, merge_heads, qkv_heads, qkv_mean_grads_to_input)
-from . import CAM_SOURCES, CamOutput, attention_without_cls, check_attn_layers, minmax_scale, normalize_labels
+from ..registry import CAM_SOURCES
+from .base import CamOutput, attention_without_cls, check_attn_layers, minmax_scale, normalize_labels
 
 _logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..constants import IMAGENET_MEAN, IMAGENET_STD
+from ..constants import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS
 from .datasets import SegDataset, multi_hot
 
 _logger = logging.getLogger(__name__)
@@ -203,3 +203,11 @@ class TrainCropDataset(Dataset):
         labels = multi_hot(self.base.image_labels(name), self.base.num_classes)
         return {"img": torch.from_numpy(img), "cls_label": torch.from_numpy(labels), "name": name,
                 "index": index, "img_box": torch.from_numpy(img_box)}
+
+
+def normalization(cfg: Any) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Per-channel (mean, std) of ``cfg.data.normalization`` (0-255 scale, RGB)."""
+    try:
+        return NORMALIZATIONS[cfg.data.normalization]
+    except KeyError:
+        raise ValueError(f"data.normalization={cfg.data.normalization!r}; valid: {', '.join(NORMALIZATIONS)}") from None

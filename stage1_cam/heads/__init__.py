@@ -1,6 +1,7 @@
 """Refinement heads (registry ``HEADS``): ``weclip``, ``weakclip``."""
 
-from .weclip import HEADS, PseudoLabelCfg, WeCLIPHead, build_weclip_head
+from ..registry import HEADS
+from .weclip import PseudoLabelCfg, WeCLIPHead, build_weclip_head  # registers 'weclip'
 from .weakclip import WeakCLIPHead, build_weakclip_head  # registers 'weakclip'
 
 __all__ = ["HEADS", "PseudoLabelCfg", "WeCLIPHead", "WeakCLIPHead", "build_weakclip_head", "build_weclip_head"]

@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -53,8 +51,12 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..constants import IGNORE_INDEX
+from ..data.class_names import get_classes
+from ..data.transforms import normalization
+from ..models.text import get_tokenizer
 from ..refine.crf import dense_crf
-from .weclip import HEADS
+from ..registry import HEADS
+from ..utils.run_dir import RunDir
 
 _logger = logging.getLogger(__name__)
 
@@ -840,10 +842,6 @@ class WeakCLIPHead(nn.Module):
 
 def build_weakclip_head(*, cfg: Any, backbone: nn.Module, cam_source: Any, num_classes: int) -> WeakCLIPHead:
     """Map a validated stage-1 config to :class:`WeakCLIPHead` (``cam_source`` is not used)."""
-    from ..build import normalization
-    from ..data.class_names import get_classes
-    from ..models.text import get_tokenizer
-    from ..utils.run_dir import RunDir
 
     opts = resolve_options(cfg.head.options)
     class_names = tuple(get_classes(cfg.data.dataset))
@@ -862,64 +860,7 @@ def build_weakclip_head(*, cfg: Any, backbone: nn.Module, cam_source: Any, num_c
 HEADS.register("weakclip")(build_weakclip_head)
 
 
-# ------------------------------------------------------------------------------------------- benchmark
-def bench_step(*, model: str = "ViT-B-16", size: int = 320, batch: int = 4, steps: int = 3,
-               device: Optional[torch.device] = None) -> Dict[str, Any]:
-    """WeakCLIP training seconds/iteration and peak memory (random CLIP weights, VOC classes).
-
-    One warm-up step, then ``steps`` timed steps (forward with the CPU CRF, backward, AdamW) on random
-    images and blocky random masks; bf16 autocast on CUDA.
-
-    Returns:
-        settings, ``seconds_per_iter_median``, ``seconds_per_iter_all``, ``peak_memory_mib`` and its kind.
-    """
-    from ..build import build_stage1
-    from ..config import default_config
-    from ..utils.dist import peak_memory_mb
-
-    device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    cfg = default_config({"clip.model_name": model, "clip.pretrained": None, "data.dataset": "voc",
-                          "head.type": "weakclip", "head.decoder_heads": 4, "data.crop_size": size,
-                          "train.batch_size": batch})
-    torch.manual_seed(0)
-    stack = build_stage1(cfg, device)
-    head = stack.head.train()
-    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=1e-4, weight_decay=3e-5)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, size, size, generator=g).to(device)
-    blocks = torch.tensor([0, 3, 12, IGNORE_INDEX])[torch.randint(0, 4, (batch, size // 32, size // 32), generator=g)]
-    masks = blocks.repeat_interleave(32, 1).repeat_interleave(32, 2)
-    masks = F.pad(masks, (0, size - masks.shape[-1], 0, size - masks.shape[-2]), value=IGNORE_INDEX).to(device)
-    amp = device.type == "cuda"
-    if amp:
-        torch.cuda.reset_peak_memory_stats(device)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def step(i: int) -> float:
-        sync()
-        t = time.perf_counter()
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            out = head.forward_train(x, None, i, masks=masks)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-        sync()
-        return time.perf_counter() - t
-
-    step(0)  # warm-up
-    times = [step(i + 1) for i in range(steps)]
-    n_train = sum(p.numel() for p in head.parameters() if p.requires_grad)
-    return {"settings": {"model": model, "size": size, "batch": batch, "steps": steps, "amp": "bf16" if amp else "none",
-                         "trainable_parameters": n_train},
-            "seconds_per_iter_median": statistics.median(times), "seconds_per_iter_all": times,
-            "peak_memory_mib": peak_memory_mb(device),
-            "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"}
-
-
 __all__ = ["BOUNDARY_CRF", "PARITY_OPTIONS", "CoAttention", "CompactFPN", "FPNSegHead", "MaskedTrainCrops",
            "PromptTextEncoder", "PyramidAdapter", "WeakCLIPDecoder", "WeakCLIPHead", "WeakCLIPOptions",
-           "augment_mask", "bench_step", "boundary_loss", "build_weakclip_head", "crf_targets", "dgcn_softmax",
+           "augment_mask", "boundary_loss", "build_weakclip_head", "crf_targets", "dgcn_softmax",
            "resolve_options", "score_map_loss", "seed_loss"]

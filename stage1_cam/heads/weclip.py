@@ -23,12 +23,10 @@ from ..refine.affinity import attention_affinity, refine_cams, rfm_affinity
 from ..refine.labels import cams_to_label_batch
 from ..refine.par import PAR
 from ..refine.sinkhorn import transition_matrix
-from ..registry import Registry
+from ..registry import HEADS
 from .decoder import WeCLIPDecoder
 
 _logger = logging.getLogger(__name__)
-
-HEADS = Registry("head")
 
 
 @dataclass

@@ -36,31 +36,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..constants import ENV_CLIP_WEIGHTS
+from .model_configs import MODEL_CONFIG_DIR, register_model_configs  # noqa: F401  (re-exported)
+from .world_weights import WORLD_SCHEME, resolve_world_weights
 
 _logger = logging.getLogger(__name__)
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 PRECISIONS = ("fp32", "fp16", "bf16")
 # Keys of OpenAI TorchScript checkpoints that are not parameters of the open_clip model.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 _TRUE = {"1", "true", "yes", "on"}
 _POS_CACHE_SIZE = 16
 
-_configs_registered = False
-
-
 RANDOM_INIT_SEED = 0  # seed of randomly initialised CLIPs (pretrained=None)
-
-
-def register_model_configs() -> None:
-    """Register the in-repo model configs (``stage1_cam/model_configs/*.json``) with open_clip, once."""
-    global _configs_registered
-    if _configs_registered:
-        return
-    import open_clip
-
-    open_clip.add_model_config(MODEL_CONFIG_DIR)
-    _configs_registered = True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -201,7 +188,8 @@ def resolve_clip_weights(model_name: str, pretrained: Optional[str], weights: Op
         pretrained: open_clip pretrained tag (e.g. ``"openai"``) or a file path; ``None`` means random
             initialisation (the environment variable is then ignored too).
         weights: explicit weights file; wins over everything else. ``"world:<preset>"`` names the
-            synthetic world's CLIP trained by ``make world`` (:func:`stage1_cam.world.resolve_world_weights`).
+            synthetic world's CLIP trained by ``make world``
+            (:func:`~stage1_cam.models.world_weights.resolve_world_weights`).
         cache_dir: extra cache folder searched first (and used for downloads).
 
     Returns:
@@ -211,10 +199,8 @@ def resolve_clip_weights(model_name: str, pretrained: Optional[str], weights: Op
         FileNotFoundError: a named file does not exist, or no weights can be found or downloaded.
         ValueError: ``pretrained`` is neither a file nor a tag known to open_clip for this model.
     """
-    if weights and str(weights).startswith("world:"):
+    if weights and str(weights).startswith(WORLD_SCHEME):
         # The synthetic world's CLIP trained in-repo (`make world`): "world:<preset>" names its cache entry.
-        from ..world import resolve_world_weights
-
         return resolve_world_weights(str(weights), model_name)
     if weights:
         if not os.path.isfile(weights):
@@ -264,7 +250,7 @@ def _is_torchscript_archive(path: str) -> bool:
 
 
 @contextmanager
-def _drop_open_clip_random_init_warning() -> Iterator[None]:
+def drop_open_clip_random_init_warning() -> Iterator[None]:
     """Hide open_clip's "initialized randomly" warning while building a model we load right after."""
 
     class _Filter(logging.Filter):
@@ -339,7 +325,7 @@ def load_clip(model_name: str = "ViT-B-16", *, pretrained: Optional[str] = "open
     quick_gelu = bool(pretrained and _pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
     if path is not None and _is_torchscript_archive(path):
         quick_gelu = True
-    ctx = _drop_open_clip_random_init_warning() if path is not None else nullcontext()
+    ctx = drop_open_clip_random_init_warning() if path is not None else nullcontext()
     # A randomly initialised CLIP (tests, demo) must be the same model in every process that builds it
     # (training, dump, CAMs, every DDP rank): initialise it from a fixed seed without touching global RNGs.
     with ctx, torch.random.fork_rng(devices=[]):

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.class_names import BACKGROUND_WORDS, PROMPT_NAMES
-from .clip_backbone import register_model_configs
+from .model_configs import register_model_configs
 
 _logger = logging.getLogger(__name__)
 
