@@ -261,7 +261,7 @@ def bench_dump(model: str, images: int, batch: int) -> Dict[str, Any]:
         crf_labels(imgs[0], p, np.arange(k))
         crf_t[f"{k}_labels_seconds"] = time.perf_counter() - t
     res["crf_seconds_per_image"] = crf_t
-    res["reference_seconds_per_image_no_crf"] = 3.2  # the reference code's path on the 2-core CPU, same settings (bench/README.md)
+    res["reference_seconds_per_image_no_crf"] = 3.2  # the reference code on the 2-core CPU (bench/README.md)
     return {"settings": {"model": model, "image": "500x375", "long_side": 512, "scales": [1.0, 0.75], "flip": True,
                          "images": images, "present_classes": 2}, **res}
 
