@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from .constants import IGNORE_INDEX, NORMALIZATIONS
 from .data.class_names import BACKGROUND_WORDS, PROMPT_NAMES
 from .data.synthetic import BACKGROUND_STYLES, GENERATOR_VERSION, STUFF_WORDS, render_sample
+from .utils.cli import BadInputError, UnknownNameError
 
 _logger = logging.getLogger("stage1_cam.world")  # not __name__: it is "__main__" under -m
 
@@ -137,26 +138,26 @@ class WorldCfg:
     def check(self) -> None:
         """Raise ValueError naming the bad field."""
         if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"world normalization={self.normalization!r}; valid: {', '.join(NORMALIZATIONS)}")
+            raise BadInputError(f"world normalization={self.normalization!r}; valid: {', '.join(NORMALIZATIONS)}")
         if self.template.count("{}") != 1:
-            raise ValueError(f"world template {self.template!r} must contain exactly one '{{}}'")
+            raise BadInputError(f"world template {self.template!r} must contain exactly one '{{}}'")
         if len(self.image_size) != 2 or min(self.image_size) < 32:
-            raise ValueError(f"world image_size must be (H, W) with both >= 32, got {self.image_size}")
+            raise BadInputError(f"world image_size must be (H, W) with both >= 32, got {self.image_size}")
         for name in ("max_objects", "num_images", "steps", "tokens_per_step", "eval_images"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"world {name} must be >= 1, got {getattr(self, name)}")
+                raise BadInputError(f"world {name} must be >= 1, got {getattr(self, name)}")
         if not self.crop_grids or any(len(g) != 2 or min(g) < 1 for g in self.crop_grids):
-            raise ValueError(f"world crop_grids must be non-empty (rows, cols) pairs >= 1, got {self.crop_grids}")
+            raise BadInputError(f"world crop_grids must be non-empty (rows, cols) pairs >= 1, got {self.crop_grids}")
         if self.local_weight < 0 or self.local_layers < 0:
-            raise ValueError(f"world local_weight and local_layers must be >= 0, got {self.local_weight}, "
-                             f"{self.local_layers}")
+            raise BadInputError(f"world local_weight and local_layers must be >= 0, got {self.local_weight}, "
+                                f"{self.local_layers}")
         if len(self.region) != 2 or min(self.region) < 0 or self.region_weight < 0:
-            raise ValueError(f"world region must be (rows, cols) >= 0 and region_weight >= 0, got {self.region}, "
-                             f"{self.region_weight}")
+            raise BadInputError(f"world region must be (rows, cols) >= 0 and region_weight >= 0, got {self.region}, "
+                                f"{self.region_weight}")
         if not 0.0 < self.min_visible < 1.0:
-            raise ValueError(f"world min_visible must be in (0, 1), got {self.min_visible}")
+            raise BadInputError(f"world min_visible must be in (0, 1), got {self.min_visible}")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError("world lr must be > 0 and weight_decay, warmup_steps, grad_clip >= 0")
+            raise BadInputError("world lr must be > 0 and weight_decay, warmup_steps, grad_clip >= 0")
 
 
 # Named settings that stage-1 configs refer to as clip.weights = "world:<name>".
@@ -200,8 +201,8 @@ def _model_config(model_name: str) -> Dict[str, Any]:
     register_model_configs()
     mc = open_clip.get_model_config(model_name)
     if mc is None:
-        raise ValueError(f"unknown CLIP model {model_name!r} for the world CLIP; valid: "
-                         f"{', '.join(open_clip.list_models())}")
+        raise BadInputError(f"unknown CLIP model {model_name!r} for the world CLIP; valid: "
+                            f"{', '.join(open_clip.list_models())}")
     return mc
 
 
@@ -243,7 +244,7 @@ def get_preset(name: str) -> WorldCfg:
     try:
         return WORLD_PRESETS[name]
     except KeyError:
-        raise KeyError(f"unknown world preset {name!r}; valid: {', '.join(sorted(WORLD_PRESETS))}") from None
+        raise UnknownNameError(f"unknown world preset {name!r}; valid: {', '.join(sorted(WORLD_PRESETS))}") from None
 
 
 def resolve_world_weights(spec: str, model_name: str, *, root: Union[str, Path, None] = None) -> str:
@@ -263,12 +264,12 @@ def resolve_world_weights(spec: str, model_name: str, *, root: Union[str, Path, 
         FileNotFoundError: the preset has not been trained yet (the message says to run ``make world``).
     """
     if not spec.startswith(WORLD_SCHEME):
-        raise ValueError(f"{spec!r} is not a world weights spec ({WORLD_SCHEME}<preset>)")
+        raise BadInputError(f"{spec!r} is not a world weights spec ({WORLD_SCHEME}<preset>)")
     name = spec[len(WORLD_SCHEME):] or "default"
     cfg = get_preset(name)
     if cfg.model_name != model_name:
-        raise ValueError(f"clip.weights={spec!r} holds weights of {cfg.model_name!r}, but clip.model_name is "
-                         f"{model_name!r}; set clip.model_name={cfg.model_name!r}")
+        raise BadInputError(f"clip.weights={spec!r} holds weights of {cfg.model_name!r}, but clip.model_name is "
+                            f"{model_name!r}; set clip.model_name={cfg.model_name!r}")
     entry = world_cache_dir(cfg, root)
     if _read_meta(entry, world_hash(cfg)) is None:
         raise FileNotFoundError(
@@ -726,14 +727,14 @@ def train_world_clip(cfg: WorldCfg, *, root: Union[str, Path, None] = None, forc
     gh, gw = model.visual.grid_size
     h, w = int(cfg.image_size[0]), int(cfg.image_size[1])
     if (h // patch, w // patch) != (gh, gw):
-        raise ValueError(f"world image_size {cfg.image_size} gives a {h // patch}x{w // patch} patch grid, but "
-                         f"{cfg.model_name} has a {gh}x{gw} positional grid; make them match")
+        raise BadInputError(f"world image_size {cfg.image_size} gives a {h // patch}x{w // patch} patch grid, but "
+                            f"{cfg.model_name} has a {gh}x{gw} positional grid; make them match")
     n_blocks = len(model.visual.transformer.resblocks)
     if cfg.local_layers > n_blocks:
-        raise ValueError(f"world local_layers={cfg.local_layers} exceeds the {n_blocks} blocks of {cfg.model_name}")
+        raise BadInputError(f"world local_layers={cfg.local_layers} exceeds the {n_blocks} blocks of {cfg.model_name}")
     for rows, cols in cfg.crop_grids:
         if rows > gh or cols > gw:
-            raise ValueError(f"world crop grid {(rows, cols)} exceeds the {gh}x{gw} patch grid")
+            raise BadInputError(f"world crop grid {(rows, cols)} exceeds the {gh}x{gw} patch grid")
     mean_t, std_t = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in NORMALIZATIONS[cfg.normalization])
     entry.mkdir(parents=True, exist_ok=True)
     (entry / META_FILE).unlink(missing_ok=True)
@@ -778,7 +779,7 @@ def _cfg_from_options(base: WorldCfg, options: Dict[str, Any]) -> WorldCfg:
     changes = {}
     for key, value in options.items():
         if key not in names:
-            raise ValueError(f"unknown world option {key!r}; valid: {', '.join(names)}")
+            raise BadInputError(f"unknown world option {key!r}; valid: {', '.join(names)}")
         default = getattr(base, key)
         if isinstance(default, tuple):
             value = tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in value)
@@ -794,8 +795,8 @@ def _preset_from_stage1_config(path: str) -> Tuple[str, Any]:
     cfg = load_config(path)
     spec = cfg.clip.weights
     if not str(spec or "").startswith(WORLD_SCHEME):
-        raise ValueError(f"{path}: clip.weights={spec!r} does not name a world CLIP; set clip.weights="
-                         f"'{WORLD_SCHEME}default' (or pass --preset)")
+        raise BadInputError(f"{path}: clip.weights={spec!r} does not name a world CLIP; set clip.weights="
+                            f"'{WORLD_SCHEME}default' (or pass --preset)")
     name = str(spec)[len(WORLD_SCHEME):] or "default"
     preset = get_preset(name)
     mismatches = [(k, getattr(preset, k2), v) for k, k2, v in (
@@ -804,7 +805,7 @@ def _preset_from_stage1_config(path: str) -> Tuple[str, Any]:
         ("data.synthetic.image_size", "image_size", tuple(cfg.data.synthetic.image_size)))
         if getattr(preset, k2) != v]
     if mismatches:
-        raise ValueError(f"{path}: the world preset {name!r} was trained with " + ", ".join(
+        raise BadInputError(f"{path}: the world preset {name!r} was trained with " + ", ".join(
             f"{k}={a!r}" for k, a, _ in mismatches) + " but the config has " + ", ".join(
             f"{k}={b!r}" for k, _, b in mismatches) + "; make them match")
     return name, cfg
@@ -812,7 +813,8 @@ def _preset_from_stage1_config(path: str) -> Tuple[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m stage1_cam.world``: train (or find cached) the synthetic world's CLIP; prints its path."""
-    from .config import ConfigError, DictAction
+    from .config import DictAction
+    from .utils.cli import exit_on_user_error
     from .utils.logging import setup_logging
 
     p = argparse.ArgumentParser(prog="python -m stage1_cam.world", description=__doc__.split("\n\n")[0])
@@ -837,9 +839,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         result = train_world_clip(cfg, root=args.cache, force=args.force)
-    except (ValueError, KeyError, FileNotFoundError, ConfigError) as err:
-        _logger.error("%s", err)
-        return 2
+    except Exception as err:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
+        return exit_on_user_error(err, _logger)
     after = result.meta["eval_after"]
     _logger.info("world CLIP (%s): eval loss %.3f -> %.3f, fg mAP %.3f, stuff acc %.3f, %.0f s of training",
                  "trained" if result.trained else "cached", result.meta["eval_before"]["loss"], after["loss"],
