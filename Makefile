@@ -63,7 +63,7 @@ world: $(STAMP)  ## tiny CLIP trained on the synthetic world, cached under $$WSS
 pseudo-labels: $(STAMP) $(NEEDS_WORLD)  ## stage 1: train the head (if no checkpoint), dump shards, manifest, evaluate
 	$(PY) -m pipelines pseudo-labels $(COMMON) $(if $(SHARDS),--shards $(SHARDS)) $(if $(HEAD),--head $(HEAD))
 
-retrain: $(STAMP) $(NEEDS_WORLD)  ## stage 2: MMSegmentation on the shards, evaluated on val
+retrain: $(STAMP) $(NEEDS_WORLD)  ## stage 2: MMSegmentation on the shards, evaluated on val (stage-2 overrides: S2_OPTIONS; OPTIONS that differ from the run's are refused)
 	$(PY) -m pipelines retrain $(COMMON) $(if $(MODEL),--model $(MODEL)) $(if $(S2_OPTIONS),--s2-options $(S2_OPTIONS))
 
 report: $(STAMP)  ## one report: pseudo-mask quality, retrained model, cost, environment

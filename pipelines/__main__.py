@@ -11,11 +11,12 @@ import argparse
 import json
 import logging
 import sys
-from typing import List, Optional
+from typing import Any, List, Optional
 
-from stage1_cam.config import ConfigError, DictAction, config_hash, load_config
+from stage1_cam.config import DictAction, config_hash, load_config
+from stage1_cam.utils.cli import exit_on_user_error
 from stage1_cam.utils.logging import setup_logging
-from stage1_cam.utils.run_dir import RunDir, RunDirError
+from stage1_cam.utils.run_dir import RunDir
 
 from .stages import Paths, StageError, manifest_complete, python_cmd, run_cmd, stage2_config
 
@@ -36,8 +37,42 @@ def _resolve(args: argparse.Namespace, *, prepare: bool) -> tuple:
     else:
         if not run.config_file.is_file():
             raise StageError(f"{run.path} has no resolved config; run `make pseudo-labels` for this DATASET/RUN first")
+        asked = cfg
         cfg = load_config(run.config_file)  # later stages use the run's resolved config, not the template
+        _refuse_ignored_options(args, asked, cfg, run)
     return cfg, run
+
+
+def _lookup(tree: Any, key: str) -> Any:
+    """The value at a dotted key of a nested dict (``None`` when absent)."""
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _refuse_ignored_options(args: argparse.Namespace, asked: Any, cfg: Any, run: RunDir) -> None:
+    """Stage-1 ``--cfg-options`` (``OPTIONS=``) of a later stage must agree with the run's resolved config.
+
+    Retrain, report, status and cancel read the run's ``config.py``, not the template: an option that differs
+    from it would be silently ignored, so it is refused (options equal to the run's values are fine, e.g. the
+    same ``OPTIONS`` passed to every target of ``make demo``). ``asked`` is the template with the options applied.
+
+    Raises:
+        StageError: naming the options, the run's values and where they take effect.
+    """
+    opts = {k: v for k, v in (getattr(args, "cfg_options", None) or {}).items() if k != "run.name"}
+    if not opts:
+        return
+    wanted, have = asked.to_dict(), cfg.to_dict()  # both validated: the same types
+    differ = [k for k in opts if _lookup(wanted, k) != _lookup(have, k)]
+    if differ:
+        shown = ", ".join(f"{k}={_lookup(wanted, k)!r} (the run has {_lookup(have, k)!r})" for k in differ)
+        raise StageError(
+            f"`{args.command}` uses the run's resolved config {run.config_file}, so stage-1 OPTIONS/--cfg-options "
+            f"{shown} would be ignored: change a run's stage-1 settings with `make pseudo-labels OPTIONS=... "
+            f"OVERWRITE=1` (then retrain), pass stage-2 settings as S2_OPTIONS=..., or drop these options")
 
 
 def _data_root(cfg) -> str:
@@ -185,9 +220,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         COMMANDS[args.command](args)
         return 0
-    except (StageError, RunDirError, ConfigError, FileNotFoundError, ValueError, KeyError) as e:
-        _logger.error("%s", e)
-        return 2
+    except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
+        return exit_on_user_error(e, _logger, extra=(StageError,))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 
 from stage1_cam.utils.precision import autocast_dtype, cpu_features, native_bf16_cpu, precision_name
 
+from stage1_cam.utils.cli import exit_on_user_error
+
 
 def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -334,6 +336,14 @@ def _bench_weakclip(a: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point; bad input (an unwritable --out, a missing weights file) exits with code 2 and one message."""
+    try:
+        return _main(argv)
+    except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
+        return exit_on_user_error(e, "pipelines")
+
+
+def _main(argv: Optional[List[str]]) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="+", choices=sorted(BENCHES), default=sorted(BENCHES))
     p.add_argument("--out", default="bench/results")

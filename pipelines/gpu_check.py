@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from stage1_cam.utils.precision import cpu_features
+from stage1_cam.utils.cli import exit_on_user_error
 
 from .bench import save_results
 
@@ -154,6 +155,14 @@ def compare(model: str, size: int, batch: int, device: torch.device, modes: Sequ
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point; bad input (an unwritable --out, a missing weights file) exits with code 2 and one message."""
+    try:
+        return _main(argv)
+    except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
+        return exit_on_user_error(e, "pipelines")
+
+
+def _main(argv: Optional[List[str]]) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.gpu_check", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--model", default="ViT-B-16")

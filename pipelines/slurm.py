@@ -49,6 +49,7 @@ from string import Template
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from stage1_cam.config import config_hash
+from stage1_cam.utils.cli import BadInputError, UnknownNameError
 from stage1_cam.utils.run_dir import RunDir
 
 from .stages import Paths, StageError, manifest_complete, python_cmd, run_cmd
@@ -85,13 +86,13 @@ def _env_int(env: Mapping[str, str], name: str, *, minimum: int) -> Optional[int
     except ValueError:
         value = minimum - 1
     if value < minimum:
-        raise ValueError(f"{name}={raw!r} must be an integer >= {minimum} (unset it to use the default)")
+        raise BadInputError(f"{name}={raw!r} must be an integer >= {minimum} (unset it to use the default)")
     return value
 
 
 def _check_value(name: str, value: str) -> str:
     if not value or any(c.isspace() for c in value):
-        raise ValueError(f"{name}={value!r} must be a single non-empty word without spaces")
+        raise BadInputError(f"{name}={value!r} must be a single non-empty word without spaces")
     return value
 
 
@@ -126,7 +127,7 @@ class SbatchOptions:
         """
         env = os.environ if env is None else env
         if gpus < 0:
-            raise ValueError(f"--gpus/GPUS={gpus} must be >= 0")
+            raise BadInputError(f"--gpus/GPUS={gpus} must be >= 0")
         per_job = _env_int(env, "SLURM_GPUS_PER_JOB", minimum=0)
         gres = env.get("SLURM_GRES", "").strip() or "gpu"
         partition = env.get("SLURM_PARTITION", "").strip() or None
@@ -135,8 +136,8 @@ class SbatchOptions:
         try:
             extra = tuple(shlex.split(env.get("SBATCH_EXTRA", "")))
         except ValueError as e:
-            raise ValueError(f"SBATCH_EXTRA={env.get('SBATCH_EXTRA')!r} is not a valid argument list ({e}); "
-                             f"quote it like a shell command line") from e
+            raise BadInputError(f"SBATCH_EXTRA={env.get('SBATCH_EXTRA')!r} is not a valid argument list ({e}); "
+                                f"quote it like a shell command line") from e
         for name, value in (("SLURM_PARTITION", partition), ("SLURM_GRES", gres), ("SLURM_MEM", mem),
                             ("SLURM_TIME", time)):
             if value is not None:
@@ -236,10 +237,10 @@ def render_script(spec: JobSpec, *, run: RunDir, options: SbatchOptions, workdir
     try:
         return Template(path.read_text()).substitute(values)
     except KeyError as e:
-        raise KeyError(f"template {path} uses ${{{e.args[0]}}}, which pipelines.slurm does not provide; "
-                       f"available: {', '.join(sorted(values))}") from None
+        raise UnknownNameError(f"template {path} uses ${{{e.args[0]}}}, which pipelines.slurm does not provide; "
+                               f"available: {', '.join(sorted(values))}") from None
     except ValueError as e:
-        raise ValueError(f"template {path}: {e}; write a literal $ as $$") from None
+        raise BadInputError(f"template {path}: {e}; write a literal $ as $$") from None
 
 
 def job_name(run: RunDir, stage: str) -> str:
@@ -262,11 +263,11 @@ def load_jobs(path: Path) -> Dict[str, Dict[str, Any]]:
     try:
         data = json.loads(path.read_text())
     except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); it is written by pipelines.slurm: move it away") from None
+        raise BadInputError(f"{path} is not valid JSON ({e}); it is written by pipelines.slurm: move it away") from None
     jobs = data.get("jobs") if isinstance(data, dict) else None
     if not isinstance(jobs, dict) or not all(isinstance(r, dict) and "job_id" in r for r in jobs.values()):
-        raise ValueError(f"{path} is not a jobs file written by pipelines.slurm (no 'jobs' mapping of stage "
-                         f"records with a 'job_id'); move it away")
+        raise BadInputError(f"{path} is not a jobs file written by pipelines.slurm (no 'jobs' mapping of stage "
+                            f"records with a 'job_id'); move it away")
     return jobs
 
 

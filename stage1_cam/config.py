@@ -13,15 +13,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
 from mmengine.config import Config, ConfigDict, DictAction  # noqa: F401  (DictAction re-exported for entry points)
 
+from .utils.cli import BadInputError
 
-class ConfigError(ValueError):
-    """A configuration file or override is invalid."""
+
+class ConfigError(BadInputError):
+    """A configuration file or override is invalid (a ``ValueError``; entry points exit with code 2)."""
 
 
 @dataclass
@@ -227,11 +230,119 @@ def _validate(data: Dict[str, Any], schema: type, prefix: str, source: str) -> D
     return out
 
 
+@dataclass(frozen=True)
+class Range:
+    """A closed or half-open interval of valid values; ``None`` bounds are unbounded."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False  # (low, ...] instead of [low, ...]
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        lo = "(-inf" if self.low is None else f"{'(' if self.low_open else '['}{self.low:g}"
+        hi = "inf)" if self.high is None else f"{self.high:g}{')' if self.high_open else ']'}"
+        return f"{lo}, {hi}"
+
+
+_COUNT, _COUNT0 = Range(1), Range(0)  # >= 1, >= 0
+_POSITIVE, _NONNEG, _UNIT = Range(0, low_open=True), Range(0.0), Range(0.0, 1.0)
+_SEED = Range(0, 2 ** 32 - 1)  # numpy's seed range
+# Valid range of every numeric field (sequences: of every element). Checked by validate_config, so a bad value
+# fails before a run directory is made. A new numeric field without an entry fails test_config_ranges.
+RANGES: Dict[str, Range] = {
+    "run.seed": _SEED,
+    "data.synthetic.num_train": _COUNT, "data.synthetic.num_val": _COUNT,
+    "data.synthetic.image_size": Range(32), "data.synthetic.max_objects": _COUNT, "data.synthetic.seed": _SEED,
+    "data.crop_size": _COUNT, "data.scale_range": _POSITIVE, "data.num_workers": _COUNT0,
+    "cam.box_threshold": _UNIT, "cam.attn_layers": _COUNT, "cam.bg_exponent": _POSITIVE,
+    "cam.num_attributes": _COUNT, "cam.topk": Range(0.0, 1.0, low_open=True), "cam.batch_size": _COUNT,
+    "head.embed_dim": _COUNT, "head.decoder_layers": _COUNT0, "head.decoder_heads": _COUNT,
+    "head.dropout": Range(0.0, 1.0, high_open=True), "head.aff_loss_weight": _NONNEG, "head.aff_radius": _COUNT,
+    "head.rfm.start_step": _COUNT0, "head.rfm.layers": _COUNT,
+    "train.max_iters": _COUNT, "train.batch_size": _COUNT, "train.lr": _POSITIVE, "train.weight_decay": _NONNEG,
+    "train.warmup_iters": _COUNT0, "train.warmup_ratio": _UNIT, "train.power": _NONNEG,
+    "train.log_interval": _COUNT, "train.ckpt_interval": _COUNT, "train.val_interval": _COUNT0,
+    "train.val_max_images": _COUNT0,
+    "dump.long_side": _COUNT, "dump.scales": _POSITIVE, "dump.batch_size": _COUNT, "dump.ignore_threshold": _UNIT,
+    "dump.num_shards": Range(1, 99999),
+    "dump.crf.iterations": _COUNT, "dump.crf.pos_xy_std": _POSITIVE, "dump.crf.pos_w": _NONNEG,
+    "dump.crf.bi_xy_std": _POSITIVE, "dump.crf.bi_rgb_std": _POSITIVE, "dump.crf.bi_w": _NONNEG,
+    "dump.crf.workers": _COUNT0,
+}
+
+
+def _registry_names(kind: str) -> Sequence[str]:
+    """Names registered for ``head.type`` / ``cam.source`` (imported lazily: they pull in torch)."""
+    if kind == "head":
+        from .heads import HEADS
+
+        return HEADS.list_names()
+    from .cams import CAM_SOURCES
+
+    return CAM_SOURCES.list_names()
+
+
+def _choices() -> Dict[str, Sequence[str]]:
+    """Valid values of the string fields that select something (registries are read when needed)."""
+    from .constants import NORMALIZATIONS
+    from .data.class_names import CLASSES
+    from .refine.affinity import RFM_SCORES
+    from .utils.precision import AMP_MODES
+
+    return {"data.dataset": sorted(CLASSES), "data.normalization": list(NORMALIZATIONS),
+            "clip.precision": ("fp32", "fp16", "bf16"), "train.amp": AMP_MODES,
+            "head.rfm.score": RFM_SCORES}
+
+
+def _check_values(cfg: Dict[str, Any], source: str) -> None:
+    """Range-check numeric fields and validate names; raises ConfigError naming the key, value and valid set."""
+    flat = _flatten(cfg)
+    for key, rng in RANGES.items():
+        value = flat[key]
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(v not in rng for v in values):
+            what = "every value" if isinstance(value, (list, tuple)) else "it"
+            raise ConfigError(f"{source}: {key}={value!r} is out of range: {what} must be in {rng}")
+    if not flat["dump.scales"]:
+        raise ConfigError(f"{source}: dump.scales is empty; give at least one test-time scale, e.g. (1.0,)")
+    lo, hi = flat["data.scale_range"]
+    if lo > hi:
+        raise ConfigError(f"{source}: data.scale_range={flat['data.scale_range']!r} must be (low, high) with "
+                          f"low <= high")
+    if flat["clip.template"].count("{}") != 1:
+        raise ConfigError(f"{source}: clip.template={flat['clip.template']!r} must contain '{{}}' exactly once (where "
+                          f"the class name goes), e.g. 'a photo of a {{}}.'")
+    if flat["head.type"] == "weclip" and flat["head.embed_dim"] % flat["head.decoder_heads"]:
+        raise ConfigError(f"{source}: head.embed_dim={flat['head.embed_dim']} is not divisible by head.decoder_heads="
+                          f"{flat['head.decoder_heads']}; the decoder splits its width over the heads")
+    choices = dict(_choices())
+    for key in ("head.type", "cam.source"):
+        choices[key] = _registry_names(key.split(".")[0])
+    for key, valid in choices.items():
+        if flat[key] not in valid:
+            raise ConfigError(f"{source}: {key}={flat[key]!r} is not valid; valid: {', '.join(valid)}")
+
+
 def validate_config(cfg: Config, source: str = "<config>") -> ConfigDict:
-    """Validate a merged mmengine Config against :class:`Stage1Cfg`; returns a ConfigDict with defaults."""
+    """Validate a merged mmengine Config against :class:`Stage1Cfg`; returns a ConfigDict with defaults.
+
+    Raises:
+        ConfigError: an unknown key, a wrong type, a value out of its range (:data:`RANGES`) or an unknown name
+            (dataset, head type, CAM source, ...); the message names the key, the value and what is valid.
+    """
     raw = cfg.to_dict()
     raw.pop("_base_", None)
-    return ConfigDict(_validate(raw, Stage1Cfg, "", source))
+    out = _validate(raw, Stage1Cfg, "", source)
+    _check_values(out, source)
+    return ConfigDict(out)
 
 
 def default_config(options: Optional[Dict[str, Any]] = None) -> ConfigDict:
@@ -252,7 +363,7 @@ def load_config(path: Union[str, Path], cfg_options: Optional[Dict[str, Any]] = 
 
     Raises:
         FileNotFoundError: the file does not exist (message names it).
-        ConfigError: unknown keys or wrongly typed values.
+        ConfigError: unknown keys, wrongly typed or out-of-range values, unknown names.
     """
     path = Path(path)
     if not path.is_file():

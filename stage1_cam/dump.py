@@ -60,15 +60,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, DictAction, config_hash, load_config
+from .config import DictAction, config_hash, load_config
 from .constants import IGNORE_INDEX
 from .data.class_names import voc_palette
-from .io import ShardFormatError, ShardLockedError, ShardMeta, ShardReader, ShardWriter, assign_shards, \
+from .io import ShardFormatError, ShardMeta, ShardReader, ShardWriter, assign_shards, \
     shard_filename, write_manifest
 from .metrics import ConfusionMatrix, json_safe
+from .utils.cli import BadInputError, exit_on_user_error
 from .utils.logging import EveryN, setup_logging
 from .utils.precision import autocast_dtype, precision_name
-from .utils.run_dir import RunDir, RunDirError, git_sha
+from .utils.run_dir import RunDir, git_sha
 
 # Under ``python -m stage1_cam.dump`` the module is ``__main__``; keep its records in the package logger tree.
 _logger = logging.getLogger("stage1_cam.dump" if __name__ == "__main__" else __name__)
@@ -112,19 +113,19 @@ class DumpSettings:
     def __post_init__(self) -> None:
         self.scales = tuple(float(s) for s in self.scales)
         if self.long_side < 1:
-            raise ValueError(f"dump.long_side must be >= 1, got {self.long_side}")
+            raise BadInputError(f"dump.long_side must be >= 1, got {self.long_side}")
         if not self.scales or any(not s > 0 for s in self.scales):
-            raise ValueError(f"dump.scales must be a non-empty list of positive numbers, got {self.scales}")
+            raise BadInputError(f"dump.scales must be a non-empty list of positive numbers, got {self.scales}")
         if self.batch_size < 1:
-            raise ValueError(f"dump.batch_size must be >= 1, got {self.batch_size}")
+            raise BadInputError(f"dump.batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.ignore_threshold <= 1.0:
-            raise ValueError(f"dump.ignore_threshold must be in [0, 1] (0 = off), got {self.ignore_threshold}")
+            raise BadInputError(f"dump.ignore_threshold must be in [0, 1] (0 = off), got {self.ignore_threshold}")
         if self.crf_workers < 0:
-            raise ValueError(f"dump.crf.workers must be >= 0 (0 = cores - 1), got {self.crf_workers}")
+            raise BadInputError(f"dump.crf.workers must be >= 0 (0 = cores - 1), got {self.crf_workers}")
         if self.crf is not None:
             unknown = sorted(set(self.crf) - set(CRF_PARAM_KEYS))
             if unknown:
-                raise ValueError(f"unknown CRF parameters {unknown}; valid: {', '.join(CRF_PARAM_KEYS)}")
+                raise BadInputError(f"unknown CRF parameters {unknown}; valid: {', '.join(CRF_PARAM_KEYS)}")
 
     @classmethod
     def from_config(cls, cfg: Any) -> "DumpSettings":
@@ -575,12 +576,12 @@ def rerun_from_probs(reader: ShardReader, dataset: Any, names: Sequence[str], wr
     def submissions() -> Iterator[Tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         for name, image in _iter_images(dataset.load_image, todo):
             if name not in reader:
-                raise ValueError(f"image {name!r} is not in the source shards at {reader.shard_dir}; finish that "
-                                 f"dump first (same split and dump.num_shards)")
+                raise BadInputError(f"image {name!r} is not in the source shards at {reader.shard_dir}; finish that "
+                                    f"dump first (same split and dump.num_shards)")
             stored = reader.probs(name)
             if stored is None:
-                raise ValueError(f"{reader.shard_dir} holds no probabilities for {name!r}: --from-probs needs a "
-                                 f"dump made with dump.save_probs=True")
+                raise BadInputError(f"{reader.shard_dir} holds no probabilities for {name!r}: --from-probs needs a "
+                                    f"dump made with dump.save_probs=True")
             probs, keys = stored
             labels = reader.image_labels(name)
             if settings.label_constrained:
@@ -591,8 +592,8 @@ def rerun_from_probs(reader: ShardReader, dataset: Any, names: Sequence[str], wr
                     probs = (p / np.maximum(p.sum(axis=0, keepdims=True), 1e-12)).astype(np.float16)
                     keys = keys[sel]
             if probs.shape[1:] != image.shape[:2]:
-                raise ValueError(f"stored probabilities of {name!r} are {probs.shape[1:]} but the image is "
-                                 f"{image.shape[:2]}; the source shards belong to another copy of the dataset")
+                raise BadInputError(f"stored probabilities of {name!r} are {probs.shape[1:]} but the image is "
+                                    f"{image.shape[:2]}; the source shards belong to another copy of the dataset")
             yield name, image, probs, keys, labels
 
     return _postprocess_into(submissions(), writer=writer, settings=settings, postprocessor=postprocessor,
@@ -637,8 +638,8 @@ def evaluate_shards(shard_dir: Path, dataset: Any) -> Dict[str, Any]:
             continue
         pred = reader.label(name)
         if pred.shape != gt.shape:
-            raise ValueError(f"pseudo-mask of {name!r} in {shard_dir} is {pred.shape} but its ground truth is "
-                             f"{gt.shape}; the shards belong to another copy of the dataset")
+            raise BadInputError(f"pseudo-mask of {name!r} in {shard_dir} is {pred.shape} but its ground truth is "
+                                f"{gt.shape}; the shards belong to another copy of the dataset")
         cms["final"].update(pred, gt)
         gt_conf = gt.copy()
         gt_conf[pred == ignore] = IGNORE_INDEX
@@ -679,15 +680,15 @@ def _build_predictor(cfg: Any, checkpoint: Path, device: torch.device) -> Predic
 
     ckpt = load_checkpoint(checkpoint)
     if ckpt.get("head_type", cfg.head.type) != cfg.head.type:
-        raise ValueError(f"{checkpoint} holds a {ckpt.get('head_type')!r} head but the config says head.type="
-                         f"{cfg.head.type!r}; use the config the checkpoint was trained with")
+        raise BadInputError(f"{checkpoint} holds a {ckpt.get('head_type')!r} head but the config says head.type="
+                            f"{cfg.head.type!r}; use the config the checkpoint was trained with")
     trained = json.loads(ckpt["config"]) if isinstance(ckpt.get("config"), str) else {}
     for section, key in (("clip", "model_name"), ("clip", "pretrained"), ("clip", "weights"),
                          ("data", "normalization"), ("data", "dataset")):
         want, have = trained.get(section, {}).get(key, cfg[section][key]), cfg[section][key]
         if want != have:
-            raise ValueError(f"{checkpoint} was trained with {section}.{key}={want!r} but the config says {have!r}; "
-                             f"dump with the training config (or pass --cfg-options {section}.{key}=...)")
+            raise BadInputError(f"{checkpoint} was trained with {section}.{key}={want!r} but the config says {have!r}; "
+                                f"dump with the training config (or pass --cfg-options {section}.{key}=...)")
     # Seed as training does before building: a CLIP without pretrained weights (tests, demo) is randomly
     # initialised, and only the same seed gives the backbone the head was trained on.
     with torch.random.fork_rng(devices=[]):
@@ -709,9 +710,9 @@ def _shard_list(arg: Optional[str], num_shards: int) -> List[int]:
     try:
         i = int(arg)
     except ValueError:
-        raise ValueError(f"--shard must be an index or 'all', got {arg!r}") from None
+        raise BadInputError(f"--shard must be an index or 'all', got {arg!r}") from None
     if not 0 <= i < num_shards:
-        raise ValueError(f"--shard {i} is outside [0, {num_shards}) for --num-shards {num_shards}")
+        raise BadInputError(f"--shard {i} is outside [0, {num_shards}) for --num-shards {num_shards}")
     return [i]
 
 
@@ -770,7 +771,7 @@ def run_dump(cfg: Any, *, shards: Sequence[int], out_dir: Path, checkpoint: Opti
     reader: Optional[ShardReader] = None
     if from_probs is not None:
         if Path(from_probs).resolve() == Path(out_dir).resolve():
-            raise ValueError(f"--from-probs {from_probs} is also the output directory; pass another --out")
+            raise BadInputError(f"--from-probs {from_probs} is also the output directory; pass another --out")
         reader = ShardReader(from_probs, allow_incomplete=True)
         src = reader.meta
         if src.get("dataset") != cfg.data.dataset:
@@ -900,7 +901,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         out_dir = Path(args.out) if args.out else run_dir.shard_dir
         num_shards = cfg["dump"]["num_shards"]
         if num_shards < 1:
-            raise ValueError(f"dump.num_shards must be >= 1, got {num_shards}")
+            raise BadInputError(f"dump.num_shards must be >= 1, got {num_shards}")
         do_dump = args.shard is not None or not args.evaluate
         rank, world, local_rank = _process_slot()
         tag = "evaluate" if not do_dump else ("all" if args.shard in (None, "all") else str(args.shard))
@@ -910,8 +911,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             shards = _shard_list(args.shard, num_shards)
             if world > 1:  # torchrun with --shard all: rank r takes shards r, r + world, ...
                 if len(shards) == 1 and args.shard not in (None, "all"):
-                    raise ValueError(f"--shard {args.shard} under torchrun (WORLD_SIZE={world}): use --shard all to "
-                                     f"spread the shards over the processes")
+                    raise BadInputError(f"--shard {args.shard} under torchrun (WORLD_SIZE={world}): use --shard all to "
+                                        f"spread the shards over the processes")
                 shards = shards[rank::world]
             device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
             if args.from_probs is None:
@@ -946,9 +947,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "written to %s", dataset.dataset, dataset.split, metrics["images"], _pct(m["miou"]),
                          _pct(mc["miou"]), _pct(m["ignore_coverage"]), no_crf, path)
         return 0
-    except (FileNotFoundError, KeyError, ConfigError, RunDirError, ValueError, ShardLockedError) as e:
-        logging.getLogger("stage1_cam").error("%s", e.args[0] if isinstance(e, KeyError) and e.args else e)
-        return 2
+    except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
+        return exit_on_user_error(e, "stage1_cam")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, TypeVar
 
+from .utils.cli import UnknownNameError
+
 T = TypeVar("T", bound=Callable[..., Any])
 
 
@@ -34,7 +36,7 @@ class Registry:
         try:
             return self._items[name]
         except KeyError:
-            raise KeyError(
+            raise UnknownNameError(
                 f"unknown {self.kind} {name!r}; valid names: {', '.join(sorted(self._items)) or '(none registered)'}"
             ) from None
 

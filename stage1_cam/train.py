@@ -23,9 +23,10 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Sampler
 
 from .build import build_stage1
-from .config import ConfigError, DictAction, config_hash, load_config
+from .config import DictAction, config_hash, load_config
 from .data import TrainAugment, TrainCropDataset, build_dataset
 from .metrics import ConfusionMatrix
+from .utils.cli import BadInputError, exit_on_user_error
 from .utils.cpu_malloc import retain_freed_memory
 from .utils.dist import DistInfo, device_for, init_distributed, peak_memory_mb
 from .utils.logging import setup_logging
@@ -124,7 +125,7 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         raise FileNotFoundError(f"checkpoint {path} not found")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise ValueError(f"{path} is not a stage-1 head checkpoint (format {CKPT_FORMAT!r} expected)")
+        raise BadInputError(f"{path} is not a stage-1 head checkpoint (format {CKPT_FORMAT!r} expected)")
     return ckpt
 
 
@@ -213,7 +214,7 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
     if hasattr(head, "wrap_train_dataset"):  # heads that train on pseudo-mask crops (weakclip) get them too
         train_ds = head.wrap_train_dataset(train_ds)
     if len(train_ds) < tc.batch_size * dist.world_size:
-        raise ValueError(f"split {cfg.data.train_split} has {len(train_ds)} usable images, fewer than one batch")
+        raise BadInputError(f"split {cfg.data.train_split} has {len(train_ds)} usable images, fewer than one batch")
     sampler = EpochSampler(len(train_ds), seed=cfg.run.seed, rank=dist.rank, world_size=dist.world_size)
     steps_per_epoch = len(sampler) // tc.batch_size
 
@@ -355,9 +356,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         final = train(cfg, run_dir, resume=resume, dist=dist)
         _logger.info("final checkpoint: %s", final)
         return 0
-    except (FileNotFoundError, ConfigError, RunDirError, ValueError) as e:
-        logging.getLogger("stage1_cam").error("%s", e)
-        return 2
+    except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
+        return exit_on_user_error(e, "stage1_cam")
     finally:
         if dist.enabled and torch_dist.is_initialized():
             torch_dist.destroy_process_group()

@@ -65,6 +65,7 @@ from .models.model_configs import model_config
 from .models.world_weights import (DATASET, ENV_CACHE, META_FILE, WEIGHTS_FILE, WORLD_PRESETS,  # noqa: F401
                                    WORLD_SCHEME, WORLD_VERSION, WorldCfg, get_preset, read_meta, world_cache_dir,
                                    world_hash, world_prompts)  # (re-exported: the world's public names)
+from .utils.cli import BadInputError
 
 _logger = logging.getLogger("stage1_cam.world")  # not __name__: it is "__main__" under -m
 # Split codes of the generator's per-image seeds: 0 = train, 1 = val (dataset), 2 = world training, 3 = world eval.
@@ -531,14 +532,14 @@ def train_world_clip(cfg: WorldCfg, *, root: Union[str, Path, None] = None, forc
     gh, gw = model.visual.grid_size
     h, w = int(cfg.image_size[0]), int(cfg.image_size[1])
     if (h // patch, w // patch) != (gh, gw):
-        raise ValueError(f"world image_size {cfg.image_size} gives a {h // patch}x{w // patch} patch grid, but "
-                         f"{cfg.model_name} has a {gh}x{gw} positional grid; make them match")
+        raise BadInputError(f"world image_size {cfg.image_size} gives a {h // patch}x{w // patch} patch grid, but "
+                            f"{cfg.model_name} has a {gh}x{gw} positional grid; make them match")
     n_blocks = len(model.visual.transformer.resblocks)
     if cfg.local_layers > n_blocks:
-        raise ValueError(f"world local_layers={cfg.local_layers} exceeds the {n_blocks} blocks of {cfg.model_name}")
+        raise BadInputError(f"world local_layers={cfg.local_layers} exceeds the {n_blocks} blocks of {cfg.model_name}")
     for rows, cols in cfg.crop_grids:
         if rows > gh or cols > gw:
-            raise ValueError(f"world crop grid {(rows, cols)} exceeds the {gh}x{gw} patch grid")
+            raise BadInputError(f"world crop grid {(rows, cols)} exceeds the {gh}x{gw} patch grid")
     mean_t, std_t = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in NORMALIZATIONS[cfg.normalization])
     entry.mkdir(parents=True, exist_ok=True)
     (entry / META_FILE).unlink(missing_ok=True)
@@ -583,7 +584,7 @@ def _cfg_from_options(base: WorldCfg, options: Dict[str, Any]) -> WorldCfg:
     changes = {}
     for key, value in options.items():
         if key not in names:
-            raise ValueError(f"unknown world option {key!r}; valid: {', '.join(names)}")
+            raise BadInputError(f"unknown world option {key!r}; valid: {', '.join(names)}")
         default = getattr(base, key)
         if isinstance(default, tuple):
             value = tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in value)
@@ -599,8 +600,8 @@ def _preset_from_stage1_config(path: str) -> Tuple[str, Any]:
     cfg = load_config(path)
     spec = cfg.clip.weights
     if not str(spec or "").startswith(WORLD_SCHEME):
-        raise ValueError(f"{path}: clip.weights={spec!r} does not name a world CLIP; set clip.weights="
-                         f"'{WORLD_SCHEME}default' (or pass --preset)")
+        raise BadInputError(f"{path}: clip.weights={spec!r} does not name a world CLIP; set clip.weights="
+                            f"'{WORLD_SCHEME}default' (or pass --preset)")
     name = str(spec)[len(WORLD_SCHEME):] or "default"
     preset = get_preset(name)
     mismatches = [(k, getattr(preset, k2), v) for k, k2, v in (
@@ -609,7 +610,7 @@ def _preset_from_stage1_config(path: str) -> Tuple[str, Any]:
         ("data.synthetic.image_size", "image_size", tuple(cfg.data.synthetic.image_size)))
         if getattr(preset, k2) != v]
     if mismatches:
-        raise ValueError(f"{path}: the world preset {name!r} was trained with " + ", ".join(
+        raise BadInputError(f"{path}: the world preset {name!r} was trained with " + ", ".join(
             f"{k}={a!r}" for k, a, _ in mismatches) + " but the config has " + ", ".join(
             f"{k}={b!r}" for k, _, b in mismatches) + "; make them match")
     return name, cfg
@@ -617,7 +618,8 @@ def _preset_from_stage1_config(path: str) -> Tuple[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m stage1_cam.world``: train (or find cached) the synthetic world's CLIP; prints its path."""
-    from .config import ConfigError, DictAction
+    from .config import DictAction
+    from .utils.cli import exit_on_user_error
     from .utils.logging import setup_logging
 
     p = argparse.ArgumentParser(prog="python -m stage1_cam.world", description=__doc__.split("\n\n")[0])
@@ -642,9 +644,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         result = train_world_clip(cfg, root=args.cache, force=args.force)
-    except (ValueError, KeyError, FileNotFoundError, ConfigError) as err:
-        _logger.error("%s", err)
-        return 2
+    except Exception as err:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
+        return exit_on_user_error(err, _logger)
     after = result.meta["eval_after"]
     _logger.info("world CLIP (%s): eval loss %.3f -> %.3f, fg mAP %.3f, stuff acc %.3f, %.0f s of training",
                  "trained" if result.trained else "cached", result.meta["eval_before"]["loss"], after["loss"],

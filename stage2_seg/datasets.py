@@ -24,6 +24,7 @@ from mmseg.datasets import BaseSegDataset
 from mmseg.registry import DATASETS
 
 from stage1_cam.constants import IGNORE_INDEX
+from stage1_cam.utils.cli import BadInputError
 from stage1_cam.data.class_names import get_classes, voc_palette
 from stage1_cam.io.shards import MANIFEST_NAME, ShardReader
 
@@ -44,7 +45,7 @@ def class_set_metainfo(class_set: str) -> Dict[str, Any]:
 
 def _resolve_metainfo(class_set: Optional[str], metainfo: Optional[dict]) -> Optional[dict]:
     if class_set is not None and metainfo is not None and metainfo.get("classes") is not None:
-        raise ValueError(f"give either class_set={class_set!r} or metainfo['classes'], not both")
+        raise BadInputError(f"give either class_set={class_set!r} or metainfo['classes'], not both")
     if class_set is not None:
         return {**(metainfo or {}), **class_set_metainfo(class_set)}
     return metainfo
@@ -116,12 +117,12 @@ class PseudoMaskSegDataset(BaseSegDataset):
                  class_set: Optional[str] = None, metainfo: Optional[dict] = None,
                  ignore_index: int = IGNORE_INDEX, **kwargs: Any) -> None:
         if not shard_dir:
-            raise ValueError("PseudoMaskSegDataset needs shard_dir (the run's pseudo_masks/ folder); the train "
-                             "entry point sets it from --shards")
+            raise BadInputError("PseudoMaskSegDataset needs shard_dir (the run's pseudo_masks/ folder); the train "
+                                "entry point sets it from --shards")
         for forbidden in ("ann_file", "data_prefix", "seg_map_suffix", "reduce_zero_label"):
             if forbidden in kwargs:
-                raise ValueError(f"PseudoMaskSegDataset does not take {forbidden!r}: samples come from the shard "
-                                 f"manifest and masks from the shards")
+                raise BadInputError(f"PseudoMaskSegDataset does not take {forbidden!r}: samples come from the shard "
+                                    f"manifest and masks from the shards")
         self.shard_dir = str(shard_dir)
         self.class_set = class_set
         reader = open_shards(self.shard_dir)
@@ -144,21 +145,22 @@ class PseudoMaskSegDataset(BaseSegDataset):
         want = [str(c) for c in metainfo["classes"]]
         have = [str(c) for c in self.shard_meta.get("class_names", [])]
         if want != have:
-            raise ValueError(f"class list mismatch between the config ({len(want)} classes: {want}) and the "
-                             f"pseudo-mask manifest {mpath} ({len(have)} classes: {have}); use shards dumped for "
-                             f"this dataset or a config with the manifest's classes")
+            raise BadInputError(f"class list mismatch between the config ({len(want)} classes: {want}) and the "
+                                f"pseudo-mask manifest {mpath} ({len(have)} classes: {have}); use shards dumped for "
+                                f"this dataset or a config with the manifest's classes")
         pal_have = [list(c) for c in self.shard_meta.get("palette") or []][: len(want)]
         pal_want = [list(c) for c in metainfo.get("palette") or []][: len(want)]
         if pal_have and pal_want and pal_have != pal_want:
-            raise ValueError(f"palette mismatch between the config ({pal_want}) and the pseudo-mask manifest "
-                             f"{mpath} ({pal_have}); drop metainfo['palette'] to use the manifest's colours")
+            raise BadInputError(f"palette mismatch between the config ({pal_want}) and the pseudo-mask manifest "
+                                f"{mpath} ({pal_have}); drop metainfo['palette'] to use the manifest's colours")
         m_ignore = int(self.shard_meta.get("ignore_index", IGNORE_INDEX))
         if int(ignore_index) != m_ignore:
-            raise ValueError(f"ignore_index {ignore_index} of the dataset config differs from {m_ignore} in {mpath}")
+            raise BadInputError(f"ignore_index {ignore_index} of the dataset config differs from {m_ignore} in {mpath}")
         if self.class_set is not None and self.shard_meta.get("dataset") != self.class_set:
-            raise ValueError(f"the pseudo-masks in {mpath} were made for dataset {self.shard_meta.get('dataset')!r}, "
-                             f"but the config expects class_set={self.class_set!r}; point --shards to a run of "
-                             f"that dataset")
+            raise BadInputError(f"the pseudo-masks in {mpath} were made for dataset "
+                                f"{self.shard_meta.get('dataset')!r}, "
+                                f"but the config expects class_set={self.class_set!r}; point --shards to a run of "
+                                f"that dataset")
 
     def load_data_list(self) -> List[dict]:
         """One data info per shard id, in manifest order.
@@ -212,10 +214,10 @@ class WSSSValDataset(BaseSegDataset):
                  metainfo: Optional[dict] = None, **kwargs: Any) -> None:
         for forbidden in ("ann_file", "data_prefix"):
             if forbidden in kwargs:
-                raise ValueError(f"WSSSValDataset sets {forbidden!r} from split/img_dir/seg_map_dirs")
+                raise BadInputError(f"WSSSValDataset sets {forbidden!r} from split/img_dir/seg_map_dirs")
         resolved = _resolve_metainfo(class_set, metainfo)
         if resolved is None or resolved.get("classes") is None:
-            raise ValueError("WSSSValDataset needs class_set ('voc', 'coco', 'synthetic') or metainfo['classes']")
+            raise BadInputError("WSSSValDataset needs class_set ('voc', 'coco', 'synthetic') or metainfo['classes']")
         if not osp.isdir(data_root):
             raise FileNotFoundError(f"dataset root {data_root} does not exist; set --data-root or $WSSS_DATA_ROOT "
                                     f"(see README: preparing VOC 2012 / COCO 2014)")

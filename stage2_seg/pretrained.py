@@ -23,6 +23,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from stage1_cam.utils.cli import UnknownNameError
+
 _logger = logging.getLogger(__name__)
 
 _URL_PREFIXES = ("http://", "https://")
@@ -88,8 +90,8 @@ def resolve_pretrained(name: str, *, key: str = "") -> PretrainedSource:
         model_name = ckpt.get_deprecated_model_names().get(model_name, model_name)
         urls = ckpt.get_external_models()
         if model_name not in urls:
-            raise KeyError(f"{key or 'pretrained'}: unknown open-mmlab model {name!r}; "
-                           f"known: {', '.join(sorted(urls))}")
+            raise UnknownNameError(f"{key or 'pretrained'}: unknown open-mmlab model {name!r}; "
+                                   f"known: {', '.join(sorted(urls))}")
         target = urls[model_name]
         if target.startswith(_URL_PREFIXES):
             url = target
@@ -99,13 +101,14 @@ def resolve_pretrained(name: str, *, key: str = "") -> PretrainedSource:
         urls = ckpt.get_mmcls_models()
         model_name = name[len("mmcls://"):]
         if model_name not in urls:
-            raise KeyError(f"{key or 'pretrained'}: unknown mmcls model {name!r}; known: {', '.join(sorted(urls))}")
+            raise UnknownNameError(f"{key or 'pretrained'}: unknown mmcls model {name!r}; "
+                                   f"known: {', '.join(sorted(urls))}")
         url = urls[model_name]
     elif name.startswith(("torchvision://", "modelzoo://")):
         urls = ckpt.get_torchvision_models()
         model_name = name.split("://", 1)[1]
         if model_name not in urls:
-            raise KeyError(f"{key or 'pretrained'}: unknown torchvision model {name!r}")
+            raise UnknownNameError(f"{key or 'pretrained'}: unknown torchvision model {name!r}")
         url = urls[model_name]
     elif name.startswith(_URL_PREFIXES):
         url = name

@@ -30,7 +30,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
+from stage1_cam.data.datasets import check_label_values
 from stage1_cam.metrics import ConfusionMatrix, json_safe
+from stage1_cam.utils.cli import BadInputError, exit_on_user_error
 from stage1_cam.utils.logging import setup_logging
 
 from .checkpoint import safe_checkpoint_loading
@@ -38,7 +40,6 @@ from .train import apply_data_root, check_override_keys, resolve_data_root
 
 _logger = logging.getLogger("stage2_seg.test")  # not __name__, which is "__main__" under `python -m`
 
-EXIT_BAD_INPUT = 2
 METRICS_FORMAT = "wsss-stage2-metrics"
 METRICS_VERSION = 1
 SINGLE_SCALE = "single_scale"
@@ -118,6 +119,9 @@ def evaluate(model: Any, loader: Iterator[dict], predict: Callable[[Any, dict], 
 
     Returns:
         ``{"plain": cm}`` and, with ``crf``, ``{"crf": cm}`` as well.
+
+    Raises:
+        BadInputError: a ground-truth mask holds ids outside the label space (names the file and the ids).
     """
     cms = {"plain": ConfusionMatrix(num_classes, ignore_index=ignore_index)}
     if crf:
@@ -126,6 +130,8 @@ def evaluate(model: Any, loader: Iterator[dict], predict: Callable[[Any, dict], 
     for data in loader:
         for probs, sample in predict(model, data):
             gt = sample.gt_sem_seg.data.squeeze(0).to(probs.device)  # (H, W)
+            if int(gt.max()) >= num_classes:  # ids outside the label space would be dropped silently
+                check_label_values(gt.cpu().numpy(), num_classes, sample.metainfo.get("seg_map_path", sample.img_path))
             cms["plain"].update(probs.argmax(dim=0), gt)
             if crf:
                 cms["crf"].update(_crf_refine(probs, sample.img_path).argmax(dim=0), gt)
@@ -152,15 +158,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def _tta_loader_cfg(cfg: Any) -> dict:
     if cfg.get("tta_pipeline") is None:
-        raise ValueError(f"--aug-test needs tta_pipeline in the config; none in {cfg.filename}")
+        raise BadInputError(f"--aug-test needs tta_pipeline in the config; none in {cfg.filename}")
     loader = copy.deepcopy(cfg.test_dataloader)
     loader["dataset"]["pipeline"] = cfg.tta_pipeline
     return loader
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point; returns the process exit code."""
-    args = parse_args(argv)
+    """Entry point; returns the process exit code (2 for bad input, with one message naming the file)."""
+    try:
+        return _main(parse_args(argv))
+    except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
+        return exit_on_user_error(e, _logger)
+
+
+def _main(args: argparse.Namespace) -> int:
     setup_logging()
     from mmengine.config import Config
     from mmengine.model import revert_sync_batchnorm
@@ -168,22 +180,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     from mmengine.runner import Runner, load_checkpoint
     from mmseg.registry import MODELS
 
-    try:
-        for path, what in ((args.config, "config"), (args.checkpoint, "checkpoint")):
-            if not osp.isfile(path):
-                raise FileNotFoundError(f"{what} {path} does not exist")
-        cfg = Config.fromfile(args.config)
-        if args.cfg_options:
-            check_override_keys(cfg, args.cfg_options)
-            cfg.merge_from_dict(args.cfg_options)
-        apply_data_root(cfg, resolve_data_root(cfg, args.data_root))
-        init_default_scope(cfg.get("default_scope", "mmseg"))
-        loaders = {SINGLE_SCALE: Runner.build_dataloader(cfg.test_dataloader)}
-        if args.aug_test:
-            loaders[MSC_FLIP] = Runner.build_dataloader(_tta_loader_cfg(cfg))
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        _logger.error("%s", e.args[0] if e.args else e)
-        return EXIT_BAD_INPUT
+    for path, what in ((args.config, "config"), (args.checkpoint, "checkpoint")):
+        if not osp.isfile(path):
+            raise FileNotFoundError(f"{what} {path} does not exist")
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        check_override_keys(cfg, args.cfg_options)
+        cfg.merge_from_dict(args.cfg_options)
+    apply_data_root(cfg, resolve_data_root(cfg, args.data_root))
+    init_default_scope(cfg.get("default_scope", "mmseg"))
+    loaders = {SINGLE_SCALE: Runner.build_dataloader(cfg.test_dataloader)}
+    if args.aug_test:
+        loaders[MSC_FLIP] = Runner.build_dataloader(_tta_loader_cfg(cfg))
 
     dataset = loaders[SINGLE_SCALE].dataset
     class_names = [str(c) for c in dataset.metainfo["classes"]]

@@ -25,6 +25,7 @@ import sys
 from typing import Any, Iterator, List, Optional
 
 from stage1_cam.constants import ENV_DATA_ROOT
+from stage1_cam.utils.cli import BadInputError, UnknownNameError, exit_on_user_error
 from stage1_cam.utils.logging import setup_logging
 
 from .checkpoint import safe_checkpoint_loading
@@ -33,7 +34,6 @@ from .pretrained import check_pretrained_available, disable_pretrained
 
 _logger = logging.getLogger("stage2_seg.train")  # not __name__, which is "__main__" under `python -m`
 
-EXIT_BAD_INPUT = 2
 PSEUDO_DATASET_TYPES = ("PseudoMaskSegDataset",)
 _LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
 
@@ -88,8 +88,8 @@ def apply_shard_dir(cfg: Any, shard_dir: str) -> None:
     found = [ds for ds in _iter_datasets((cfg.get("train_dataloader") or {}).get("dataset"))
              if isinstance(ds, dict) and ds.get("type") in PSEUDO_DATASET_TYPES]
     if not found:
-        raise ValueError(f"train_dataloader of this config has no {'/'.join(PSEUDO_DATASET_TYPES)}; inherit "
-                         f"configs/stage2/_base_/datasets/*_pseudo.py to train on pseudo-mask shards")
+        raise BadInputError(f"train_dataloader of this config has no {'/'.join(PSEUDO_DATASET_TYPES)}; inherit "
+                            f"configs/stage2/_base_/datasets/*_pseudo.py to train on pseudo-mask shards")
     for ds in found:
         ds["shard_dir"] = shard_dir
 
@@ -105,7 +105,7 @@ def enable_amp(cfg: Any) -> None:
         _logger.warning("AMP is already enabled in the config")
         return
     if kind != "OptimWrapper":
-        raise ValueError(f"--amp needs optim_wrapper.type == 'OptimWrapper', got {kind!r}")
+        raise BadInputError(f"--amp needs optim_wrapper.type == 'OptimWrapper', got {kind!r}")
     cfg.optim_wrapper.type = "AmpOptimWrapper"
     cfg.optim_wrapper.loss_scale = "dynamic"
 
@@ -185,7 +185,7 @@ def check_override_keys(cfg: Any, options: dict) -> None:
             elif isinstance(node, dict) and part in node:
                 node = node[part]
             else:
-                raise KeyError(f"--cfg-options {key}: {'.'.join(parts[:i + 1])!r} is not in the config")
+                raise UnknownNameError(f"--cfg-options {key}: {'.'.join(parts[:i + 1])!r} is not in the config")
 
 
 def preflight(cfg: Any) -> None:
@@ -210,19 +210,21 @@ def preflight(cfg: Any) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point; returns the process exit code."""
-    args = parse_args(argv)
+    """Entry point; returns the process exit code (2 for bad input, with one message naming the file)."""
+    try:
+        return _main(parse_args(argv))
+    except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
+        return exit_on_user_error(e, _logger)
+
+
+def _main(args: argparse.Namespace) -> int:
     if "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
     setup_logging(rank=int(os.environ.get("RANK", "0")))
     from mmengine.runner import Runner
 
-    try:
-        cfg = build_config(args)
-        preflight(cfg)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        _logger.error("%s", e.args[0] if e.args else e)
-        return EXIT_BAD_INPUT
+    cfg = build_config(args)
+    preflight(cfg)
     _logger.info("training %s on %s -> %s", args.config, args.shards, cfg.work_dir)
     with safe_checkpoint_loading():
         runner = Runner.from_cfg(cfg)

@@ -411,7 +411,7 @@ def test_export_png(tmp_path):
     with pytest.raises(FileExistsError, match="img_002.png"):
         export_png(shards, out)
     assert np.array_equal(np.asarray(Image.open(out / "img_002.png")), other)  # not overwritten
-    assert export_main([str(shards), str(out)]) == 1
+    assert export_main([str(shards), str(out)]) == 2  # bad input: exit code 2
 
     assert export_main([str(shards), str(out_c), "--color"]) == 0
     with Image.open(out_c / "img_001.png") as im:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..build import build_cam_stack
-from ..config import ConfigError, DictAction, config_hash, load_config
+from ..config import DictAction, config_hash, load_config
 from ..data import build_dataset
 from ..data.class_names import voc_palette
 from ..data.transforms import normalization, normalize
@@ -33,10 +33,11 @@ from ..io.shards import ShardMeta, ShardReader, ShardWriter, write_manifest
 from ..metrics import ConfusionMatrix
 from ..refine.affinity import attention_affinity, refine_cams
 from ..refine.sinkhorn import transition_matrix
+from ..utils.cli import exit_on_user_error
 from ..utils.dist import device_for, init_distributed
 from ..utils.precision import autocast_dtype, precision_name
 from ..utils.logging import EveryN, setup_logging
-from ..utils.run_dir import RunDir, RunDirError, git_sha
+from ..utils.run_dir import RunDir, git_sha
 from .base import minmax_scale
 
 _logger = logging.getLogger("stage1_cam.cams")  # not __name__: it is "__main__" under -m
@@ -174,9 +175,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(format_table(result))
         _logger.info("CAMs in %s, metrics in %s", out, out / "metrics.json")
         return 0
-    except (FileNotFoundError, ConfigError, RunDirError, ValueError, KeyError) as e:
-        logging.getLogger("stage1_cam").error("%s", e)
-        return 2
+    except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
+        return exit_on_user_error(e, "stage1_cam")
 
 
 if __name__ == "__main__":

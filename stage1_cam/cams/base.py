@@ -13,6 +13,7 @@ import torch
 
 from ..models.clip_backbone import ClipFeatures
 from ..registry import CAM_SOURCES
+from ..utils.cli import BadInputError
 
 
 @dataclass
@@ -74,7 +75,7 @@ def normalize_labels(labels: Sequence[Sequence[int]], *, batch_size: int, num_cl
 def check_attn_layers(attn_layers: int, num_blocks: int) -> int:
     """``attn_layers`` (the number of last attention maps a source returns) as an int in ``[1, num_blocks]``."""
     if not 1 <= attn_layers <= num_blocks:
-        raise ValueError(f"attn_layers must be in [1, {num_blocks}] (blocks of the backbone), got {attn_layers}")
+        raise BadInputError(f"attn_layers must be in [1, {num_blocks}] (blocks of the backbone), got {attn_layers}")
     return int(attn_layers)
 
 

@@ -15,7 +15,8 @@ import argparse
 import logging
 from typing import List, Optional
 
-from ..config import ConfigError, default_config, load_config
+from ..config import default_config, load_config
+from ..utils.cli import exit_on_user_error
 from ..utils.logging import setup_logging
 from .datasets import DATASET_DIRS, SegDataset, available_splits, check_layout, resolve_root
 from .synthetic import generate_synthetic
@@ -48,9 +49,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                image_size=tuple(syn.image_size), max_objects=syn.max_objects, seed=syn.seed)
         check_layout(dataset, root)
         splits = {s: SegDataset(root=root, dataset=dataset, split=s) for s in available_splits(dataset, root)}
-    except (FileNotFoundError, ValueError, KeyError, ConfigError) as err:  # DatasetLayoutError included
-        _logger.error("%s", err.args[0] if isinstance(err, KeyError) and err.args else err)
-        return 2
+    except Exception as err:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
+        return exit_on_user_error(err, _logger)
     first = next(iter(splits.values()), None)
     classes = first.class_names if first is not None else ()
     _logger.info("%s at %s: %d classes (%s)", dataset, root, len(classes), ", ".join(classes))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
+from ..utils.cli import UnknownNameError
+
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
@@ -86,7 +88,7 @@ def get_classes(dataset: str) -> Tuple[str, ...]:
     try:
         return CLASSES[dataset]
     except KeyError:
-        raise KeyError(f"unknown dataset {dataset!r}; valid: {', '.join(sorted(CLASSES))}") from None
+        raise UnknownNameError(f"unknown dataset {dataset!r}; valid: {', '.join(sorted(CLASSES))}") from None
 
 
 assert len(VOC_PROMPT_NAMES) == len(VOC_CLASSES) - 1

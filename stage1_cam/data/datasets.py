@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ..constants import DEFAULT_DATA_ROOT, ENV_DATA_ROOT, IGNORE_INDEX
+from ..utils.cli import BadInputError, UnknownNameError
 from .class_names import CLASSES, get_classes
 from .synthetic import MARKER as SYNTHETIC_MARKER
 
@@ -47,7 +48,7 @@ class DatasetLayoutError(FileNotFoundError):
 
 def _check_dataset_name(dataset: str) -> None:
     if dataset not in DATASET_DIRS:
-        raise KeyError(f"unknown dataset {dataset!r}; valid: {', '.join(sorted(DATASET_DIRS))}")
+        raise UnknownNameError(f"unknown dataset {dataset!r}; valid: {', '.join(sorted(DATASET_DIRS))}")
 
 
 def resolve_root(dataset: str, root: Optional[Union[str, Path]] = None) -> Path:
@@ -199,27 +200,40 @@ def _read_mask(path: Path) -> np.ndarray:
     """A single-channel label PNG as (H, W) uint8 (palette indices for mode P).
 
     Raises:
-        ValueError: the file cannot be decoded or is not a single-channel label map.
+        BadInputError: the file cannot be decoded or is not a single-channel label map.
     """
     try:
         with Image.open(path) as im:
             if im.mode not in ("P", "L"):
-                raise ValueError(
+                raise BadInputError(
                     f"mask {path} has PIL mode {im.mode}; expected a single-channel class-index PNG (mode P or L). "
                     f"Convert colour-coded masks to class ids first."
                 )
             return np.array(im, dtype=np.uint8)
     except (OSError, SyntaxError) as err:
-        raise ValueError(f"cannot read mask {path}: {err}") from None
+        raise BadInputError(f"cannot read mask {path}: {err}; re-extract or replace the file") from None
+
+
+def check_label_values(mask: np.ndarray, num_classes: int, path: Union[str, Path]) -> None:
+    """Refuse a label mask holding ids outside the label space: not in ``[0, num_classes)`` and not 255.
+
+    Used for the masks that give image-level labels and for the ground truth read for evaluation (a value
+    outside the label space would otherwise be dropped silently by the confusion matrix).
+
+    Raises:
+        BadInputError: naming the file, the offending values and the valid ones.
+    """
+    if mask.size == 0 or int(mask.max()) < num_classes:
+        return  # fast path: every value is a class id
+    bad = [int(v) for v in np.unique(mask) if v >= num_classes and v != IGNORE_INDEX]
+    if bad:
+        raise BadInputError(f"mask {path} holds label ids {bad} outside 0..{num_classes - 1} (and {IGNORE_INDEX} = "
+                            f"ignore); is it a mask of another dataset? Fix or replace the file")
 
 
 def _labels_from_mask(mask: np.ndarray, num_classes: int, path: Path) -> List[int]:
-    values = np.unique(mask)
-    bad = [int(v) for v in values if v >= num_classes and v != IGNORE_INDEX]
-    if bad:
-        raise ValueError(f"mask {path} holds label ids {bad} outside 0..{num_classes - 1} (and {IGNORE_INDEX}); "
-                         f"is it a mask of another dataset?")
-    return [int(v) for v in values if v != 0 and v != IGNORE_INDEX]
+    check_label_values(mask, num_classes, path)
+    return [int(v) for v in np.unique(mask) if v != 0 and v != IGNORE_INDEX]
 
 
 # ---------------------------------------------------------------------------------------------- reader
@@ -237,7 +251,7 @@ class SegDataset:
 
     Raises:
         FileNotFoundError: the split file, an image, or the mask giving an image's labels is missing.
-        ValueError: a mask cannot be decoded or holds ids outside the class range.
+        BadInputError: a mask cannot be decoded or holds ids outside the class range.
     """
 
     def __init__(self, *, root: Union[str, Path], dataset: str, split: str) -> None:
@@ -265,7 +279,7 @@ class SegDataset:
         image = self.load_image(name)
         gt = self.load_gt(name)
         if gt is not None and gt.shape != image.shape[:2]:
-            raise ValueError(
+            raise BadInputError(
                 f"ground-truth mask {self._gt_path(name)} is {gt.shape[1]}x{gt.shape[0]} (WxH) but image "
                 f"{self._image_path(name)} is {image.shape[1]}x{image.shape[0]}; the mask must have the image's size"
             )
@@ -311,20 +325,28 @@ class SegDataset:
 
         Raises:
             FileNotFoundError: no such image.
-            ValueError: the file cannot be decoded (the message names it).
+            BadInputError: the file cannot be decoded (the message names it).
         """
         path = self._image_path(name)
         data = np.fromfile(str(path), dtype=np.uint8)
         image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
         if image is None:
-            raise ValueError(f"cannot decode image {path} (corrupt or not an image); re-download or remove it "
-                             f"from the split file")
+            raise BadInputError(f"cannot decode image {path} (corrupt or not an image); re-download or remove it "
+                                f"from the split file")
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
     def load_gt(self, name: str) -> Optional[np.ndarray]:
-        """Ground truth of ``name`` as (H, W) uint8 (SegmentationClass, else SegmentationClassAug), or None."""
+        """Ground truth of ``name`` as (H, W) uint8 (SegmentationClass, else SegmentationClassAug), or None.
+
+        Raises:
+            BadInputError: the mask cannot be read or holds ids outside the label space (names file and values).
+        """
         path = self._gt_path(name)
-        return None if path is None else _read_mask(path)
+        if path is None:
+            return None
+        gt = _read_mask(path)
+        check_label_values(gt, self.num_classes, path)
+        return gt
 
     @property
     def has_gt(self) -> bool:

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from ..constants import IGNORE_INDEX
+from ..utils.cli import BadInputError
 from .class_names import BACKGROUND_WORDS, CLASSES, voc_palette
 
 _logger = logging.getLogger(__name__)
@@ -298,13 +299,13 @@ def _params(num_train: int, num_val: int, image_size: Tuple[int, int], max_objec
 
 def _check_args(num_train: int, num_val: int, image_size: Tuple[int, int], max_objects: int, seed: int) -> None:
     if num_train < 1 or num_val < 1:
-        raise ValueError(f"num_train and num_val must be >= 1, got {num_train} and {num_val}")
+        raise BadInputError(f"num_train and num_val must be >= 1, got {num_train} and {num_val}")
     if len(image_size) != 2 or min(image_size) < 32:
-        raise ValueError(f"image_size must be (H, W) with both >= 32, got {tuple(image_size)}")
+        raise BadInputError(f"image_size must be (H, W) with both >= 32, got {tuple(image_size)}")
     if max_objects < 1:
-        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+        raise BadInputError(f"max_objects must be >= 1, got {max_objects}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise BadInputError(f"seed must be >= 0, got {seed}")
 
 
 def _png_bytes(label: np.ndarray, palette: List[int]) -> bytes:
@@ -336,7 +337,7 @@ def generate_synthetic(root: Union[str, Path], *, num_train: int = 240, num_val:
         ``root`` as a Path.
 
     Raises:
-        ValueError: invalid arguments; ``root`` holds a synthetic dataset generated with other
+        BadInputError: invalid arguments; ``root`` holds a synthetic dataset generated with other
             parameters; or ``root`` is a non-empty folder that this generator did not write.
     """
     _check_args(num_train, num_val, image_size, max_objects, seed)
@@ -347,19 +348,19 @@ def generate_synthetic(root: Union[str, Path], *, num_train: int = 240, num_val:
         try:
             old = json.loads(marker.read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{marker} is unreadable ({err}); delete the folder {root} and run "
-                             f"`make data DATASET=synthetic` again") from None
+            raise BadInputError(f"{marker} is unreadable ({err}); delete the folder {root} and run "
+                                f"`make data DATASET=synthetic` again") from None
         if old == params:
             _logger.info("synthetic dataset already present at %s", root)
             return root
-        raise ValueError(
+        raise BadInputError(
             f"{root} holds a synthetic dataset generated with different parameters "
             f"({json.dumps(old, sort_keys=True)}; requested {json.dumps(params, sort_keys=True)}). "
             f"Delete the folder {root} or pick another root; it is never overwritten silently."
         )
     if root.is_dir() and any(root.iterdir()):
         if not (root / _IN_PROGRESS).exists():
-            raise ValueError(
+            raise BadInputError(
                 f"{root} is a non-empty folder that was not written by the synthetic generator (no {MARKER}); "
                 f"pick an empty or new folder for the synthetic dataset, or delete {root}."
             )

@@ -20,7 +20,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .shards import ShardFormatError, ShardReader
+from ..utils.cli import exit_on_user_error
+from .shards import ShardReader
 
 _logger = logging.getLogger(__name__)
 
@@ -110,9 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         n = export_png(args.shard_dir, args.out_dir, color=args.color)
-    except (ShardFormatError, FileExistsError, FileNotFoundError, ValueError) as e:
-        _logger.error("%s", e)
-        return 1
+    except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
+        return exit_on_user_error(e, _logger)
     _logger.info("done: %d images", n)
     return 0
 

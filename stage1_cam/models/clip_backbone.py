@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..constants import ENV_CLIP_WEIGHTS
+from ..utils.cli import BadInputError
 from .model_configs import MODEL_CONFIG_DIR, register_model_configs  # noqa: F401  (re-exported)
 from .world_weights import WORLD_SCHEME, resolve_world_weights
 
@@ -221,8 +222,8 @@ def resolve_clip_weights(model_name: str, pretrained: Optional[str], weights: Op
     pcfg = _pretrained_cfg(model_name, pretrained)
     if not pcfg:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
-        raise ValueError(f"pretrained={pretrained!r} is neither a file nor an open_clip tag for {model_name!r}; "
-                         f"valid tags: {', '.join(tags) or '(none)'}; or set {ENV_CLIP_WEIGHTS}=/path/to/weights")
+        raise BadInputError(f"pretrained={pretrained!r} is neither a file nor an open_clip tag for {model_name!r}; "
+                            f"valid tags: {', '.join(tags) or '(none)'}; or set {ENV_CLIP_WEIGHTS}=/path/to/weights")
     found, looked = _find_in_caches(pcfg, cache_dir)
     if found:
         _logger.info("using cached CLIP weights %s", found)
@@ -266,10 +267,39 @@ def drop_open_clip_random_init_warning() -> Iterator[None]:
         root.removeFilter(flt)
 
 
+_WEIGHTS_FIX = ("point clip.weights / ${env} at an OpenAI .pt or an open_clip state dict, or delete the file and "
+                "download it again").format(env=ENV_CLIP_WEIGHTS)
+
+
+def _check_weights_file(path: str) -> None:
+    """Refuse a file that cannot hold weights (empty, or neither a zip archive nor a pickle) before torch reads it.
+
+    Raises:
+        BadInputError: naming the file and the fix.
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        raise BadInputError(f"CLIP weights file {path} is empty (0 bytes; an interrupted download or copy?); "
+                            f"{_WEIGHTS_FIX}")
+    if zipfile.is_zipfile(path) or path.endswith((".safetensors", ".npz", ".npy")):
+        return  # torch.save archives (and open_clip's other formats) are read by their own loaders
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head[:1] != b"\x80" and head != b"PK":  # a pickle (legacy torch.save) or a (damaged) zip archive
+        raise BadInputError(f"CLIP weights file {path} ({size} bytes) is not a PyTorch checkpoint (neither a "
+                            f"torch.save zip archive nor a pickle); {_WEIGHTS_FIX}")
+
+
 def _load_weights(model: nn.Module, path: str, model_name: str) -> None:
-    """Load a checkpoint strictly into an open_clip model (TorchScript or state dict)."""
+    """Load a checkpoint strictly into an open_clip model (TorchScript or state dict).
+
+    Raises:
+        BadInputError: the file is empty, unreadable or truncated (not a checkpoint), or its weights do not fit
+            ``model_name``; the message names the file.
+    """
     import open_clip
 
+    _check_weights_file(path)
     try:
         if _is_torchscript_archive(path):
             # torch.load(weights_only=True) refuses TorchScript archives; jit.load reads them without pickle.
@@ -284,11 +314,24 @@ def _load_weights(model: nn.Module, path: str, model_name: str) -> None:
             model.load_state_dict(state, strict=True)
         else:
             open_clip.load_checkpoint(model, path, strict=True, weights_only=True, device="cpu")
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"could not read CLIP weights {path} (expected an OpenAI .pt or an open_clip state dict "
-                         f"loadable with weights_only=True): {e}") from e
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as e:
+        raise BadInputError(f"could not read CLIP weights {path} (expected an OpenAI .pt or an open_clip state dict "
+                            f"loadable with weights_only=True; a truncated file?): {e}; {_WEIGHTS_FIX}") from e
     except (RuntimeError, KeyError) as e:
-        raise ValueError(f"CLIP weights {path} do not fit model {model_name!r} (strict loading): {e}") from e
+        if _is_read_error(e):
+            raise BadInputError(f"could not read CLIP weights {path} (a truncated or damaged file?): {e}; "
+                                f"{_WEIGHTS_FIX}") from e
+        raise BadInputError(f"CLIP weights {path} do not fit model {model_name!r} (strict loading): {e}; use the "
+                            f"weights of clip.model_name={model_name!r} or set clip.model_name to theirs") from e
+
+
+def _is_read_error(err: BaseException) -> bool:
+    """Whether a RuntimeError from torch.load means the file is damaged (not that its weights do not fit)."""
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        s in text for s in ("PytorchStreamReader", "failed finding central directory", "invalid header",
+                            "archive is corrupt", "unexpected EOF", "Invalid magic number",
+                            "file not found in archive"))
 
 
 def load_clip(model_name: str = "ViT-B-16", *, pretrained: Optional[str] = "openai", weights: Optional[str] = None,
@@ -310,16 +353,17 @@ def load_clip(model_name: str = "ViT-B-16", *, pretrained: Optional[str] = "open
         The open_clip ``CLIP`` model, ``eval()``, all parameters ``requires_grad=False``.
 
     Raises:
-        ValueError: unknown model name / precision / tag, or weights that do not fit the model.
+        BadInputError: unknown model name / precision / tag, or a weights file that is not readable or does not
+            fit the model (the message names it).
         FileNotFoundError: weights are needed but none can be found (the message says how to get them).
     """
     import open_clip
 
     register_model_configs()
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown CLIP precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        raise BadInputError(f"unknown CLIP precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     if open_clip.get_model_config(model_name) is None:
-        raise ValueError(f"unknown CLIP model {model_name!r}; valid: {', '.join(open_clip.list_models())}")
+        raise BadInputError(f"unknown CLIP model {model_name!r}; valid: {', '.join(open_clip.list_models())}")
     path = resolve_clip_weights(model_name, pretrained, weights, cache_dir=cache_dir)
     # OpenAI checkpoints were trained with QuickGELU; open_clip's plain "ViT-B-16" config uses nn.GELU.
     quick_gelu = bool(pretrained and _pretrained_cfg(model_name, pretrained).get("quick_gelu", False))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict
 
+from ..utils.cli import BadInputError
+
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 _registered = False
 
@@ -21,11 +23,12 @@ def register_model_configs() -> None:
 
 
 def model_config(model_name: str) -> Dict[str, Any]:
-    """open_clip's architecture config of ``model_name`` (in-repo configs included); unknown names raise ValueError."""
+    """open_clip's architecture config of ``model_name`` (in-repo configs included); unknown names: BadInputError."""
     import open_clip
 
     register_model_configs()
     mc = open_clip.get_model_config(model_name)
     if mc is None:
-        raise ValueError(f"unknown CLIP model {model_name!r}; valid: {', '.join(open_clip.list_models())}")
+        raise BadInputError(f"unknown CLIP model {model_name!r}; valid: {', '.join(open_clip.list_models())}"
+                            f" (open_clip configs and stage1_cam/model_configs)")
     return mc

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from ..constants import NORMALIZATIONS
 from ..data.class_names import BACKGROUND_WORDS, PROMPT_NAMES
 from ..data.synthetic import BACKGROUND_STYLES, GENERATOR_VERSION, STUFF_WORDS
+from ..utils.cli import BadInputError, UnknownNameError
 from .model_configs import model_config
 
 _logger = logging.getLogger(__name__)
@@ -94,26 +95,26 @@ class WorldCfg:
     def check(self) -> None:
         """Raise ValueError naming the bad field."""
         if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"world normalization={self.normalization!r}; valid: {', '.join(NORMALIZATIONS)}")
+            raise BadInputError(f"world normalization={self.normalization!r}; valid: {', '.join(NORMALIZATIONS)}")
         if self.template.count("{}") != 1:
-            raise ValueError(f"world template {self.template!r} must contain exactly one '{{}}'")
+            raise BadInputError(f"world template {self.template!r} must contain exactly one '{{}}'")
         if len(self.image_size) != 2 or min(self.image_size) < 32:
-            raise ValueError(f"world image_size must be (H, W) with both >= 32, got {self.image_size}")
+            raise BadInputError(f"world image_size must be (H, W) with both >= 32, got {self.image_size}")
         for name in ("max_objects", "num_images", "steps", "tokens_per_step", "eval_images"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"world {name} must be >= 1, got {getattr(self, name)}")
+                raise BadInputError(f"world {name} must be >= 1, got {getattr(self, name)}")
         if not self.crop_grids or any(len(g) != 2 or min(g) < 1 for g in self.crop_grids):
-            raise ValueError(f"world crop_grids must be non-empty (rows, cols) pairs >= 1, got {self.crop_grids}")
+            raise BadInputError(f"world crop_grids must be non-empty (rows, cols) pairs >= 1, got {self.crop_grids}")
         if self.local_weight < 0 or self.local_layers < 0:
-            raise ValueError(f"world local_weight and local_layers must be >= 0, got {self.local_weight}, "
-                             f"{self.local_layers}")
+            raise BadInputError(f"world local_weight and local_layers must be >= 0, got {self.local_weight}, "
+                                f"{self.local_layers}")
         if len(self.region) != 2 or min(self.region) < 0 or self.region_weight < 0:
-            raise ValueError(f"world region must be (rows, cols) >= 0 and region_weight >= 0, got {self.region}, "
-                             f"{self.region_weight}")
+            raise BadInputError(f"world region must be (rows, cols) >= 0 and region_weight >= 0, got {self.region}, "
+                                f"{self.region_weight}")
         if not 0.0 < self.min_visible < 1.0:
-            raise ValueError(f"world min_visible must be in (0, 1), got {self.min_visible}")
+            raise BadInputError(f"world min_visible must be in (0, 1), got {self.min_visible}")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError("world lr must be > 0 and weight_decay, warmup_steps, grad_clip >= 0")
+            raise BadInputError("world lr must be > 0 and weight_decay, warmup_steps, grad_clip >= 0")
 
 
 # Named settings that stage-1 configs refer to as clip.weights = "world:<name>".
@@ -171,7 +172,7 @@ def get_preset(name: str) -> WorldCfg:
     try:
         return WORLD_PRESETS[name]
     except KeyError:
-        raise KeyError(f"unknown world preset {name!r}; valid: {', '.join(sorted(WORLD_PRESETS))}") from None
+        raise UnknownNameError(f"unknown world preset {name!r}; valid: {', '.join(sorted(WORLD_PRESETS))}") from None
 
 
 def resolve_world_weights(spec: str, model_name: str, *, root: Union[str, Path, None] = None) -> str:
@@ -191,12 +192,12 @@ def resolve_world_weights(spec: str, model_name: str, *, root: Union[str, Path, 
         FileNotFoundError: the preset has not been trained yet (the message says to run ``make world``).
     """
     if not spec.startswith(WORLD_SCHEME):
-        raise ValueError(f"{spec!r} is not a world weights spec ({WORLD_SCHEME}<preset>)")
+        raise BadInputError(f"{spec!r} is not a world weights spec ({WORLD_SCHEME}<preset>)")
     name = spec[len(WORLD_SCHEME):] or "default"
     cfg = get_preset(name)
     if cfg.model_name != model_name:
-        raise ValueError(f"clip.weights={spec!r} holds weights of {cfg.model_name!r}, but clip.model_name is "
-                         f"{model_name!r}; set clip.model_name={cfg.model_name!r}")
+        raise BadInputError(f"clip.weights={spec!r} holds weights of {cfg.model_name!r}, but clip.model_name is "
+                            f"{model_name!r}; set clip.model_name={cfg.model_name!r}")
     entry = world_cache_dir(cfg, root)
     if read_meta(entry, world_hash(cfg)) is None:
         raise FileNotFoundError(

@@ -1,0 +1,114 @@
+"""One mapping from user errors to exit code 2, shared by every entry point's ``main()``.
+
+Bad input (a config value, a missing or unreadable file, a full disk, a read-only folder) ends a
+command with exit code 2 and one log line that names the file or value and the fix; anything else
+is a bug and keeps its traceback. What counts as bad input:
+
+- the project's own error classes (:class:`BadInputError`, :class:`UnknownNameError`, ``ConfigError``,
+  ``DatasetLayoutError``, ``ShardFormatError``, ``ShardLockedError``, ``RunDirError``) plus those an entry point adds
+  (``pipelines`` adds ``StageError``);
+- ``OSError`` about a file: ``FileNotFoundError``, ``FileExistsError``, ``PermissionError``,
+  ``IsADirectoryError``, ``NotADirectoryError``, and any ``OSError`` whose errno is no space, a quota,
+  a permission or a read-only file system.
+
+A bare ``ValueError`` or ``KeyError`` is *not* bad input here: library code raises
+:class:`BadInputError` (a ``ValueError``) or :class:`UnknownNameError` (also a ``KeyError``) where the
+user can fix the cause.
+
+Usage::
+
+    def main(argv=None) -> int:
+        try:
+            ...
+            return 0
+        except Exception as err:  # bad input -> exit 2 with one line; bugs keep their traceback
+            return exit_on_user_error(err, _logger)
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import Dict, Sequence, Tuple, Type, Union
+
+EXIT_BAD_INPUT = 2
+
+
+class BadInputError(ValueError):
+    """A value, option or file content the user can fix; the message names it and says how."""
+
+
+class UnknownNameError(BadInputError, KeyError):
+    """An unknown name (dataset, preset, model, config key): bad input, and a ``KeyError`` for lookups."""
+
+    def __str__(self) -> str:
+        return ValueError.__str__(self)  # KeyError's str() would quote the message
+
+
+# errno -> the fix named in the message. ENOENT and friends come with their own messages when we raise them.
+_OS_FIXES: Dict[int, str] = {
+    errno.ENOSPC: "free disk space there (df -h shows it) or point the output elsewhere (run.root, --out), then "
+                  "run the command again (finished work is kept)",
+    errno.EDQUOT: "the disk quota is exhausted: free space or point the output elsewhere (run.root, --out)",
+    errno.EACCES: "give yourself access (chmod/chown) or choose a location you can write to (run.root, data.root, "
+                  "--out, $WSSS_CACHE)",
+    errno.EPERM: "give yourself access (chmod/chown) or choose a location you can write to (run.root, data.root, "
+                 "--out, $WSSS_CACHE)",
+    errno.EROFS: "the file system is read-only: choose a writable location (run.root, data.root, --out, "
+                 "$WSSS_CACHE)",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "the path is a folder, not a file: check the path",
+    errno.EEXIST: "move the existing file away or choose another path",
+}
+_FILE_ERRORS: Tuple[Type[OSError], ...] = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+                                           NotADirectoryError)
+
+
+def project_error_types() -> Tuple[Type[BaseException], ...]:
+    """The project's own user-error classes (imported lazily: this module is imported by all of them)."""
+    from ..config import ConfigError
+    from ..data.datasets import DatasetLayoutError
+    from ..io.shards import ShardFormatError, ShardLockedError
+    from .run_dir import RunDirError
+
+    return (BadInputError, ConfigError, DatasetLayoutError, ShardFormatError, ShardLockedError, RunDirError)
+
+
+def is_user_error(err: BaseException, extra: Sequence[Type[BaseException]] = ()) -> bool:
+    """Whether ``err`` is bad input (exit code 2) rather than a bug (traceback)."""
+    if isinstance(err, project_error_types() + tuple(extra)):
+        return True
+    if isinstance(err, OSError):
+        return err.errno in _OS_FIXES or isinstance(err, _FILE_ERRORS)
+    return False
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for the user: the message, or for a system error the file, what went wrong and the fix."""
+    if isinstance(err, OSError) and err.errno is not None:
+        what = err.strerror or errno.errorcode.get(err.errno, str(err.errno))
+        files = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        fix = _OS_FIXES.get(err.errno, "check the path and its permissions")
+        return f"{files}: {what}; {fix}" if files else f"{err}; {fix}"
+    if isinstance(err, KeyError) and err.args:
+        return str(err.args[0])  # str(KeyError) adds quotes around the message
+    return str(err)
+
+
+def exit_on_user_error(err: BaseException, logger: Union[str, logging.Logger], *,
+                       extra: Sequence[Type[BaseException]] = ()) -> int:
+    """Map an exception caught in a ``main()`` to its exit code: bad input logs one line and gives 2.
+
+    Anything that is not bad input (a bug) is re-raised with its traceback.
+
+    Args:
+        err: the exception caught by ``except Exception as err``.
+        logger: logger (or its name) that reports the error.
+        extra: further exception classes that are bad input for this entry point (e.g. ``StageError``).
+    """
+    if not is_user_error(err, extra):
+        raise err
+    log = logging.getLogger(logger) if isinstance(logger, str) else logger
+    log.error("%s", describe_error(err))
+    return EXIT_BAD_INPUT
