@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from stage1_cam.config import config_hash
+from stage1_cam.utils.cli import UserError
 from stage1_cam.utils.run_dir import RunDir
 
 _logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ STAGE2_CONFIGS: Dict[str, Dict[str, str]] = {
 }
 
 
-class StageError(RuntimeError):
+class StageError(UserError, RuntimeError):
     """A stage cannot run (missing input); the message says which file and what to run first."""
 
 

@@ -16,6 +16,7 @@ from .data.transforms import normalization
 from .heads import HEADS
 from .models.clip_backbone import FrozenClipBackbone, load_clip
 from .models.text import build_text_embeddings, get_tokenizer
+from .utils.run_dir import RunDir
 
 _logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def build_stage1(cfg: Config, device: torch.device) -> Stage1Stack:
     class_names = get_classes(cfg.data.dataset)
     clip_model, backbone, cam_source = build_cam_stack(cfg, device)
     head = HEADS.build(cfg.head.type, cfg=cfg, backbone=backbone, cam_source=cam_source,
-                       num_classes=len(class_names)).to(device)
+                       num_classes=len(class_names), run=RunDir.from_config(cfg)).to(device)
     mean, std = normalization(cfg)
     n_train = sum(p.numel() for p in head.parameters() if p.requires_grad)
     _logger.info("built %s head on %s (%s): %s trainable parameters", cfg.head.type, cfg.clip.model_name,

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ..constants import DEFAULT_DATA_ROOT, ENV_DATA_ROOT, IGNORE_INDEX
-from ..utils.cli import BadInputError, UnknownNameError
+from ..utils.cli import BadInputError, UnknownNameError, UserError
 from .class_names import CLASSES, get_classes
 from .synthetic import MARKER as SYNTHETIC_MARKER
 
@@ -42,7 +42,7 @@ _IMAGE_EXT = ".jpg"
 _MASK_EXT = ".png"
 
 
-class DatasetLayoutError(FileNotFoundError):
+class DatasetLayoutError(UserError, FileNotFoundError):
     """A dataset folder is missing or incomplete; the message lists what is missing and how to fix it."""
 
 

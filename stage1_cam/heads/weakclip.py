@@ -56,7 +56,7 @@ from ..data.transforms import normalization
 from ..models.text import get_tokenizer
 from ..refine.crf import dense_crf
 from ..registry import HEADS
-from ..utils.run_dir import RunDir
+from ..utils.cli import BadInputError
 
 _logger = logging.getLogger(__name__)
 
@@ -840,16 +840,21 @@ class WeakCLIPHead(nn.Module):
         return {"decoder": up.argmax(1)}
 
 
-def build_weakclip_head(*, cfg: Any, backbone: nn.Module, cam_source: Any, num_classes: int) -> WeakCLIPHead:
-    """Map a validated stage-1 config to :class:`WeakCLIPHead` (``cam_source`` is not used)."""
+def build_weakclip_head(*, cfg: Any, backbone: nn.Module, cam_source: Any, num_classes: int,
+                        run: Any = None) -> WeakCLIPHead:
+    """Map a validated stage-1 config to :class:`WeakCLIPHead` (``cam_source`` is not used).
 
+    ``run`` (the run's :class:`~stage1_cam.utils.run_dir.RunDir`) gives the default masks: its initial CAM shards.
+    """
     opts = resolve_options(cfg.head.options)
     class_names = tuple(get_classes(cfg.data.dataset))
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
     token_ids = get_tokenizer(cfg.clip.model_name)(list(class_names))
     mean, std = normalization(cfg)
-    masks = opts.masks if opts.masks else str(RunDir.from_config(cfg).cams_dir)
+    if not opts.masks and run is None:
+        raise BadInputError("the WeakCLIP head trains on pseudo-masks: set head.options.masks to a shard directory")
+    masks = opts.masks if opts.masks else str(run.cams_dir)
     h = cfg.head
     return WeakCLIPHead(backbone=backbone, token_ids=token_ids, num_classes=num_classes, mean=mean, std=std,
                         embed_dim=h.embed_dim, decoder_layers=h.decoder_layers, decoder_heads=h.decoder_heads,

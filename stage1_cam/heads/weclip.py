@@ -154,8 +154,10 @@ class WeCLIPHead(nn.Module):
         return self.decode(feats)[0].float()
 
 
-def build_weclip_head(*, cfg: Any, backbone: nn.Module, cam_source: Any, num_classes: int) -> WeCLIPHead:
-    """Map a validated stage-1 config to :class:`WeCLIPHead` keyword arguments."""
+def build_weclip_head(*, cfg: Any, backbone: nn.Module, cam_source: Any, num_classes: int,
+                      run: Any = None) -> WeCLIPHead:
+    """Map a validated stage-1 config to :class:`WeCLIPHead` keyword arguments (``run`` is not used: WeCLIP
+    trains from image-level labels only)."""
     h, c = cfg.head, cfg.cam
     pseudo = PseudoLabelCfg(attn_layers=c.attn_layers, box_threshold=c.box_threshold, bg_exponent=c.bg_exponent,
                             use_par=c.par, parity=c.parity, rfm_enabled=h.rfm.enabled,

@@ -47,6 +47,7 @@ import h5py
 import numpy as np
 
 from ..constants import IGNORE_INDEX
+from ..utils.cli import UserError
 from ..utils.files import file_sha256
 
 _logger = logging.getLogger(__name__)
@@ -65,11 +66,11 @@ _MUST_MATCH = ("dataset", "split", "class_names", "palette", "ignore_index", "co
 _EMPTY_LOCK_GRACE_S = 60.0
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(UserError, ValueError):
     """A shard or manifest has another format/version, other classes or dataset, or is unreadable."""
 
 
-class ShardLockedError(RuntimeError):
+class ShardLockedError(UserError, RuntimeError):
     """Another writer holds the shard's lock file."""
 
 

@@ -4,9 +4,9 @@ Bad input (a config value, a missing or unreadable file, a full disk, a read-onl
 command with exit code 2 and one log line that names the file or value and the fix; anything else
 is a bug and keeps its traceback. What counts as bad input:
 
-- the project's own error classes (:class:`BadInputError`, :class:`UnknownNameError`, ``ConfigError``,
-  ``DatasetLayoutError``, ``ShardFormatError``, ``ShardLockedError``, ``RunDirError``) plus those an entry point adds
-  (``pipelines`` adds ``StageError``);
+- the project's own error classes, all derived from :class:`UserError` (:class:`BadInputError`,
+  :class:`UnknownNameError`, ``ConfigError``, ``DatasetLayoutError``, ``ShardFormatError``, ``ShardLockedError``,
+  ``RunDirError``, ``StageError``);
 - ``OSError`` about a file: ``FileNotFoundError``, ``FileExistsError``, ``PermissionError``,
   ``IsADirectoryError``, ``NotADirectoryError``, and any ``OSError`` whose errno is no space, a quota,
   a permission or a read-only file system.
@@ -34,7 +34,15 @@ from typing import Dict, Sequence, Tuple, Type, Union
 EXIT_BAD_INPUT = 2
 
 
-class BadInputError(ValueError):
+class UserError(Exception):
+    """Base of the project's user-error classes (a config, a file, a lock held by another run): exit code 2.
+
+    Defined here, in a module that imports nothing from the package, so that each module can declare its own
+    error class (``ConfigError``, ``ShardFormatError``, ``RunDirError``, ...) without this mapping importing it.
+    """
+
+
+class BadInputError(UserError, ValueError):
     """A value, option or file content the user can fix; the message names it and says how."""
 
 
@@ -66,13 +74,8 @@ _FILE_ERRORS: Tuple[Type[OSError], ...] = (FileNotFoundError, FileExistsError, P
 
 
 def project_error_types() -> Tuple[Type[BaseException], ...]:
-    """The project's own user-error classes (imported lazily: this module is imported by all of them)."""
-    from ..config import ConfigError
-    from ..data.datasets import DatasetLayoutError
-    from ..io.shards import ShardFormatError, ShardLockedError
-    from .run_dir import RunDirError
-
-    return (BadInputError, ConfigError, DatasetLayoutError, ShardFormatError, ShardLockedError, RunDirError)
+    """The project's own user-error classes: every one derives from :class:`UserError`."""
+    return (UserError,)
 
 
 def is_user_error(err: BaseException, extra: Sequence[Type[BaseException]] = ()) -> bool:

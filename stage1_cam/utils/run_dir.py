@@ -16,11 +16,12 @@ from typing import Any, Dict, Optional
 from mmengine.config import ConfigDict as Config
 
 from ..config import config_hash, save_config
+from .cli import UserError
 
 _logger = logging.getLogger(__name__)
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """A run directory holds outputs from a different configuration."""
 
 
