@@ -25,6 +25,7 @@ import sys
 from typing import Any, Iterator, List, Optional
 
 from stage1_cam.constants import ENV_DATA_ROOT
+from stage1_cam.utils.dist import import_before_process_group, shutdown_distributed
 from stage1_cam.utils.logging import setup_logging
 
 from .checkpoint import safe_checkpoint_loading
@@ -224,9 +225,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         _logger.error("%s", e.args[0] if e.args else e)
         return EXIT_BAD_INPUT
     _logger.info("training %s on %s -> %s", args.config, args.shards, cfg.work_dir)
-    with safe_checkpoint_loading():
-        runner = Runner.from_cfg(cfg)
-        runner.train()
+    if args.launcher != "none":
+        import_before_process_group()  # mmengine's Runner creates the group; see stage1_cam/utils/dist.py
+    ok = False
+    try:
+        with safe_checkpoint_loading():
+            runner = Runner.from_cfg(cfg)
+            runner.train()
+        del runner  # its DDP-wrapped model holds the process group
+        ok = True
+    finally:
+        shutdown_distributed(ok)  # no process group (--launcher none): nothing to do
     return 0
 
 
