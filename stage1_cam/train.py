@@ -28,7 +28,7 @@ from .data import TrainAugment, TrainCropDataset, build_dataset
 from .metrics import ConfusionMatrix
 from .utils.cli import BadInputError, exit_on_user_error
 from .utils.cpu_malloc import retain_freed_memory
-from .utils.dist import DistInfo, device_for, init_distributed, peak_memory_mb
+from .utils.dist import DistInfo, device_for, init_distributed, peak_memory_mb, shutdown_distributed
 from .utils.logging import setup_logging
 from .utils.precision import autocast_dtype, precision_name
 from .utils.run_dir import RunDir, RunDirError, git_sha
@@ -336,6 +336,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     dist = init_distributed()
+    ok = False  # a good run: every rank meets at the barrier before the process group goes
     try:
         opts = dict(args.cfg_options)
         if args.run:
@@ -351,16 +352,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             ck = load_checkpoint(run_dir.final_ckpt)
             if ck["config_hash"] == config_hash(cfg):
                 _logger.info("%s exists for this config: nothing to do", run_dir.final_ckpt)
+                ok = True
                 return 0
         resume = None if args.resume in (None, "latest") else Path(args.resume)
         final = train(cfg, run_dir, resume=resume, dist=dist)
         _logger.info("final checkpoint: %s", final)
+        ok = True
         return 0
     except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
         return exit_on_user_error(e, "stage1_cam")
     finally:
-        if dist.enabled and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+        if dist.enabled:
+            shutdown_distributed(ok)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from typing import Any, Iterator, List, Optional
 
 from stage1_cam.constants import ENV_DATA_ROOT
 from stage1_cam.utils.cli import BadInputError, UnknownNameError, exit_on_user_error
+from stage1_cam.utils.dist import import_before_process_group, shutdown_distributed
 from stage1_cam.utils.logging import setup_logging
 
 from .checkpoint import safe_checkpoint_loading
@@ -226,9 +227,17 @@ def _main(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     preflight(cfg)
     _logger.info("training %s on %s -> %s", args.config, args.shards, cfg.work_dir)
-    with safe_checkpoint_loading():
-        runner = Runner.from_cfg(cfg)
-        runner.train()
+    if args.launcher != "none":
+        import_before_process_group()  # mmengine's Runner creates the group; see stage1_cam/utils/dist.py
+    ok = False
+    try:
+        with safe_checkpoint_loading():
+            runner = Runner.from_cfg(cfg)
+            runner.train()
+        del runner  # its DDP-wrapped model holds the process group
+        ok = True
+    finally:
+        shutdown_distributed(ok)  # no process group (--launcher none): nothing to do
     return 0
 
 

@@ -64,7 +64,7 @@ def test_out_of_range_value_is_a_config_error_naming_key_value_and_range(key, va
 
 
 BAD_NAMES = [("head.type", "nonexistent", "weakclip, weclip"), ("cam.source", "nope", "clip_es_gradcam, excel_svc"),
-             ("data.dataset", "pascal", "coco, synthetic, voc"), ("train.amp", "fp8", "bf16, fp16, none"),
+             ("data.dataset", "pascal", "coco, synthetic, voc"), ("train.amp", "fp8", "auto, bf16, fp16, none"),
              ("clip.precision", "fp64", "fp32, fp16, bf16"), ("data.normalization", "none", "imagenet, clip"),
              ("head.rfm.score", "square", "signed, abs")]
 

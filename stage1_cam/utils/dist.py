@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,11 +37,46 @@ def init_distributed() -> DistInfo:
     rank = int(env.get("RANK", env.get("SLURM_PROCID", "0")))
     local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", "0")))
     if not torch_dist.is_initialized():
+        import_before_process_group()
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
         torch_dist.init_process_group(backend=backend, rank=rank, world_size=world)
     return DistInfo(rank=rank, local_rank=local, world_size=world)
+
+
+def import_before_process_group() -> None:
+    """Import what DistributedDataParallel imports lazily, before the process group exists.
+
+    DDP's constructor imports ``torch._dynamo`` on first use; imported after ``init_process_group`` it (through
+    ``torch.distributed._shard``, torch 2.14) keeps a reference to the default group that ``destroy_process_group``
+    cannot drop. The group is then never destroyed, its gloo worker threads are never joined, and one of them can
+    still be releasing the last collective's tensors (a Python object, so it takes the GIL) while the interpreter
+    finalizes: ``terminate called without an active exception``, SIGABRT, after a good run. Imported first, the
+    group is freed by ``destroy_process_group`` and its destructor joins the threads (see shutdown_distributed).
+    """
+    import torch._dynamo  # noqa: F401
+
+
+def shutdown_distributed(ok: bool) -> None:
+    """Tear the process group down so that every rank exits 0 after a good run; nothing without a group.
+
+    The order matters: after a good run (``ok``) a barrier first, so that no rank destroys its group while another
+    one still talks to it (rank 0 writes the final checkpoint after the last collective); then a garbage
+    collection, which frees the DDP wrappers and other holders of the group left in reference cycles; then
+    ``destroy_process_group``, which drops the last reference: the group's destructor waits for its pending work
+    and joins its worker threads while Python is still alive. After a failure there is no barrier (the other ranks
+    may never reach it): the group is destroyed and the launcher reports the failed rank.
+    """
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return
+    try:
+        if ok:
+            torch_dist.barrier()
+    finally:
+        gc.collect()
+        torch_dist.destroy_process_group()
+        _logger.debug("process group destroyed")
 
 
 def device_for(info: DistInfo) -> torch.device:
