@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from .constants import IGNORE_INDEX, NORMALIZATIONS
 from .data.class_names import BACKGROUND_WORDS, PROMPT_NAMES
 from .data.synthetic import BACKGROUND_STYLES, GENERATOR_VERSION, STUFF_WORDS, render_sample
+from .utils.files import atomic_write, atomic_write_text
 
 _logger = logging.getLogger("stage1_cam.world")  # not __name__: it is "__main__" under -m
 
@@ -588,9 +589,8 @@ def _build_model(cfg: WorldCfg) -> nn.Module:
 
 
 def _save_atomic_torch(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _crop_batch(pool: _Pool, rng: np.random.Generator, idx: np.ndarray, rows: int, cols: int, patch: int,
@@ -765,9 +765,7 @@ def train_world_clip(cfg: WorldCfg, *, root: Union[str, Path, None] = None, forc
             "total_seconds": round(time.monotonic() - t_start, 1), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "weights": WEIGHTS_FILE}
     meta = json.loads(json.dumps(meta))  # the same plain-JSON values a cache hit returns
-    tmp = entry / (META_FILE + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, entry / META_FILE)
+    atomic_write_text(entry / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     _logger.info("world CLIP saved to %s", entry / WEIGHTS_FILE)
     return WorldResult(weights=entry / WEIGHTS_FILE, meta=meta, trained=True)
 
