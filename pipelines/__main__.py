@@ -18,7 +18,8 @@ from stage1_cam.utils.cli import exit_on_user_error
 from stage1_cam.utils.logging import setup_logging
 from stage1_cam.utils.run_dir import RunDir
 
-from .stages import Paths, StageError, manifest_complete, python_cmd, run_cmd, stage2_config
+from .stages import Paths, StageError, manifest_complete, python_cmd, record_stage2_inputs, run_cmd, \
+    stage2_config, stage2_decision, stage2_inputs
 
 _logger = logging.getLogger("pipelines")
 
@@ -95,10 +96,9 @@ def cmd_pseudo_labels(args: argparse.Namespace) -> None:
             and not (run.cams_dir / "manifest.json").is_file():
         # WeakCLIP trains on existing masks; by default the run's own initial CAMs (`make cams`).
         run_cmd(python_cmd("stage1_cam.cams", conf), record=paths.costs, name="initial CAMs")
-    from stage1_cam.train import load_checkpoint
+    from stage1_cam.train import trained_for
 
-    done = run.final_ckpt.is_file() and load_checkpoint(run.final_ckpt)["config_hash"] == config_hash(cfg)
-    if done:
+    if trained_for(run.final_ckpt, cfg):  # the training inputs, not the whole config: a dump-only change keeps it
         _logger.info("stage-1 checkpoint %s exists for this config: training skipped", run.final_ckpt)
     else:
         run_cmd(python_cmd("stage1_cam.train", conf, gpus=args.gpus), record=paths.costs, name="stage1 training")
@@ -114,6 +114,7 @@ def cmd_pseudo_labels(args: argparse.Namespace) -> None:
 
 def cmd_retrain(args: argparse.Namespace) -> None:
     cfg, run = _resolve(args, prepare=False)
+    run.lock()  # one command at a time in a run (its stage commands inherit the lock)
     paths = Paths(run)
     s2 = stage2_config(cfg.data.dataset, args.model)
     if args.scheduler == "slurm":
@@ -125,9 +126,14 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     if not manifest_complete(paths, cfg):
         raise StageError(f"{paths.manifest} is missing or incomplete: run `make pseudo-labels "
                          f"DATASET={cfg.data.dataset} RUN={cfg.run.name}` first")
-    if paths.stage2_metrics.is_file() and not args.overwrite:
-        _logger.info("%s exists: retraining skipped", paths.stage2_metrics)
+    inputs = stage2_inputs(paths, s2, args.s2_options)
+    decision = stage2_decision(paths, inputs, overwrite=args.overwrite)
+    if decision == "skip":
+        _logger.info("%s exists for these inputs: retraining skipped", paths.stage2_metrics)
         return
+    if decision == "supersede":
+        run.supersede(["stage2", "report"], reason=f"stage2-inputs-{inputs['hash']}")
+    record_stage2_inputs(paths, inputs)
     work = run.stage2_dir
     last = work / "last_checkpoint"  # mmengine writes the path of its latest checkpoint here
     s2_opts = [f"{k}={v}" for k, v in (args.s2_options or {}).items()]

@@ -48,8 +48,8 @@ from pathlib import Path
 from string import Template
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from stage1_cam.config import config_hash
 from stage1_cam.utils.cli import BadInputError, UnknownNameError
+from stage1_cam.utils.files import atomic_write_text
 from stage1_cam.utils.run_dir import RunDir
 
 from .stages import Paths, StageError, manifest_complete, python_cmd, run_cmd
@@ -276,10 +276,7 @@ def record_jobs(path: Path, new: Mapping[str, Mapping[str, Any]]) -> None:
     jobs = load_jobs(path)
     jobs.update({k: dict(v) for k, v in new.items()})
     ordered = {k: jobs[k] for k in sorted(jobs, key=lambda s: STAGES.index(s) if s in STAGES else len(STAGES))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"jobs": ordered}, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"jobs": ordered}, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -476,9 +473,9 @@ def submit_pseudo_labels(cfg: Any, run: RunDir, *, gpus: int = 1, env: Optional[
     options = SbatchOptions.from_env(gpus=gpus, env=env)
     conf = str(run.config_file)
     run_cmd(python_cmd("stage1_cam.data", "--config", conf))
-    from stage1_cam.train import load_checkpoint
+    from stage1_cam.train import trained_for
 
-    trained = run.final_ckpt.is_file() and load_checkpoint(run.final_ckpt)["config_hash"] == config_hash(cfg)
+    trained = trained_for(run.final_ckpt, cfg)
     name = cfg.run.name
     specs: List[Tuple[JobSpec, Sequence[str]]] = []
     if trained:

@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Optional
 
 from stage1_cam.config import config_hash
 from stage1_cam.utils.cli import UserError
+from stage1_cam.utils.files import atomic_write_text, file_sha256
+from stage1_cam.utils.procs import child_preexec
 from stage1_cam.utils.run_dir import RunDir
 
 _logger = logging.getLogger(__name__)
@@ -70,6 +72,11 @@ class Paths:
     def report_metrics(self) -> Path:
         return self.run.report_dir / "metrics.json"
 
+    @property
+    def stage2_inputs(self) -> Path:
+        """What stage 2 was trained from (:func:`stage2_inputs`), written before it starts."""
+        return self.run.stage2_dir / "inputs.json"
+
 
 def stage2_config(dataset: str, model: Optional[str]) -> str:
     table = STAGE2_CONFIGS.get(dataset)
@@ -92,6 +99,62 @@ def manifest_complete(paths: Paths, cfg: Any) -> bool:
         and m.get("num_shards") == cfg.dump.num_shards
 
 
+def stage2_inputs(paths: Paths, s2_config: str, s2_options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Everything stage 2's outputs depend on: the shards (manifest hashes), its config file and options.
+
+    Args:
+        paths: the run's paths (the manifest must exist).
+        s2_config: stage-2 config file.
+        s2_options: ``--s2-options`` overrides.
+
+    Returns:
+        JSON-safe dict, with ``hash`` (12 hex digits) over the rest.
+    """
+    import hashlib
+
+    m = json.loads(paths.manifest.read_text())
+    inputs: Dict[str, Any] = {
+        "shards_config_hash": m.get("config_hash"), "checkpoint_hash": m.get("checkpoint_hash"),
+        "shards": {s["file"]: s.get("sha256") for s in m.get("shards", []) if isinstance(s, dict)},
+        "stage2_config": str(s2_config), "stage2_config_sha256": file_sha256(s2_config),
+        "s2_options": {str(k): v for k, v in sorted((s2_options or {}).items())},
+    }
+    inputs["hash"] = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return inputs
+
+
+def stage2_decision(paths: Paths, current: Dict[str, Any], *, overwrite: bool) -> str:
+    """What ``make retrain`` does with the run's stage-2 folder: ``train``, ``resume``, ``skip`` or ``supersede``.
+
+    * no stage-2 folder: ``train``;
+    * recorded inputs equal ``current``: ``skip`` when the metrics exist, else ``resume`` (a killed run);
+    * other inputs (or none recorded, from an older version): ``supersede`` with ``overwrite`` (the old outputs
+      are moved aside, then stage 2 trains from scratch); without it a :class:`StageError` says so.
+    """
+    work = paths.run.stage2_dir
+    if not work.is_dir() or not any(work.iterdir()):
+        return "train"
+    recorded = None
+    if paths.stage2_inputs.is_file():
+        try:
+            recorded = json.loads(paths.stage2_inputs.read_text())
+        except ValueError:
+            recorded = None
+    if recorded is not None and recorded.get("hash") == current["hash"]:
+        return "skip" if paths.stage2_metrics.is_file() else "resume"
+    if overwrite:
+        return "supersede"
+    what = (f"other inputs (recorded hash {recorded.get('hash')}, now {current['hash']}: the shards, MODEL or "
+            f"--s2-options changed)") if recorded is not None else "inputs that were not recorded"
+    raise StageError(f"{work} holds stage-2 outputs made from {what}. Pass OVERWRITE=1 (--overwrite) to retrain "
+                     f"(the old outputs are moved to {paths.run.superseded_dir}/), or use another RUN")
+
+
+def record_stage2_inputs(paths: Paths, current: Dict[str, Any]) -> None:
+    """Write :func:`stage2_inputs` into the stage-2 folder (before training starts)."""
+    atomic_write_text(paths.stage2_inputs, json.dumps(current, indent=1, sort_keys=True) + "\n")
+
+
 def python_cmd(module: str, *args: str, gpus: int = 1) -> List[str]:
     """`python -m module args` or, with several GPUs, the same under torchrun."""
     if gpus > 1:
@@ -109,7 +172,8 @@ def run_cmd(cmd: List[str], *, env: Optional[Dict[str, str]] = None, record: Opt
     """
     _logger.info("$ %s", " ".join(cmd))
     t0 = time.time()
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
+    # The stage dies with this process, also when it is killed (kill -9): no orphan training or dump.
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, preexec_fn=child_preexec())
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     cost = {"seconds": time.time() - t0, "peak_rss_mib": usage.ru_maxrss / 1024.0}
@@ -118,5 +182,5 @@ def run_cmd(cmd: List[str], *, env: Optional[Dict[str, str]] = None, record: Opt
     if record is not None and name:
         data = json.loads(record.read_text()) if record.is_file() else {}
         data[name] = {**cost, "command": " ".join(cmd)}
-        record.write_text(json.dumps(data, indent=2) + "\n")
+        atomic_write_text(record, json.dumps(data, indent=2) + "\n")
     return cost

@@ -41,7 +41,6 @@ r, r + WORLD_SIZE, ...; a SLURM array runs one ``--shard I`` per task.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import math
@@ -67,8 +66,10 @@ from .io import ShardFormatError, ShardMeta, ShardReader, ShardWriter, assign_sh
     shard_filename, write_manifest
 from .metrics import ConfusionMatrix, json_safe
 from .utils.cli import BadInputError, exit_on_user_error
+from .utils.files import DiskFullError, atomic_write_text, check_free_space, disk_full_error, is_disk_full
 from .utils.logging import EveryN, setup_logging
 from .utils.precision import autocast_dtype, precision_name
+from .utils.procs import worker_initializer
 from .utils.run_dir import RunDir, git_sha
 
 # Under ``python -m stage1_cam.dump`` the module is ``__main__``; keep its records in the package logger tree.
@@ -731,12 +732,63 @@ def make_crf_executor(settings: DumpSettings) -> Optional[ProcessPoolExecutor]:
     if n == 0:
         return None
     # spawn: safe next to CUDA and torch's thread pools. The workers are started (and import the CRF module)
-    # right away, so their start-up overlaps with building the model.
+    # right away, so their start-up overlaps with building the model. They die with this process, also when it
+    # is killed (kill -9) and cannot shut them down (utils/procs.py); multiprocessing's resource tracker then
+    # exits too (it ends when the last process sharing its pipe is gone).
     executor = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=importlib.import_module, initargs=("stage1_cam.refine.crf",))
+                                   initializer=worker_initializer, initargs=(os.getpid(), "stage1_cam.refine.crf"))
     for _ in range(n):
         executor.submit(os.getpid)
     return executor
+
+
+_IMAGE_OVERHEAD_BYTES = 4096  # HDF5 group, attributes and chunk index of one image (order of magnitude)
+
+
+def _image_sizes(dataset: Any, names: Sequence[str]) -> List[int]:
+    """Pixels of each image, from the file headers where the dataset gives paths, else from the first image."""
+    if not names:
+        return []
+    path_of = getattr(dataset, "_image_path", None)
+    if path_of is not None:
+        try:
+            from PIL import Image
+
+            out = []
+            for n in names:
+                with Image.open(path_of(n)) as im:
+                    out.append(im.size[0] * im.size[1])
+            return out
+        except Exception:  # unreadable headers: the dump itself reports bad images
+            pass
+    h, w = dataset.load_image(names[0]).shape[:2]
+    return [h * w] * len(names)
+
+
+def shard_bytes_needed(dataset: Any, names: Sequence[str], settings: DumpSettings, num_classes: int) -> int:
+    """Upper bound of the bytes that writing ``names`` adds to a shard (uncompressed arrays + overhead).
+
+    Per pixel: the uint8 label and float16 confidence, plus float16 probabilities of the allowed classes with
+    ``save_probs``. The lzf compression of the shards usually makes the files smaller.
+    """
+    total = 0
+    for n, pixels in zip(names, _image_sizes(dataset, names)):
+        per_pixel = 3
+        if settings.save_probs:
+            k = 1 + len(dataset.image_labels(n)) if settings.label_constrained else num_classes
+            per_pixel += 2 * k
+        total += per_pixel * pixels + _IMAGE_OVERHEAD_BYTES
+    return total
+
+
+def _check_shard_space(out_dir: Path, writer: ShardWriter, names: Sequence[str], dataset: Any,
+                       settings: DumpSettings) -> None:
+    """Refuse to start (or resume) a shard whose images do not fit on the disk (:class:`DiskFullError`)."""
+    todo = [n for n in names if n not in writer.done_ids]
+    needed = shard_bytes_needed(dataset, todo, settings, len(dataset.class_names))
+    check_free_space(out_dir, needed, what=f"shard {writer.shard_index}/{writer.num_shards} ({len(todo)} images "
+                                           f"to write; uncompressed upper bound)",
+                     fix="write the shards to another disk (--out DIR)")
 
 
 def run_dump(cfg: Any, *, shards: Sequence[int], out_dir: Path, checkpoint: Optional[Path] = None,
@@ -762,6 +814,8 @@ def run_dump(cfg: Any, *, shards: Sequence[int], out_dir: Path, checkpoint: Opti
     Raises:
         FileNotFoundError: checkpoint, dataset or source shards missing.
         ValueError / ShardFormatError: inconsistent inputs (messages name the fix).
+        DiskFullError: a shard does not fit on the disk (checked before each shard), or the disk filled up
+            while writing (the shard stays partial and resumes on the next run).
     """
     from .utils.files import file_sha256
 
@@ -806,6 +860,7 @@ def run_dump(cfg: Any, *, shards: Sequence[int], out_dir: Path, checkpoint: Opti
                     _logger.info("shard %d/%d is finished (%s); not rewritten", i, num_shards, writer.path)
                     writer.finalize()
                     continue
+                _check_shard_space(Path(out_dir), writer, assignment[i], dataset, settings)
                 if executor is None and settings.crf is not None:
                     executor = make_crf_executor(settings)
                 workers = settings.num_crf_workers()
@@ -825,6 +880,12 @@ def run_dump(cfg: Any, *, shards: Sequence[int], out_dir: Path, checkpoint: Opti
                                      "on" if settings.crf else "off", workers)
                     stats[i] = dump_shard(predictor, dataset, assignment[i], writer, settings=settings,
                                           postprocessor=post, progress=progress)
+    except OSError as e:
+        if is_disk_full(e) and not isinstance(e, DiskFullError):
+            # One clear error; the shard stays .partial and the next run resumes it.
+            raise disk_full_error(out_dir, what="the pseudo-mask shards",
+                                  fix="write the shards to another disk (--out DIR)") from e
+        raise
     finally:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
@@ -863,9 +924,7 @@ def _write_summary(out_dir: Path, num_shards: int, stats: Dict[int, Dict[str, fl
                "device": entries[-1]["device"] if entries else str(device),
                "peak_memory_mib": max((e["peak_memory_mib"] for e in entries), default=None),
                "shards": {str(e["shard"]): e for e in entries}}
-    tmp = Path(out_dir) / f".{SUMMARY_NAME}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    os.replace(tmp, Path(out_dir) / SUMMARY_NAME)
+    atomic_write_text(Path(out_dir) / SUMMARY_NAME, json.dumps(summary, indent=1) + "\n")
 
 
 def _pct(x: Optional[float]) -> str:
@@ -890,6 +949,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    out_dir: Optional[Path] = None
     try:
         opts = dict(args.cfg_options)
         if args.run:
@@ -948,6 +1008,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                          _pct(mc["miou"]), _pct(m["ignore_coverage"]), no_crf, path)
         return 0
     except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
+        if isinstance(e, OSError) and not isinstance(e, DiskFullError) and is_disk_full(e):
+            e = disk_full_error(out_dir or Path.cwd(), what="the dump's outputs")  # names the space needed
         return exit_on_user_error(e, "stage1_cam")
 
 

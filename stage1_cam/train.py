@@ -30,8 +30,9 @@ from .utils.cli import BadInputError, exit_on_user_error
 from .utils.cpu_malloc import retain_freed_memory
 from .utils.dist import DistInfo, device_for, init_distributed, peak_memory_mb, shutdown_distributed
 from .utils.logging import setup_logging
+from .utils.files import atomic_write
 from .utils.precision import autocast_dtype, precision_name
-from .utils.run_dir import RunDir, RunDirError, git_sha
+from .utils.run_dir import RunDir, RunDirError, git_sha, stage_hash
 
 _logger = logging.getLogger("stage1_cam.train")  # not __name__: it is "__main__" under -m
 CKPT_FORMAT = "wsss-stage1-head"
@@ -112,11 +113,25 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
-    """Atomic save (tmp file + rename): an interrupted save never leaves a truncated checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    """Atomic save (a temporary file unique to this writer, then a rename): never a truncated checkpoint."""
+    with atomic_write(path, fsync=True) as tmp:
+        torch.save(payload, tmp)
+
+
+def checkpoint_matches(ckpt: Dict[str, Any], cfg: Any) -> bool:
+    """Whether a loaded checkpoint was trained with ``cfg``'s training inputs (``stage_hash(cfg, "train")``).
+
+    Only the sections training depends on count: a dump-only change keeps the head. Checkpoints written before
+    the training hash was recorded carry the whole config's hash, which must then match.
+    """
+    if "train_hash" in ckpt:
+        return ckpt["train_hash"] == stage_hash(cfg, "train")
+    return ckpt.get("config_hash") == config_hash(cfg)
+
+
+def trained_for(path: Path, cfg: Any) -> bool:
+    """Whether ``path`` is a stage-1 checkpoint trained with ``cfg``'s training inputs."""
+    return Path(path).is_file() and checkpoint_matches(load_checkpoint(Path(path)), cfg)
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
@@ -193,7 +208,7 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
     np.random.seed(seed)
     torch.manual_seed(seed)
     tc = cfg.train
-    chash = config_hash(cfg)
+    chash, thash = config_hash(cfg), stage_hash(cfg, "train")
 
     stack = build_stage1(cfg, device)
     head = stack.head
@@ -224,9 +239,10 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
     resume_path = resume if resume is not None else (latest if latest.is_file() else None)
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
-        if ckpt["config_hash"] != chash:
-            raise RunDirError(f"{resume_path} was written with config hash {ckpt['config_hash']}, current is {chash}; "
-                              f"resume with the same config or start another run")
+        if not checkpoint_matches(ckpt, cfg):
+            raise RunDirError(f"{resume_path} was trained with other training settings (training hash "
+                              f"{ckpt.get('train_hash', ckpt.get('config_hash'))}, current {thash}); resume with "
+                              f"the same config, start another run, or pass --overwrite to set it aside")
         head.decoder.load_state_dict(ckpt["head"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -261,7 +277,8 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
         payload = {"format": CKPT_FORMAT, "head_type": cfg.head.type, "head": head.decoder.state_dict(),
                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                    "epoch": epoch, "batch_in_epoch": pos, "rng": rng, "config": json.dumps(cfg.to_dict()),
-                   "config_hash": chash, "git_sha": git_sha(), "metrics": json.dumps(metrics or {})}
+                   "config_hash": chash, "train_hash": thash, "git_sha": git_sha(),
+                   "metrics": json.dumps(metrics or {})}
         save_checkpoint(path, payload)
         if path != latest:
             save_checkpoint(latest, payload)
@@ -349,8 +366,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if dist.enabled:
             torch_dist.barrier()
         if run_dir.final_ckpt.is_file() and args.resume is None:
-            ck = load_checkpoint(run_dir.final_ckpt)
-            if ck["config_hash"] == config_hash(cfg):
+            if trained_for(run_dir.final_ckpt, cfg):
                 _logger.info("%s exists for this config: nothing to do", run_dir.final_ckpt)
                 ok = True
                 return 0

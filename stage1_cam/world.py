@@ -44,7 +44,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -66,6 +65,7 @@ from .models.world_weights import (DATASET, ENV_CACHE, META_FILE, WEIGHTS_FILE, 
                                    WORLD_SCHEME, WORLD_VERSION, WorldCfg, get_preset, read_meta, world_cache_dir,
                                    world_hash, world_prompts)  # (re-exported: the world's public names)
 from .utils.cli import BadInputError
+from .utils.files import atomic_write, atomic_write_text
 
 _logger = logging.getLogger("stage1_cam.world")  # not __name__: it is "__main__" under -m
 # Split codes of the generator's per-image seeds: 0 = train, 1 = val (dataset), 2 = world training, 3 = world eval.
@@ -394,9 +394,8 @@ def _build_model(cfg: WorldCfg) -> nn.Module:
 
 
 def _save_atomic_torch(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _crop_batch(pool: _Pool, rng: np.random.Generator, idx: np.ndarray, rows: int, cols: int, patch: int,
@@ -571,9 +570,7 @@ def train_world_clip(cfg: WorldCfg, *, root: Union[str, Path, None] = None, forc
             "total_seconds": round(time.monotonic() - t_start, 1), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "weights": WEIGHTS_FILE}
     meta = json.loads(json.dumps(meta))  # the same plain-JSON values a cache hit returns
-    tmp = entry / (META_FILE + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, entry / META_FILE)
+    atomic_write_text(entry / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     _logger.info("world CLIP saved to %s", entry / WEIGHTS_FILE)
     return WorldResult(weights=entry / WEIGHTS_FILE, meta=meta, trained=True)
 

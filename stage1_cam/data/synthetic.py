@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from PIL import Image
 
 from ..constants import IGNORE_INDEX
 from ..utils.cli import BadInputError
+from ..utils.files import atomic_write_text
 from .class_names import BACKGROUND_WORDS, CLASSES, voc_palette
 
 _logger = logging.getLogger(__name__)
@@ -397,9 +397,7 @@ def generate_synthetic(root: Union[str, Path], *, num_train: int = 240, num_val:
     for split, ids in (("train", names["train"]), ("val", names["val"]), ("train_aug", names["train"])):
         (sets / f"{split}.txt").write_text("".join(f"{n}\n" for n in ids))
 
-    tmp = root / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, marker)
+    atomic_write_text(marker, json.dumps(params, indent=2, sort_keys=True) + "\n")
     (root / _IN_PROGRESS).unlink()
     _logger.info("synthetic dataset written to %s", root)
     return root

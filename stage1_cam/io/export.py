@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..utils.cli import exit_on_user_error
+from ..utils.files import atomic_write
 from .shards import ShardReader
 
 _logger = logging.getLogger(__name__)
@@ -91,9 +92,8 @@ def export_png(shard_dir: str | os.PathLike, out_dir: str | os.PathLike, *, colo
                 im.putpalette(palette)
             else:
                 im = Image.fromarray(np.ascontiguousarray(label))  # (H, W) uint8 -> mode "L"
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            im.save(tmp, format="PNG")
-            os.replace(tmp, path)
+            with atomic_write(path) as tmp:
+                im.save(tmp, format="PNG")
             count += 1
     _logger.info("exported %d label PNGs to %s (%d already present)", count, out, kept)
     return count

@@ -35,9 +35,6 @@ import json
 import logging
 import os
 import re
-import socket
-import time
-import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -49,6 +46,7 @@ import numpy as np
 from ..constants import IGNORE_INDEX
 from ..utils.cli import UserError
 from ..utils.files import file_sha256
+from ..utils.locks import FileLock, LockedError
 
 _logger = logging.getLogger(__name__)
 
@@ -63,14 +61,13 @@ _IMAGES = "images"
 # Settings that must agree between a partial shard and the writer resuming it, and across the shards
 # of one directory. ``git_sha`` and ``extra`` may differ (a warning is logged).
 _MUST_MATCH = ("dataset", "split", "class_names", "palette", "ignore_index", "config_hash", "checkpoint_hash")
-_EMPTY_LOCK_GRACE_S = 60.0
 
 
 class ShardFormatError(UserError, ValueError):
     """A shard or manifest has another format/version, other classes or dataset, or is unreadable."""
 
 
-class ShardLockedError(UserError, RuntimeError):
+class ShardLockedError(LockedError):
     """Another writer holds the shard's lock file."""
 
 
@@ -295,107 +292,13 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+class _ShardLock(FileLock):
+    """The lock file of one shard (``<shard>.h5.lock``): see :class:`~stage1_cam.utils.locks.FileLock`."""
 
-
-# ----------------------------------------------------------------------------------------------------------
-# lock
-
-
-class _ShardLock:
-    """An exclusive lock file (``O_CREAT | O_EXCL``) holding host, pid and SLURM job id as JSON."""
-
-    # Locks held by live objects of this process: path -> weak reference to the holder.
-    _held: dict[str, weakref.ref] = {}
+    kind, log = "shard lock", _logger
 
     def __init__(self, path: Path, owner: object) -> None:
-        self.path = Path(path)
-        self._owner = weakref.ref(owner)
-        self._acquired = False
-
-    @staticmethod
-    def _info() -> dict[str, Any]:
-        return {"host": socket.gethostname(), "pid": os.getpid(),
-                "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
-                "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-    def _read(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError):
-            return None
-
-    def _stale_reason(self, holder: dict[str, Any] | None) -> str | None:
-        me = self._info()
-        if holder is None or not isinstance(holder, dict) or "pid" not in holder:
-            try:
-                age = time.time() - self.path.stat().st_mtime
-            except FileNotFoundError:
-                return "lock vanished"
-            return f"unreadable lock file {age:.0f}s old" if age > _EMPTY_LOCK_GRACE_S else None
-        pid, host = int(holder.get("pid", -1)), str(holder.get("host", ""))
-        if host == me["host"]:
-            if pid == me["pid"]:
-                ref = self._held.get(str(self.path))
-                return None if ref is not None and ref() is not None else "left by a writer of this process"
-            if not _pid_alive(pid):
-                return f"process {pid} on {host} is no longer running"
-        job = str(holder.get("slurm_job_id", ""))
-        if job and job == me["slurm_job_id"] and (host, pid) != (me["host"], me["pid"]):
-            return f"left by an earlier run of SLURM job {job} (requeued)"
-        return None
-
-    def acquire(self) -> None:
-        for _ in range(5):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._read()
-                if holder == {}:  # released between our open and read: try again
-                    continue
-                reason = self._stale_reason(holder)
-                if reason is None:
-                    h = holder or {}
-                    raise ShardLockedError(
-                        f"{self.path} is held by pid {h.get('pid', '?')} on host {h.get('host', '?')}"
-                        f"{' (SLURM job ' + str(h['slurm_job_id']) + ')' if h.get('slurm_job_id') else ''}: "
-                        f"another writer is producing this shard. Wait for it to finish; if no such process is "
-                        f"running any more (e.g. it was killed on another machine), delete the lock file and "
-                        f"re-run.")
-                _logger.warning("taking over stale shard lock %s (%s; holder %s)", self.path, reason, holder)
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self._info(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            self._held[str(self.path)] = self._owner
-            self._acquired = True
-            return
-        raise ShardLockedError(f"could not acquire {self.path}: the lock keeps changing hands; "
-                               f"is more than one writer running for this shard?")
-
-    def release(self) -> None:
-        if not self._acquired:
-            return
-        self._acquired = False
-        self._held.pop(str(self.path), None)
-        holder = self._read()
-        if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-            self.path.unlink(missing_ok=True)
-        else:  # pragma: no cover - somebody broke our lock
-            _logger.warning("lock %s was taken over by %s while we held it", self.path, holder)
+        super().__init__(path, owner, error=ShardLockedError, holder_hint="another writer is producing this shard")
 
 
 # ----------------------------------------------------------------------------------------------------------

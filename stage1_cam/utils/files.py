@@ -1,17 +1,158 @@
-"""Small file helpers shared by the checkpoint and shard code."""
+"""Small file helpers shared by the checkpoint, run-directory and shard code.
+
+* :func:`atomic_write`: the one write-then-rename of the project. The temporary file sits next to the
+  target under a name unique to the writer (``.<stem>.<pid>.<random>.tmp<suffix>``), so two processes
+  writing the same file never trip over each other's temporary file; the target is replaced atomically,
+  or left as it was when the writer fails or is killed.
+* :func:`check_free_space` and :func:`is_disk_full`: a full disk becomes one :class:`DiskFullError` that
+  names the directory, the space needed and free, and the fix.
+"""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import secrets
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Optional, Union
+
+from .cli import UserError
+
+PathLike = Union[str, os.PathLike]
 
 
-def file_sha256(path: Union[str, os.PathLike]) -> str:
+class DiskFullError(UserError, OSError):
+    """Not enough free space for an output (checked up front, or ``ENOSPC`` while writing)."""
+
+
+def file_sha256(path: PathLike) -> str:
     """Hex SHA-256 of a file's bytes, read in 4 MiB blocks."""
     h = hashlib.sha256()
     with open(Path(path), "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def temp_name(path: PathLike) -> Path:
+    """A temporary file name next to ``path``, unique to this writer: ``.<stem>.<pid>.<random>.tmp<suffix>``.
+
+    The target's suffix is kept last, for writers that pick the format from it (mmengine's ``Config.dump``).
+    """
+    path = Path(path)
+    return path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}")
+
+
+def fsync_dir(path: PathLike) -> None:
+    """fsync a directory (makes a rename in it durable); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_write(path: PathLike, *, fsync: bool = False) -> Iterator[Path]:
+    """Write ``path`` through a temporary file that replaces it atomically when the block succeeds.
+
+    Example::
+
+        with atomic_write(ckpt) as tmp:
+            torch.save(payload, tmp)
+
+    Args:
+        path: the final file (its folder is created).
+        fsync: flush the file and the folder to disk before/after the rename (checkpoints, manifests).
+
+    Yields:
+        The temporary path to write (unique per writer, in the same folder, so the rename is atomic).
+        On an error the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def atomic_write_text(path: PathLike, text: str, *, fsync: bool = False) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    with atomic_write(path, fsync=fsync) as tmp:
+        tmp.write_text(text)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a full disk (``ENOSPC``, ``EDQUOT``).
+
+    h5py reports HDF5 write failures as ``OSError`` whose message carries the C errno
+    (``errno = 28, error message = 'No space left on device'``) with ``errno`` unset; both forms count.
+    """
+    seen = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, DiskFullError):
+            return True
+        if isinstance(e, OSError):
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                return True
+            text = str(e)
+            if "No space left on device" in text or "errno = 28," in text or "Disk quota exceeded" in text:
+                return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2 ** 20:.1f} MiB"
+
+
+def disk_full_error(directory: PathLike, *, needed: Optional[int] = None, what: str = "the output",
+                    fix: str = "") -> DiskFullError:
+    """The :class:`DiskFullError` for ``directory``: free space, the space needed (if known) and the fix."""
+    directory = Path(directory)
+    try:
+        free: Optional[int] = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    need = f"{what} needs about {_mib(needed)}" if needed is not None else f"writing {what} failed"
+    have = f"{_mib(free)} free" if free is not None else "free space unknown"
+    err = DiskFullError(f"no space left on the disk of {directory}: {need}, {have}. Free some space there"
+                        f"{' or ' + fix if fix else ''}, then re-run")
+    err.errno = errno.ENOSPC
+    return err
+
+
+def check_free_space(directory: PathLike, needed: int, *, what: str = "the output", fix: str = "") -> None:
+    """Raise :class:`DiskFullError` when the disk holding ``directory`` has less than ``needed`` bytes free.
+
+    Args:
+        directory: an existing folder on the disk that will be written.
+        needed: bytes the next output needs (an estimate).
+        what: what is about to be written (for the message).
+        fix: an alternative to freeing space (e.g. "write the shards elsewhere with --out DIR").
+    """
+    free = shutil.disk_usage(Path(directory)).free
+    if free < needed:
+        raise disk_full_error(directory, needed=needed, what=what, fix=fix)

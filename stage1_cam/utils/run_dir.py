@@ -1,28 +1,157 @@
-"""Run directories (``runs/<dataset>/<run>/``): resolved config, env.json, hash checks."""
+"""Run directories (``runs/<dataset>/<run>/``): resolved config, env.json, hash checks, run lock, superseding.
+
+Each stage's outputs depend on part of the config only (:data:`STAGE_SECTIONS`): the trained head on
+``run``/``data``/``clip``/``cam``/``head``/``train``, the pseudo-mask shards on all of it (``dump`` too), the
+initial CAMs on ``data``/``clip``/``cam``. When ``--overwrite`` accepts a changed config, :meth:`RunDir.prepare`
+moves exactly the outputs whose inputs changed (and everything downstream of them) to
+``superseded/<time>-<old hash>/``; the others are kept and reused, so a dump-only change keeps the trained
+head and re-dumps. Old and new outputs are never mixed.
+
+One process at a time prepares and uses a run (``run.lock``, :class:`RunLock`); stage commands started by
+the holder (the pipeline's train and dump) inherit its lock through ``$WSSS_RUN_LOCK``.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import platform
+import secrets
+import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+import weakref
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mmengine.config import ConfigDict as Config
 
-from ..config import config_hash, save_config
+from ..config import config_hash, load_config, save_config
 from .cli import UserError
+from .files import atomic_write, atomic_write_text
+from .locks import FileLock
 
 _logger = logging.getLogger(__name__)
 
 
 class RunDirError(UserError, RuntimeError):
     """A run directory holds outputs from a different configuration."""
+
+
+class RunLockedError(RunDirError):
+    """Another live process holds the run directory's lock."""
+
+
+RUN_LOCK_ENV = "WSSS_RUN_LOCK"  # tokens (os.pathsep-separated) of run locks held by this process or a parent
+RUN_LOCK_NAME = "run.lock"
+SUPERSEDED_DIR = "superseded"
+
+# Top-level config sections that each stage's own outputs depend on (the stages before it aside).
+STAGE_SECTIONS: Dict[str, Tuple[str, ...]] = {
+    "cams": ("data", "clip", "cam"),
+    "train": ("run", "data", "clip", "cam", "head", "train"),
+    "dump": ("run", "data", "clip", "cam", "head", "train", "dump"),
+}
+# Keys inside those sections that do not change the stage's outputs.
+_STAGE_IGNORED: Dict[str, Tuple[str, ...]] = {
+    "cams": (),
+    "train": ("data.dump_split", "data.eval_split"),
+    "dump": (),
+}
+# Outputs of each stage, relative to the run directory (with the stages downstream of it: see _DOWNSTREAM).
+_STAGE_OUTPUTS: Dict[str, Tuple[str, ...]] = {
+    "cams": ("cams",),
+    "train": ("stage1/checkpoints", "stage1/train_summary.json", "stage1/val_metrics.jsonl"),
+    "dump": ("pseudo_masks",),
+    "stage2": ("stage2",),
+    "report": ("report",),
+}
+_DOWNSTREAM: Dict[str, Tuple[str, ...]] = {
+    "cams": ("train", "dump", "stage2", "report"),  # WeakCLIP trains on the initial CAMs
+    "train": ("dump", "stage2", "report"),
+    "dump": ("stage2", "report"),
+    "stage2": ("report",),
+    "report": (),
+}
+
+
+def stage_hash(cfg: Config, stage: str) -> str:
+    """Hash of the config keys that stage ``stage`` (``cams``, ``train`` or ``dump``) depends on.
+
+    ``dump`` depends on every section, so its hash is :func:`~stage1_cam.config.config_hash` of the whole config
+    (the hash recorded in the shards and the manifest).
+    """
+    if stage not in STAGE_SECTIONS:
+        raise KeyError(f"unknown stage {stage!r}; valid: {', '.join(STAGE_SECTIONS)}")
+    if stage == "dump":
+        return config_hash(cfg)
+    data = copy.deepcopy(cfg.to_dict())
+    for key in _STAGE_IGNORED[stage]:
+        section, name = key.split(".", 1)
+        data.get(section, {}).pop(name, None)
+    return config_hash(Config(data), sections=STAGE_SECTIONS[stage])
+
+
+def changed_stages(old: Optional[Config], new: Config) -> List[str]:
+    """Stages whose outputs made with config ``old`` are invalid under ``new`` (downstream stages included).
+
+    Args:
+        old: the config the run's outputs were made with (None: unknown, everything is invalid).
+        new: the config about to be used.
+    """
+    if old is None:
+        return list(_STAGE_OUTPUTS)
+    out: List[str] = []
+    for stage in ("cams", "train", "dump"):
+        if stage_hash(old, stage) != stage_hash(new, stage):
+            for s in (stage, *_DOWNSTREAM[stage]):
+                if s not in out:
+                    out.append(s)
+    return out
+
+
+class RunLock(FileLock):
+    """``<run>/run.lock``: one process at a time prepares and runs stages in a run directory.
+
+    Re-entrant within a process, and shared with child processes: the holder exports a random token in
+    ``$WSSS_RUN_LOCK``, and a process that finds the lock held by a live process with a token it inherited uses
+    it without taking it (the pipeline holds the lock while its stage commands run).
+    """
+
+    kind, log = "run lock", _logger
+
+    def __init__(self, path: Path, owner: object) -> None:
+        super().__init__(path, owner, error=RunLockedError,
+                         holder_hint="another command (make pseudo-labels / retrain, or a training) is using this "
+                                     "run directory")
+        self.token = secrets.token_hex(8)
+
+    def _info(self) -> Dict[str, Any]:
+        return {**super()._info(), "token": self.token}
+
+    def _shared(self, holder: Dict[str, Any]) -> bool:
+        inherited = [t for t in os.environ.get(RUN_LOCK_ENV, "").split(os.pathsep) if t]
+        return holder.get("token") in inherited
+
+    def acquire(self) -> None:
+        super().acquire()
+        if self.acquired:
+            tokens = [t for t in os.environ.get(RUN_LOCK_ENV, "").split(os.pathsep) if t]
+            os.environ[RUN_LOCK_ENV] = os.pathsep.join(tokens + [self.token])
+
+    def release(self) -> None:
+        if self.acquired:
+            tokens = [t for t in os.environ.get(RUN_LOCK_ENV, "").split(os.pathsep) if t and t != self.token]
+            if tokens:
+                os.environ[RUN_LOCK_ENV] = os.pathsep.join(tokens)
+            else:
+                os.environ.pop(RUN_LOCK_ENV, None)
+        super().release()
 
 
 def git_sha(cwd: Optional[Path] = None) -> str:
@@ -75,6 +204,7 @@ class RunDir:
     """Paths of one run: ``<root>/<dataset>/<name>/``."""
 
     path: Path
+    _lock: Optional[RunLock] = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "RunDir":
@@ -112,27 +242,100 @@ class RunDir:
     def report_dir(self) -> Path:
         return self.path / "report"
 
-    def prepare(self, cfg: Config, overwrite: bool = False, seed: Optional[int] = None) -> "RunDir":
-        """Create the folder, save the resolved config and env.json; refuse a different config.
+    @property
+    def lock_file(self) -> Path:
+        return self.path / RUN_LOCK_NAME
+
+    @property
+    def superseded_dir(self) -> Path:
+        return self.path / SUPERSEDED_DIR
+
+    def lock(self) -> "RunDir":
+        """Take the run lock (kept until :meth:`unlock`, until this object is gone, or until the process exits).
 
         Raises:
+            RunLockedError: another live process holds it (the message names its pid and host).
+        """
+        if self._lock is None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(self.lock_file, self)
+            lock.acquire()
+            self._lock = lock
+            weakref.finalize(self, lock.release)
+        return self
+
+    def unlock(self) -> None:
+        """Release the run lock taken by :meth:`lock` (a no-op without one)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def supersede(self, stages: Sequence[str], reason: str) -> Optional[Path]:
+        """Move the outputs of ``stages`` to ``superseded/<time>-<reason>/`` (same relative paths).
+
+        Returns:
+            The folder they were moved to, or None when none of them existed.
+        """
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = self.superseded_dir / f"{stamp}-{reason}"
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = self.superseded_dir / f"{stamp}-{reason}-{n}"
+        moved = []
+        for stage in stages:
+            for rel in _STAGE_OUTPUTS[stage]:
+                src = self.path / rel
+                if src.exists():
+                    (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(src), str(dest / rel))
+                    moved.append(rel)
+        if not moved:
+            return None
+        _logger.warning("outputs made with other inputs moved to %s: %s", dest, ", ".join(moved))
+        return dest
+
+    def _saved_config(self) -> Optional[Config]:
+        if not self.config_file.is_file():
+            return None
+        try:
+            return load_config(self.config_file)
+        except Exception as e:  # an older schema or a damaged file: its outputs cannot be trusted
+            _logger.warning("cannot read the run's previous config %s (%s); all its outputs are superseded",
+                            self.config_file, e)
+            return None
+
+    def prepare(self, cfg: Config, overwrite: bool = False, seed: Optional[int] = None,
+                lock: bool = True) -> "RunDir":
+        """Take the run lock, create the folder, save the resolved config and env.json; refuse a different config.
+
+        With ``overwrite`` and a changed config, the outputs of the stages whose inputs changed (and of the stages
+        downstream of them) are moved aside with :meth:`supersede`; the others are kept.
+
+        Raises:
+            RunLockedError: another live process holds the run (with ``lock``).
             RunDirError: the folder holds a run made with another config hash and ``overwrite`` is off.
         """
         self.path.mkdir(parents=True, exist_ok=True)
+        if lock:
+            self.lock()
         h = config_hash(cfg)
-        if self.hash_file.exists():
-            old = self.hash_file.read_text().strip()
-            if old != h and not overwrite:
+        old = self.hash_file.read_text().strip() if self.hash_file.exists() else None
+        if old is not None and old != h:
+            if not overwrite:
                 raise RunDirError(
                     f"{self.path} was produced with config hash {old}, but the current config hashes to {h}. "
                     f"Use another RUN name, or pass OVERWRITE=1 (--overwrite) to replace the run's config "
-                    f"(existing outputs are kept; stages re-run where their inputs changed)."
+                    f"(outputs whose inputs changed are moved to {self.superseded_dir}/; the others are kept)."
                 )
-        if self.config_file.exists() and self.hash_file.exists() and self.hash_file.read_text().strip() != h:
-            backup = self.config_file.with_suffix(f".{self.hash_file.read_text().strip()}.py")
-            self.config_file.rename(backup)
-            _logger.warning("previous config kept as %s", backup)
-        save_config(cfg, self.config_file)
-        self.hash_file.write_text(h + "\n")
-        (self.path / "env.json").write_text(json.dumps(collect_env(seed=seed), indent=2) + "\n")
+            stages = changed_stages(self._saved_config(), cfg)
+            self.supersede(stages, reason=f"config-{old}")
+            if self.config_file.exists():
+                backup = self.config_file.with_suffix(f".{old}.py")
+                self.config_file.rename(backup)
+                _logger.warning("previous config kept as %s", backup)
+        with atomic_write(self.config_file) as tmp:
+            save_config(cfg, tmp)
+        atomic_write_text(self.hash_file, h + "\n")
+        atomic_write_text(self.path / "env.json", json.dumps(collect_env(seed=seed), indent=2) + "\n")
         return self
