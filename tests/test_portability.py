@@ -15,8 +15,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-#: The test files that compare float32 results with another evaluation order (see tests/numerics.py).
-NUMERIC_FILES = ("tests/test_clip_backbone.py", "tests/test_cams.py", "tests/test_refine.py")
+#: The tests that compare float32 results with another evaluation order (see tests/numerics.py), or that assert
+#: exact equality of two paths through float kernels: whole files, or single tests of files that are mostly other work.
+NUMERIC_FILES = (
+    "tests/test_clip_backbone.py", "tests/test_cams.py", "tests/test_refine.py", "tests/test_crf.py",
+    "tests/test_weakclip.py",
+    "tests/test_weclip.py::test_balanced_loss_equals_reference_and_is_finite_without_foreground",
+    "tests/test_weclip.py::test_balanced_loss_same_for_channels_last_logits",
+    "tests/test_world.py::test_windowed_encoding_matches_open_clip_and_the_pipeline_pooling",
+    "tests/test_data.py::test_normalize", "tests/test_data.py::test_train_augment_img_box_marks_the_image_region",
+    "tests/test_bench.py::test_gpu_check_run_is_deterministic_and_complete_on_cpu",
+)
 _CAPABILITY_PROBE = "tests/test_portability.py::test_reported_cpu_capability"
 
 
