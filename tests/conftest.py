@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 
 import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(1)  # tiny models: threading overhead dominates on 2 cores
+#: Torch intra-op threads for the whole session (default 1: tiny models, threading overhead dominates on 2 cores).
+#: Other counts split the float sums differently; tests/test_portability.py runs the numerics under 1 and 2.
+ENV_TEST_THREADS = "WSSS_TEST_THREADS"
+
+
+def _test_threads() -> int:
+    raw = os.environ.get(ENV_TEST_THREADS, "1")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise pytest.UsageError(f"{ENV_TEST_THREADS}={raw!r}: expected a positive integer (torch threads), e.g. 2")
+    return n
+
+
+def pytest_configure(config):
+    torch.set_num_threads(_test_threads())
 
 
 @pytest.fixture(autouse=True)

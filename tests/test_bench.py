@@ -7,6 +7,7 @@ from pipelines import bench, gpu_check
 from stage1_cam.build import build_stage1
 from stage1_cam.config import default_config
 from stage1_cam.utils.precision import native_bf16_cpu
+from tests.numerics import f32_tolerance, vit_block_terms
 
 
 def test_bench_train_reports_steps_and_peak_rss():
@@ -28,7 +29,13 @@ def test_gpu_check_run_is_deterministic_and_complete_on_cpu():
     a, b = gpu_check._run(stack, x, keys, None), gpu_check._run(stack, x, keys, None)
     assert set(a) == {"cams", "logits", "loss", "grad", "grad_fixed_targets", "pseudo", "dump_logits"}
     # Against its own pseudo labels the fixed-target gradient is the training gradient (dropout off).
-    torch.testing.assert_close(a["grad_fixed_targets"], a["grad"], rtol=1e-5, atol=1e-7)
+    # Up to float32 rounding: the second forward runs the backbone without attention maps (another kernel order).
+    # Normwise (the gradient's per-pixel sums cancel, so no element-wise scale holds): terms are the head's input
+    # blocks and the decoder's layers, forward and backward.
+    tokens = (64 // stack.backbone.patch_size) ** 2 + 1
+    terms = 2 * (stack.head.num_inputs * vit_block_terms(stack.backbone.width, tokens)
+                 + cfg.head.decoder_layers * vit_block_terms(cfg.head.embed_dim, tokens))
+    assert gpu_check._rel(a["grad_fixed_targets"], a["grad"]) <= f32_tolerance(terms, 1.0)
     assert a["cams"].numel() > 0 and a["grad"].abs().sum() > 0 and torch.isfinite(a["loss"])
     assert a["pseudo"].shape == (2, 64, 64) and a["dump_logits"].shape == (2, 21, 4, 4)
     for k in ("cams", "logits", "grad", "grad_fixed_targets", "dump_logits"):

@@ -13,6 +13,12 @@ from stage1_cam.cams.excel import (ExcelSVC, build_attribute_bank, enrich_text, 
 from stage1_cam.cams.gradcam import ClipESGradCAM, gradcam_from_weights, gradcam_scale
 from stage1_cam.models.clip_backbone import FrozenClipBackbone
 from stage1_cam.models.text import build_dataset_text_embeddings, get_tokenizer
+from tests.numerics import assert_close_f32, vit_block_terms
+
+#: Roundings in one GradCAM value: the last block forward and backward, the 64-long act . grad, the token mean.
+GRADCAM_TERMS = 2 * vit_block_terms(64, 25) + 64 + 24
+#: Roundings in a head-averaged attention map of the 12-block pass (each block evaluated in another order).
+ATTN_TERMS = 12 * vit_block_terms(64, 25)
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +44,9 @@ def test_batched_gradcam_equals_reference_loop(setup):
     assert [tuple(c.shape) for c in batched.cams] == [(3, 4, 6), (0, 4, 6), (1, 4, 6)]
     for a, b in zip(batched.cams, looped.cams):
         assert a.dtype == torch.float32
-        if a.numel():
-            assert (a - b).abs().max().item() < 1e-5
-    torch.testing.assert_close(batched.attn, looped.attn, atol=1e-6, rtol=0)
+        if a.numel():  # min-max scaled to [0, 1]: scale 1
+            assert_close_f32(a, b, terms=GRADCAM_TERMS, scale=1.0)
+    assert_close_f32(batched.attn, looped.attn, terms=ATTN_TERMS, scale=1.0)  # probabilities: scale 1
     assert batched.cams[0].grad_fn is None
     with torch.no_grad():  # callers may hold no_grad (e.g. while dumping); the last block re-enables autograd
         again = ClipESGradCAM(backbone=bb, fg_text=fg, bg_text=bg)(x, [torch.tensor([7, 3, 15]), (), np.array([20])])
@@ -82,7 +88,7 @@ def test_gradcam_against_hooked_open_clip_block(setup, tiny_clip):
             cam = torch.relu(cam)
             cam = cam - cam.min()
             cam = cam / (cam.max() + 1e-7)
-        torch.testing.assert_close(out.cams[0][j], cam, atol=1e-5, rtol=0)
+        assert_close_f32(out.cams[0][j], cam, terms=GRADCAM_TERMS, scale=1.0)  # min-max scaled: scale 1
 
 
 def test_gradcam_range_features_and_attention(setup):
@@ -95,10 +101,10 @@ def test_gradcam_range_features_and_attention(setup):
         assert torch.all(peaks > 0.999), peaks  # max 1 per present class (up to the reference's 1e-7 eps)
     full = bb(x)
     assert len(out.features.tokens) == bb.num_blocks
-    for ours, ref in zip(out.features.tokens, full.tokens):
-        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+    for i, (ours, ref) in enumerate(zip(out.features.tokens, full.tokens)):
+        assert_close_f32(ours, ref, terms=(i + 1) * vit_block_terms(64, 17))  # blocks 0..i, another order
     assert out.attn.shape == (2, bb.num_blocks, 16, 16)
-    torch.testing.assert_close(out.attn, attention_without_cls(full.attn), atol=1e-6, rtol=0)
+    assert_close_f32(out.attn, attention_without_cls(full.attn), terms=ATTN_TERMS, scale=1.0)
 
 
 def test_gradcam_attn_layers_keeps_the_last_maps_and_the_cams(setup):
@@ -108,15 +114,15 @@ def test_gradcam_attn_layers_keeps_the_last_maps_and_the_cams(setup):
     full = ClipESGradCAM(backbone=bb, fg_text=fg, bg_text=bg)(x, labels)
     last8 = ClipESGradCAM(backbone=bb, fg_text=fg, bg_text=bg, attn_layers=8)(x, labels)
     assert last8.attn.shape == (2, 8, 16, 16)
-    torch.testing.assert_close(last8.attn, full.attn[:, -8:], atol=1e-6, rtol=0)
+    assert_close_f32(last8.attn, full.attn[:, -8:], terms=ATTN_TERMS, scale=1.0)
     for a, b in zip(last8.cams, full.cams):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        assert_close_f32(a, b, terms=GRADCAM_TERMS + ATTN_TERMS, scale=1.0)  # the blocks before, then GradCAM
     # A per-call value overrides the source's (the WeCLIP head asks for the maps its step reads).
     last6 = ClipESGradCAM(backbone=bb, fg_text=fg, bg_text=bg, attn_layers=8)(x, labels, attn_layers=6)
     assert last6.attn.shape == (2, 6, 16, 16)
-    torch.testing.assert_close(last6.attn, full.attn[:, -6:], atol=1e-6, rtol=0)
+    assert_close_f32(last6.attn, full.attn[:, -6:], terms=ATTN_TERMS, scale=1.0)
     for a, b in zip(last6.cams, full.cams):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        assert_close_f32(a, b, terms=GRADCAM_TERMS + ATTN_TERMS, scale=1.0)
     with pytest.raises(ValueError, match="attn_layers"):
         ClipESGradCAM(backbone=bb, fg_text=fg, bg_text=bg, attn_layers=13)
     with pytest.raises(ValueError, match="attn_layers"):
@@ -216,11 +222,12 @@ def test_excel_svc_shapes_gradient_free_and_parity(setup):
     assert max((a - b).abs().max().item() for a, b in zip(out.cams, out_p.cams)) > 1e-3  # parity changes maps
     # The original path is the plain CLIP: features equal a normal pass.
     full = bb(x)
-    for ours, ref in zip(out.features.tokens, full.tokens):
-        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+    for i, (ours, ref) in enumerate(zip(out.features.tokens, full.tokens)):
+        assert_close_f32(ours, ref, terms=(i + 1) * vit_block_terms(64, 25))  # blocks 0..i, another order
     # Parity: SVC blocks (the last 5) return head-summed attention, earlier blocks head-averaged.
     heads = bb.num_heads
-    torch.testing.assert_close(out_p.attn[:, 7:], heads * out.attn[:, 7:], atol=1e-5, rtol=1e-5)
+    # Terms: the maps of one pass, summed over heads instead of averaged: scale heads (probabilities times heads).
+    assert_close_f32(out_p.attn[:, 7:], heads * out.attn[:, 7:], terms=ATTN_TERMS + heads, scale=heads)
     torch.testing.assert_close(out_p.attn[:, :7], out.attn[:, :7])
     # The CAMs are the present-class columns of the full alignment maps.
     maps, _, _ = doc.alignment_maps(x)
@@ -234,7 +241,8 @@ def test_excel_svc_batch_independent_and_svc_blocks(setup):
     src = ExcelSVC(backbone=bb, fg_text=fg, bg_text=bg, svc_blocks=3)
     both = src(x, [[1, 2], [3]])
     alone = src(x[1:], [[3]])
-    torch.testing.assert_close(both.cams[1], alone.cams[0], atol=1e-5, rtol=0)
+    # Terms: 12 blocks on a batch of 2 vs 1 (other blockings), then the min-max scaled maps (scale 1).
+    assert_close_f32(both.cams[1], alone.cams[0], terms=ATTN_TERMS + GRADCAM_TERMS, scale=1.0)
     assert not torch.allclose(both.cams[0], ExcelSVC(backbone=bb, fg_text=fg, bg_text=bg)(x, [[1, 2], [3]]).cams[0])
     with pytest.raises(ValueError, match="svc_blocks"):
         ExcelSVC(backbone=bb, fg_text=fg, bg_text=bg, svc_blocks=12)
@@ -248,7 +256,9 @@ def test_feature_surgery_matches_explicit_formula():
     w = prob / prob.mean(-1, keepdim=True)
     feats = img[:, :, None, :] * text[None, None] * w[..., None]  # (B, N, T, E)
     ref = (feats - feats.mean(2, keepdim=True)).sum(-1)
-    torch.testing.assert_close(feature_surgery(img, text), ref, atol=1e-6, rtol=0)
+    # Terms: the 16-long product sum per (token, text), the 5-text mean subtracted (softmax over 5 texts first);
+    # scale: sum_e |img_e text_e w| <= max w (unit vectors), before the mean cancels.
+    assert_close_f32(feature_surgery(img, text), ref, terms=16 + 2 * 5, scale=w.abs().max())
     mm = minmax_over_tokens(ref)
     assert torch.allclose(mm.amin(1), torch.zeros(2, 5)) and torch.allclose(mm.amax(1), torch.ones(2, 5))
 

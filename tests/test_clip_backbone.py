@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from stage1_cam.constants import ENV_CLIP_WEIGHTS
-from stage1_cam.models.clip_backbone import ClipFeatures, FrozenClipBackbone, load_clip
+from stage1_cam.models.clip_backbone import ClipFeatures, FrozenClipBackbone, load_clip, softmax_attention
 from stage1_cam.models.text import build_dataset_text_embeddings, build_text_embeddings, get_tokenizer
+from tests.numerics import assert_close_f32, f32_tolerance, vit_block_terms
 
 TINY = "wsss-tiny-ViT-16"
 
@@ -35,7 +36,8 @@ def test_shapes_320_square(backbone):
     for t, a in zip(feats.tokens, feats.attn):
         assert t.shape == (2, 401, 64)
         assert a.shape == (2, 401, 401) and a.dtype == torch.float32
-        torch.testing.assert_close(a.sum(-1), torch.ones(2, 401), atol=1e-5, rtol=0)
+        # Terms: the softmax's 401-term denominator, then the 401-term row sum; probabilities: partial sums <= 1.
+        assert_close_f32(a.sum(-1), torch.ones(2, 401), terms=2 * 401, scale=1.0)
         assert (a >= 0).all()
     assert not feats.tokens[-1].requires_grad
 
@@ -61,10 +63,13 @@ def test_blocks_match_open_clip(backbone, tiny_clip):
         y = tiny_clip.visual._embeds(x)
         for i, blk in enumerate(tiny_clip.visual.transformer.resblocks):
             y = blk(y)
-            torch.testing.assert_close(feats.tokens[i], y, atol=1e-5, rtol=0)
+            # Terms: blocks 0..i, each evaluated in another order (fused attention), on the residual stream.
+            assert_close_f32(feats.tokens[i], y, terms=(i + 1) * vit_block_terms(64, 17))
         ref = tiny_clip.encode_image(x)
     ours = tiny_clip.visual.ln_post(feats.tokens[-1][:, 0]) @ tiny_clip.visual.proj
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    # Terms: the 12 blocks, then ln_post and the 64-long projection (scale: |ln_post| @ |proj| bounds the sum).
+    mag = tiny_clip.visual.ln_post(feats.tokens[-1][:, 0]).abs() @ tiny_clip.visual.proj.abs()
+    assert_close_f32(ours, ref, terms=12 * vit_block_terms(64, 17) + 3 * 64, scale=mag.max())
 
 
 def test_attention_matches_torch_mha(backbone):
@@ -75,7 +80,9 @@ def test_attention_matches_torch_mha(backbone):
         xn = blk.ln_1(x)
         _, ref = blk.attn(xn, xn, xn, need_weights=True, average_attn_weights=True)
         out = backbone.run_block(0, x)
-    torch.testing.assert_close(out.attn, ref, atol=1e-6, rtol=0)
+    # Terms: q/k projections (width 64), the 16-long logits, the 25-term softmax sum, the mean over 4 heads;
+    # probabilities: scale 1.
+    assert_close_f32(out.attn, ref, terms=64 + 16 + 25 + 4, scale=1.0)
     torch.testing.assert_close(out.normed, xn)
 
 
@@ -87,8 +94,10 @@ def test_attention_maps_per_image_equal_one_batched_pass():
     q, k, v = (torch.randn(3, 4, 25, 16, generator=g) for _ in range(3))
     probs = softmax_attention(q, k)
     out, maps = attention_with_maps(q, k, v)
-    torch.testing.assert_close(out, probs @ v, atol=1e-6, rtol=0)
-    torch.testing.assert_close(maps, probs.mean(dim=1), atol=1e-7, rtol=0)
+    # Terms: the 25 keys of an output row (a weighted mean of v: partial sums <= max |v|), after the 25-term softmax.
+    assert_close_f32(out, probs @ v, terms=2 * 25, scale=v.abs().max())
+    # Terms: the 25-term softmax sum, then the mean over 4 heads; probabilities: scale 1.
+    assert_close_f32(maps, probs.mean(dim=1), terms=25 + 4, scale=1.0)
     empty_out, empty_map = attention_with_maps(q[:0], k[:0], v[:0])
     assert empty_out.shape == (0, 4, 25, 16) and empty_map.shape == (0, 25, 25)
     one_out, one_map = attention_with_maps(q[:1], k[:1], v[:1])
@@ -104,50 +113,91 @@ def test_token_mean_of_the_input_gradient_from_qkv_gradients(backbone):
     out = backbone.run_block(backbone.num_blocks - 1, x)
     target = (backbone.pool_project(out.tokens) * torch.linspace(-1, 1, backbone.embed_dim)).sum()
     ref = torch.autograd.grad(target, out.normed, retain_graph=True)[0][:, 1:].mean(dim=1)
-    means = [g[:, :, 1:].mean(dim=2) for g in torch.autograd.grad(target, out.qkv)]
+    qkv_grads = torch.autograd.grad(target, out.qkv)
+    means = [g[:, :, 1:].mean(dim=2) for g in qkv_grads]
     got = qkv_mean_grads_to_input(backbone.blocks[-1], means)
     assert got.shape == (2, backbone.width)
-    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-4)
+    # Terms: autograd sums the three 64-long products per token, then the mean over 24 tokens (ours: the other way
+    # round), both after the block's backward; scale: the token mean of |dq|, |dk|, |dv| times |W|, before they cancel.
+    weights = backbone.blocks[-1].attn.in_proj_weight.chunk(3)
+    mag = sum(g[:, :, 1:].abs().mean(dim=2).flatten(1) @ w.abs() for g, w in zip(qkv_grads, weights))
+    assert_close_f32(got, ref, terms=3 * 64 + 24 + vit_block_terms(64, 25), scale=mag)
 
+
+
+def _softmax64(q, k):
+    """softmax_attention in float64 (softmax_attention itself computes in float32)."""
+    return torch.softmax(q.double() @ k.double().transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
+
+
+def _closed_form_magnitudes(q, k, v, grad_out, skip=1):
+    """Float64 sizes of what attention_qkv_grad_means's last sums add up, before they cancel, as (q, k, v).
+
+    With the notation of its docstring: ``s/n sum_j (|v_j . G_j| + |e_j|) |k_j|``, ``s/n sum_i (|dO_i . O^J_i| +
+    |d_i c_i|) |q_i|`` and ``1/n sum_i |c_i| |dO_i|``: the differences ``v_j . G_j - e_j`` and ``dO_i . O^J_i -
+    d_i c_i`` are tiny where a query puts all its mass on the CLS key, while their float32 rounding scales with the
+    operands.
+    """
+    scale, n = q.shape[-1] ** -0.5, q.shape[2] - skip
+    p = _softmax64(q, k)
+    d = (grad_out * (p @ v)).sum(-1)
+    c = p[..., skip:].sum(-1)
+    p_i = p[:, :, skip:].transpose(-2, -1)
+    col = (v * (p_i @ grad_out[..., skip:, :])).sum(-1).abs() + (p_i @ d[..., skip:, None])[..., 0].abs()
+    row = (grad_out * (p[..., skip:] @ v[:, :, skip:])).sum(-1).abs() + (d * c).abs()
+    return (torch.einsum("sbhl,bhld->sbhd", col, k.abs()) * (scale / n),
+            torch.einsum("sbhl,bhld->sbhd", row, q.abs()) * (scale / n),
+            torch.einsum("bhl,sbhld->sbhd", c, grad_out.abs()) / n)
 
 
 @pytest.mark.parametrize("cls_bias", [0.0, 10.0])  # 10: most queries put > 0.99 of their mass on the CLS key
 def test_attention_grad_means_equal_autograd(cls_bias):
     """The closed-form token means of the q, k, v gradients equal autograd's, for several output gradients."""
-    from stage1_cam.models.clip_backbone import attention_for_grads, attention_qkv_grad_means, softmax_attention
+    from stage1_cam.models.clip_backbone import attention_for_grads, attention_qkv_grad_means
 
     g = torch.Generator().manual_seed(3)
     b, h, n, hd = 2, 3, 13, 8
-    q, k, v = (torch.randn(b, h, n, hd, generator=g, dtype=torch.float64) for _ in range(3))
+    q, k, v = (torch.randn(b, h, n, hd, generator=g) for _ in range(3))
     q[..., 0], k[..., 0] = 1.0, 0.0
     k[:, :, 0, 0] = cls_bias * hd ** 0.5  # adds cls_bias to every query's (scaled) CLS logit
-    grad_out = torch.randn(2, b, h, n, hd, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(2, b, h, n, hd, generator=g)
+    f32 = [q, k, v]
+    q, k, v, grad_out64 = (t.double() for t in (q, k, v, grad_out))  # the reference: same inputs, float64 maths
     expected = []
-    for d_o in grad_out:
+    for d_o in grad_out64:
         qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
-        out = softmax_attention(qg.double(), kg.double()).double() @ vg
+        out = _softmax64(qg, kg) @ vg
         grads = torch.autograd.grad(out, (qg, kg, vg), grad_outputs=d_o)
-        expected.append([gr[:, :, 1:].mean(dim=2) for gr in grads])
-    f32 = [t.float() for t in (q, k, v)]
+        expected.append(torch.stack([gr[:, :, 1:].mean(dim=2) for gr in grads]))
+    expected = torch.stack(expected, dim=1)  # (q/k/v, S, B, H, hd)
     att = attention_for_grads(*f32)
-    torch.testing.assert_close(att.out, softmax_attention(*f32[:2]) @ f32[2], atol=1e-6, rtol=1e-5)
-    got = attention_qkv_grad_means(att, *f32, grad_out.float())
+    # Terms: the n keys of one output row; P @ v is a weighted mean, so no partial sum exceeds max |v|.
+    assert_close_f32(att.out, softmax_attention(*f32[:2]) @ f32[2], terms=n, scale=f32[2].abs().max())
+    got = attention_qkv_grad_means(att, *f32, grad_out)
     if cls_bias:
         assert (att.probs[..., 0] > 0.99).float().mean() > 0.5
-    for i, name in enumerate("qkv"):
+    # Terms: two hd-long dots (dO . v, dO . O), the sum over the n - 1 patch rows and the one over the n keys, on the
+    # operands of the cancelling differences; the probabilities' rounding (logits |s| <= max |q| . |k| / sqrt(hd),
+    # each off by hd roundings, then n in the softmax sum) is shared by both sides of those differences, so it only
+    # counts relative to the result itself.
+    logit = (q.abs() @ k.abs().transpose(-2, -1)).amax().item() * hd ** -0.5
+    for i, (name, mag) in enumerate(zip("qkv", _closed_form_magnitudes(q, k, v, grad_out64))):
         assert got[i].shape == (2, b, h, hd), name
-        for s in range(2):
-            torch.testing.assert_close(got[i][s].double(), expected[s][i], atol=2e-6, rtol=1e-4, msg=name)
+        tol = f32_tolerance(2 * hd + 2 * n, mag) + f32_tolerance(hd * logit + n, expected[i])
+        assert_close_f32(got[i], expected[i], tol=tol, msg=name)
+
 
 def test_attn_from_returns_the_last_maps_and_the_same_tokens(backbone):
     x = _images(2, 64, 96)
     full = backbone(x)
     part = backbone(x, attn_from=9)
     assert len(part.tokens) == 12 and len(part.attn) == 3
-    for a, b in zip(part.tokens, full.tokens):  # the fused kernel before block 9 changes nothing but speed
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for i, (a, b) in enumerate(zip(part.tokens, full.tokens)):  # the fused kernel before block 9 changes only speed
+        # Terms: blocks 0..i evaluated in another order (fused attention before block 9).
+        assert_close_f32(a, b, terms=(i + 1) * vit_block_terms(64, 25))
     for a, b in zip(part.attn, full.attn[9:]):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        # Terms: the 9 differently ordered blocks feeding these probabilities, then this block's; scale 1.
+        assert_close_f32(a, b, terms=10 * vit_block_terms(64, 25), scale=1.0)
 
 
 def test_positional_embedding_interpolation(backbone, tiny_clip):

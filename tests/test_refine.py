@@ -24,6 +24,10 @@ from stage1_cam.refine import (
     strip_cls,
     transition_matrix,
 )
+from tests.numerics import assert_close_f32
+
+#: Roundings in one PAR affinity: the 48 neighbour differences' std and the 48-term softmax over them.
+PAR_AFF_TERMS = 4 * 48
 
 # --------------------------------------------------------------------------------------------------------------------
 # Straightforward re-statements of the reference behaviour, used as oracles.
@@ -92,19 +96,22 @@ def _blob_image(h=20, w=24):
 def test_sinkhorn_rows_sum_to_one_and_cols_converge():
     M = torch.rand(30, 30) + 0.05
     T = sinkhorn_normalize(M, 3)
-    torch.testing.assert_close(T.sum(dim=1), torch.ones(30), atol=1e-6, rtol=0)
+    # Terms: the last pass divides by a 30-term row sum, the check sums 30 again; partial sums <= 1.
+    assert_close_f32(T.sum(dim=1), torch.ones(30), terms=2 * 30 + 1, scale=1.0)
     assert (T.sum(dim=0) - 1).abs().max() < 0.05  # only approximately column-stochastic after 3 passes
     T = sinkhorn_normalize(M, 50)
-    torch.testing.assert_close(T.sum(dim=1), torch.ones(30), atol=1e-5, rtol=0)
-    torch.testing.assert_close(T.sum(dim=0), torch.ones(30), atol=1e-5, rtol=0)
+    assert_close_f32(T.sum(dim=1), torch.ones(30), terms=2 * 30 + 1, scale=1.0)  # as above
+    torch.testing.assert_close(T.sum(dim=0), torch.ones(30), atol=1e-5, rtol=0)  # convergence, not rounding
 
 
 def test_transition_matrix_matches_reference_loop_and_is_symmetric():
     M = torch.rand(25, 25) ** 3  # skewed, attention-like
     T = transition_matrix(M)
     assert T.dtype == torch.float32
-    torch.testing.assert_close(T.double(), _loop_transition(M), atol=1e-6, rtol=0)
-    torch.testing.assert_close(T, T.t(), atol=1e-6, rtol=0)
+    # Terms: 3 Sinkhorn passes of two 25-term sums and a division each, the symmetrisation, then T @ T (25 terms,
+    # doubling T's relative error); all entries positive, so nothing cancels: scale max |expected|.
+    assert_close_f32(T, _loop_transition(M), terms=2 * (6 * 26 + 1) + 25)
+    assert_close_f32(T, T.t(), terms=25)  # (S @ S)^T = S @ S for a symmetric S, up to the order of its 25 terms
     # squared symmetric doubly-(approximately-)stochastic matrix: rows sum to ~1
     assert (T.sum(dim=1) - 1).abs().max() < 0.05
 
@@ -112,8 +119,8 @@ def test_transition_matrix_matches_reference_loop_and_is_symmetric():
 def test_transition_matrix_batched_equals_single():
     M = torch.rand(3, 12, 12)
     T = transition_matrix(M)
-    for b in range(3):
-        torch.testing.assert_close(T[b], transition_matrix(M[b]))
+    for b in range(3):  # Terms: as in the reference-loop test above, with 12 instead of 25
+        assert_close_f32(T[b], transition_matrix(M[b]), terms=2 * (6 * 13 + 1) + 12)
 
 
 def test_sinkhorn_zero_rows_and_columns_give_no_nan():
@@ -125,7 +132,7 @@ def test_sinkhorn_zero_rows_and_columns_give_no_nan():
     assert torch.isfinite(N).all() and torch.isfinite(T).all()
     assert (N[3] == 0).all() and (N[:, 5] == 0).all()
     rows = torch.tensor([i for i in range(10) if i != 3])
-    torch.testing.assert_close(N[rows].sum(dim=1), torch.ones(9), atol=1e-6, rtol=0)
+    assert_close_f32(N[rows].sum(dim=1), torch.ones(9), terms=2 * 10 + 1, scale=1.0)  # a 10-term row sum, twice
     assert torch.isfinite(transition_matrix(torch.zeros(4, 4))).all()
 
 
@@ -243,7 +250,7 @@ def test_rfm_affinity_matches_loop_implementation():
         g = [float(v <= theta) for v in s]
         expected = sum(gi * a for gi, a in zip(g, last)) / (sum(g) + 1e-5) * a_f
         assert keep.tolist() == [bool(x) for x in g]
-        torch.testing.assert_close(M, expected, atol=1e-6, rtol=0)
+        assert_close_f32(M, expected, terms=6 + 2)  # the 6-layer sum, the division and the product; no cancelling
 
 
 def test_rfm_signed_vs_abs_hand_made():
@@ -309,7 +316,7 @@ def test_refine_cams_equals_per_class_loop():
         for k in range(3):
             m = torch.as_tensor(box_mask(cams[k].numpy(), 0.4, parity=parity), dtype=torch.float32).reshape(1, -1)
             expected = ((T * m) @ cams[k].reshape(-1, 1)).reshape(h, w)
-            torch.testing.assert_close(out[k], expected, atol=1e-6, rtol=0)
+            assert_close_f32(out[k], expected, terms=h * w + 1)  # one 42-term product per pixel, all >= 0
     assert refine_cams(cams[:0], T, box_threshold=0.4).shape == (0, h, w)
 
 
@@ -351,10 +358,11 @@ def test_par_matches_one_hot_conv_reference(img_size):
     masks = torch.rand(2, 3, 18, 22, generator=g)
     out = PAR()(imgs, masks)
     assert out.shape == masks.shape and out.dtype == torch.float32
-    torch.testing.assert_close(out, _conv_par(imgs, masks), atol=1e-5, rtol=1e-5)
+    # Terms: the affinities, then 20 iterations of a 48-term weighted sum (weights >= 0: scale max |expected|).
+    assert_close_f32(out, _conv_par(imgs, masks), terms=PAR_AFF_TERMS + 20 * 48)
     par = PAR(dilations=(1, 3), num_iter=4, w1=0.5, w2=0.1)
     expected = _conv_par(imgs, masks, dilations=(1, 3), num_iter=4, w1=0.5, w2=0.1)
-    torch.testing.assert_close(par(imgs, masks), expected, atol=1e-5, rtol=1e-5)
+    assert_close_f32(par(imgs, masks), expected, terms=4 * 16 + 4 * 16)  # 16 neighbours: affinities, 4 iterations
 
 
 def test_par_invariant_to_per_channel_affine_image_transform():
@@ -363,7 +371,11 @@ def test_par_invariant_to_per_channel_affine_image_transform():
     scale = torch.tensor([58.4, -57.1, 0.02]).view(1, 3, 1, 1)
     shift = torch.tensor([123.7, -4.0, 0.5]).view(1, 3, 1, 1)
     par = PAR(num_iter=5)
-    torch.testing.assert_close(par(imgs * scale + shift, masks), par(imgs, masks), atol=1e-5, rtol=1e-5)
+    moved = imgs * scale + shift
+    # Terms: the affinities (their neighbour differences cancel the shift: conditioned by max |x| / std per channel),
+    # then 5 iterations of a 48-term weighted sum.
+    cond = float((moved.abs().amax(dim=(0, 2, 3)) / moved.std(dim=(0, 2, 3))).max())
+    assert_close_f32(par(moved, masks), par(imgs, masks), terms=cond * PAR_AFF_TERMS + 5 * 48)
 
 
 def test_par_affinity_mass_and_constant_masks():
@@ -371,9 +383,9 @@ def test_par_affinity_mass_and_constant_masks():
     imgs = _blob_image()
     aff = par.affinity(imgs)
     assert aff.shape == (1, 48, 20, 24)
-    torch.testing.assert_close(aff.sum(dim=1), torch.full((1, 20, 24), 1.01))
+    assert_close_f32(aff.sum(dim=1), torch.full((1, 20, 24), 1.01), terms=PAR_AFF_TERMS + 48)  # + the 48-term sum
     const = torch.full((1, 2, 20, 24), 0.5)
-    torch.testing.assert_close(par(imgs, const), const * 1.01**3)
+    assert_close_f32(par(imgs, const), const * 1.01**3, terms=PAR_AFF_TERMS + 3 * 48)  # 3 iterations of 48 terms
 
 
 def test_par_replicate_border():
@@ -388,7 +400,7 @@ def test_par_replicate_border():
         for k, (dy, dx) in enumerate(par.offsets):
             yy, xx = min(max(y + dy, 0), 5), min(max(x + dx, 0), 6)  # clamp == replicate padding
             expected += aff[0, k, y, x] * masks[0, :, yy, xx]
-        torch.testing.assert_close(out[0, :, y, x], expected)
+        assert_close_f32(out[0, :, y, x], expected, terms=2 * len(par.offsets))  # one weighted sum, another order
 
 
 
@@ -408,7 +420,7 @@ def test_par_propagate_matches_plain_padded_loop():
                            * aff[:, k: k + 1] for k, (dy, dx) in enumerate(par.offsets))
         out = par.propagate(masks, aff)
         assert out.is_contiguous() and out.shape == masks.shape
-        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+        assert_close_f32(out, expected, terms=par.num_iter * 2 * len(par.offsets))  # 4 weighted sums, other order
     assert torch.equal(PAR(num_iter=0).propagate(masks, aff), masks)
 
 def test_par_smooths_towards_image_regions():
@@ -464,7 +476,8 @@ def test_minmax_resize_matches_cv2_inter_linear():
     ours = F.interpolate(minmax_normalize(cam)[None, None], size=(30, 20), mode="bilinear", align_corners=False)
     ref = minmax_normalize(cam).numpy()
     ref = cv2.resize(ref, (20, 30), interpolation=cv2.INTER_LINEAR)
-    np.testing.assert_allclose(ours[0, 0].numpy(), ref, atol=1e-5)
+    # Terms: 4 bilinear taps, their weights from source coordinates up to 30 (rounded relative to 30); in [0, 1].
+    assert_close_f32(ours[0, 0], ref, terms=4 + 2 * 30, scale=1.0)
 
 
 def test_cams_to_label_emits_only_background_keys_and_ignore_with_threshold():

@@ -22,6 +22,7 @@ from stage1_cam.heads.weakclip import (PARITY_OPTIONS, MaskedTrainCrops, PromptT
                                        augment_mask, boundary_loss, crf_targets, dgcn_softmax,
                                        resolve_options, score_map_loss, seed_loss)
 from stage1_cam.io.shards import ShardMeta, ShardReader, ShardWriter, write_manifest
+from tests.numerics import assert_close_f32, vit_block_terms
 
 TINY = "configs/stage1/weakclip_tiny-clip_synthetic-160x160_300i.py"
 SPLIT = "train_aug"
@@ -111,7 +112,19 @@ def test_prompt_encoder_without_context_equals_clip_encode_text(tiny_clip):
     assert enc.token_ids.shape[1] == int(ids.argmax(-1).max()) + 1  # truncated to the longest name
     with torch.no_grad():
         ref = tiny_clip.encode_text(ids)
-    assert torch.allclose(enc(torch.zeros(0, enc.width)), ref, atol=1e-5)
+        seen = []
+        hook = tiny_clip.ln_final.register_forward_hook(lambda mod, inp, out: seen.append(out))
+        try:
+            ours = enc(torch.zeros(0, enc.width))
+        finally:
+            hook.remove()
+    # Terms: the text blocks on the truncated sequence (other blockings than on all 77 tokens), then ln_final and the
+    # projection (scale: |ln_final| @ |projection| bounds its partial sums).
+    pooled = seen[0][torch.arange(len(ids)), enc.eot]
+    mag = (pooled.abs() @ tiny_clip.text_projection.abs()).max()
+    blocks = len(tiny_clip.transformer.resblocks)
+    terms = blocks * vit_block_terms(enc.width, tiny_clip.positional_embedding.shape[0]) + 3 * enc.width
+    assert_close_f32(ours, ref, terms=terms, scale=mag)
 
     enc4 = PromptTextEncoder(clip_model=tiny_clip, token_ids=ids, n_ctx=4)
     ctx = torch.randn(4, enc4.width, requires_grad=True)
@@ -204,7 +217,9 @@ def test_seed_loss_is_balanced_ignores_255_and_is_finite_without_cues():
             m = sel(cues[b])
             per.append(-sum(lp[b, cues[b][m][i], *torch.nonzero(m)[i]] for i in range(int(m.sum()))) / m.sum())
         ref = ref + torch.stack(per).mean()
-    assert torch.allclose(loss, ref, atol=1e-5)
+    # Terms: a 36-cell masked sum per image and group (the masked cells add exact zeros), its division, the batch mean
+    # and the sum of the two groups; every -log p >= 0, so no partial sum exceeds the loss (the default scale).
+    assert_close_f32(loss, ref, terms=36 + 4)
     loss.backward()
     assert logits.grad[:, :, :2].abs().max() == 0  # no gradient where there is no cue
     assert logits.grad[:, :, 2:].abs().sum() > 0
@@ -223,12 +238,23 @@ def test_boundary_loss_is_zero_at_the_crf_output():
     img[:, :, 6:] = 200
     probs = dgcn_softmax(torch.randn(2, 3, 12, 12))
     q = crf_targets(img, probs)
-    assert q.shape == probs.shape and torch.allclose(q.sum(1), torch.ones(2, 12, 12), atol=1e-5)
+    assert q.shape == probs.shape
+    # Terms: crf_targets divides by a 3-term sum (2 additions, 1 division), the check adds 3 again; scale 1.
+    assert_close_f32(q.sum(1), torch.ones(2, 12, 12), terms=2 * 3, scale=1.0)
     assert q.min() >= 1e-4 - 1e-7
-    assert boundary_loss(q, q).abs().item() < 1e-6  # prediction == CRF output
+    # Prediction == CRF output: 0 but for the 1e-4 floor boundary_loss puts under p, which q (renormalised after its
+    # own floor) dips just below; the same formula in float64 is the reference. Terms: per class the ratio q / floor
+    # and its log (each off by ~u q; exactly 0 where q >= floor: q / q = 1), the 3-term class sum, the 288-pixel mean;
+    # scale: the floored q (<= 1e-4).
+    q64 = q.double()
+    ref = (q64 * torch.log(q64 / q64.clamp(min=1e-4))).sum(1).mean()
+    assert_close_f32(boundary_loss(q, q), ref, terms=3 * 3 + q[:, 0].numel(), scale=1e-4)
     logits = torch.log(q).clone().requires_grad_(True)
     at_fixed_point = boundary_loss(torch.softmax(logits, 1), q)
-    assert abs(at_fixed_point.item()) < 1e-5
+    # |KL(q || p)| <= max relative error of p = softmax(log q) against q: the logits' rounding (absolute, up to
+    # |log q| <= log 1e4 each, and the max subtracted), then exp, the 3-term sum and the division; plus the loss's own
+    # ratio and log. Scale 1 (relative errors).
+    assert_close_f32(at_fixed_point, torch.zeros(()), terms=2 * float(-torch.log(q.min())) + 3 + 3 + 2, scale=1.0)
     other = torch.randn(2, 3, 12, 12, requires_grad=True)
     loss = boundary_loss(torch.softmax(other, 1), q)
     assert loss > 0.01
@@ -361,7 +387,7 @@ def test_twenty_steps_lower_the_loss_and_resume_exactly(synthetic_root, masks_di
     x = torch.randn(1, 3, 64, 80)
     fresh = build_stage1(cfg, torch.device("cpu")).head
     fresh.decoder.load_state_dict(head.decoder.state_dict(), strict=True)
-    assert torch.allclose(fresh.eval().predict_logits(x), head.predict_logits(x), atol=1e-5)
+    assert torch.equal(fresh.eval().predict_logits(x), head.predict_logits(x))  # same weights, same kernels
 
 
 _LOOP_PASSES_MASKS = "wrap_train_dataset" in inspect.getsource(train_mod)

@@ -15,6 +15,7 @@ from stage1_cam import world
 from stage1_cam.data.class_names import BACKGROUND_WORDS, PROMPT_NAMES
 from stage1_cam.data.synthetic import BACKGROUND_STYLES, STUFF_WORDS, render_sample
 from stage1_cam.models.clip_backbone import FrozenClipBackbone, load_clip, resolve_clip_weights
+from tests.numerics import assert_close_f32, vit_block_terms
 
 WORLD_CONFIG = "configs/stage1/weclip_world-clip_synthetic-160x160_300i.py"
 # Tiny settings of the real world architecture: a few 2x2 / 2x3 patch crops per step, a dozen steps.
@@ -78,15 +79,29 @@ def test_contrastive_loss_multi_positive_and_ignored_pairs():
     torch.testing.assert_close(world.multi_positive_contrastive_loss(changed, target, valid), lg)
 
 
+def _pooled_terms_and_scale(v, tokens):
+    """Float32 roundings and operand scale of ``ln_post`` -> mean over the patch tokens -> ``@ proj`` after the blocks.
+
+    Terms: every block on the residual stream, ln_post (``2 width``), the token mean, the ``width``-long projection.
+    Scale: ``mean |ln_post(tokens)| @ |proj|`` bounds the projection's partial sums (they cancel).
+    """
+    post = v.ln_post(tokens[:, 1:])
+    width, n = post.shape[-1], tokens.shape[1]
+    terms = len(v.transformer.resblocks) * vit_block_terms(width, n) + 3 * width + n
+    return terms, post.abs().mean(dim=1) @ v.proj.abs()
+
+
 def test_windowed_encoding_matches_open_clip_and_the_pipeline_pooling():
     model = world._build_model(TINY).eval()
     gh, gw = model.visual.grid_size
     x = torch.randn(2, 3, 16 * gh, 16 * gw)
     with torch.no_grad():
         full, _, _ = world.encode_image_windows(model, x, torch.zeros(2, 2, dtype=torch.long))
-        torch.testing.assert_close(full, model.encode_image(x), rtol=1e-4, atol=1e-5)
         bb = FrozenClipBackbone(model)
-        torch.testing.assert_close(full, bb.pool_project(bb(x).tokens[-1]), rtol=1e-4, atol=1e-5)
+        tokens = bb(x).tokens[-1]
+        terms, mag = _pooled_terms_and_scale(model.visual, tokens)  # open_clip's blocks: another order
+        assert_close_f32(full, model.encode_image(x), terms=terms, scale=mag)
+        assert_close_f32(full, bb.pool_project(tokens), terms=terms, scale=mag)
         # A crop carries the positional embedding of where it was cut: put it back in an image of
         # zeros that has the same pixels there, and its tokens see the same positions.
         crop = x[:1, :, 32:64, 48:96]
@@ -98,12 +113,15 @@ def test_windowed_encoding_matches_open_clip_and_the_pipeline_pooling():
         tok = v.conv1(crop).flatten(2).transpose(1, 2)
         pos = v.positional_embedding[1:].reshape(gh, gw, -1)[2:4, 3:6].reshape(6, -1)
         cls = (v.class_embedding + v.positional_embedding[0]).reshape(1, 1, -1)
-        ref = v.ln_post(v.transformer(v.ln_pre(torch.cat([cls, tok + pos], 1))))[:, 1:].mean(1) @ v.proj
-        torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-5)
+        blocks_out = v.transformer(v.ln_pre(torch.cat([cls, tok + pos], 1)))
+        ref = v.ln_post(blocks_out)[:, 1:].mean(1) @ v.proj
+        terms, mag = _pooled_terms_and_scale(v, blocks_out)
+        assert_close_f32(a, ref, terms=terms, scale=mag)
         # Regions pool their own tokens of the same pass; the attention distance is a mean in [0, 1].
-        out = v.ln_post(v.transformer(v.ln_pre(torch.cat([cls, tok + pos], 1))))[:, 1:]
+        out = v.ln_post(blocks_out)[:, 1:]
         assert regions.shape == (1, 2, 1, a.shape[1])
-        torch.testing.assert_close(regions[0, 1, 0], out[0, 3:].mean(0) @ v.proj, rtol=1e-4, atol=1e-5)
+        _, mag = _pooled_terms_and_scale(v, blocks_out[:, [0, 4, 5, 6]])  # the region's 3 patch tokens
+        assert_close_f32(regions[0, 1, 0], out[0, 3:].mean(0) @ v.proj, terms=terms, scale=mag[0])
         assert 0.0 < float(travel) < 1.0
 
 
