@@ -17,7 +17,8 @@ from stage1_cam.config import ConfigError, DictAction, config_hash, load_config
 from stage1_cam.utils.logging import setup_logging
 from stage1_cam.utils.run_dir import RunDir, RunDirError
 
-from .stages import Paths, StageError, manifest_complete, python_cmd, run_cmd, stage2_config
+from .stages import (Paths, StageError, checked_manifest, manifest_complete, mask_metrics_current, python_cmd,
+                     record_stage2_inputs, run_cmd, stage2_config)
 
 _logger = logging.getLogger("pipelines")
 
@@ -72,7 +73,7 @@ def cmd_pseudo_labels(args: argparse.Namespace) -> None:
     else:
         run_cmd(python_cmd("stage1_cam.dump", conf, "--checkpoint", str(run.final_ckpt), "--shard", "all",
                            "--num-shards", str(cfg.dump.num_shards)), record=paths.costs, name="pseudo-mask dump")
-    if not paths.mask_metrics.is_file():
+    if not mask_metrics_current(paths):  # none yet, or computed from shards that were re-dumped since
         run_cmd(python_cmd("stage1_cam.dump", conf, "--evaluate"))
     _logger.info("pseudo-masks: %s (metrics %s)", run.shard_dir, paths.mask_metrics)
 
@@ -95,6 +96,7 @@ def cmd_retrain(args: argparse.Namespace) -> None:
         return
     work = run.stage2_dir
     last = work / "last_checkpoint"  # mmengine writes the path of its latest checkpoint here
+    record_stage2_inputs(paths, resume=last.is_file())
     s2_opts = [f"{k}={v}" for k, v in (args.s2_options or {}).items()]
     run_cmd(python_cmd("stage2_seg.train", s2, "--shards", str(run.shard_dir), "--work-dir", str(work),
                        "--data-root", _data_root(cfg), *(["--resume"] if last.is_file() else []),
@@ -119,6 +121,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         return
     from .report import build_report
 
+    checked_manifest(Paths(run), cfg)  # damaged shards: an error, not a report
     out = build_report(cfg, run)
     print(f"report: {out}")
 

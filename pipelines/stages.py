@@ -61,6 +61,11 @@ class Paths:
         return self.run.stage2_dir / "metrics.json"
 
     @property
+    def stage2_inputs(self) -> Path:
+        """The shards (sha256 per file) stage-2 training started from, written by ``retrain``."""
+        return self.run.stage2_dir / "inputs.json"
+
+    @property
     def costs(self) -> Path:
         """Wall time and peak RSS of each stage command run by the local scheduler."""
         return self.run.path / "stage_costs.json"
@@ -82,13 +87,91 @@ def stage2_config(dataset: str, model: Optional[str]) -> str:
     return table[key]
 
 
+def checked_manifest(paths: Paths, cfg: Any) -> Optional[Dict[str, Any]]:
+    """The run's shard manifest, checked against the shard files when a stage starts; None before any dump.
+
+    The manifest is rebuilt from the finished shards when it is missing, unreadable or out of date (e.g. a
+    damaged shard was deleted, so that shard is dumped again), and every shard is hashed and compared with
+    the sha256 its writer recorded (once per stage start; a few seconds per GB).
+
+    Raises:
+        StageError: damaged shards (named, with the fix) or shards that do not form one set.
+    """
+    from stage1_cam.io.shards import ShardFormatError, verify_shards
+
+    shard_dir = paths.run.shard_dir
+    if not shard_dir.is_dir() or not (paths.manifest.is_file() or any(shard_dir.glob("shard-*-of-*.h5"))):
+        return None
+    try:
+        return verify_shards(shard_dir, cfg.dump.num_shards)
+    except ShardFormatError as e:
+        raise StageError(str(e)) from e
+
+
 def manifest_complete(paths: Paths, cfg: Any) -> bool:
-    """True when manifest.json lists every shard, none missing, for this config hash."""
-    if not paths.manifest.is_file():
-        return False
-    m = json.loads(paths.manifest.read_text())
-    return bool(m.get("complete")) and m.get("config_hash") == config_hash(cfg) \
+    """True when the (checked) manifest lists every shard, none missing or damaged, for this config hash.
+
+    Raises:
+        StageError: damaged shards (see :func:`checked_manifest`).
+    """
+    m = checked_manifest(paths, cfg)
+    return m is not None and bool(m.get("complete")) and m.get("config_hash") == config_hash(cfg) \
         and m.get("num_shards") == cfg.dump.num_shards
+
+
+def shard_inputs(manifest: Optional[Dict[str, Any]]) -> Dict[str, Optional[str]]:
+    """``{shard file: sha256}`` of a manifest: the input record that metrics files keep."""
+    return {s["file"]: s.get("sha256") for s in (manifest or {}).get("shards", []) if isinstance(s, dict)}
+
+
+def _read_manifest(paths: Paths) -> Optional[Dict[str, Any]]:
+    try:
+        m = json.loads(paths.manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
+def mask_metrics_current(paths: Paths) -> bool:
+    """Whether the pseudo-mask metrics exist and were computed from exactly the shards now in the manifest."""
+    try:
+        metrics = json.loads(paths.mask_metrics.read_text())
+    except (OSError, ValueError):
+        return False
+    recorded = (metrics.get("inputs") or {}).get("shards") if isinstance(metrics, dict) else None
+    if recorded != shard_inputs(_read_manifest(paths)):
+        if paths.mask_metrics.is_file():
+            _logger.info("%s was computed from other shards: evaluating again", paths.mask_metrics)
+        return False
+    return True
+
+
+def record_stage2_inputs(paths: Paths, *, resume: bool) -> None:
+    """Write ``stage2/inputs.json``: the shards (checked manifest) stage-2 training starts from, for the report.
+
+    A resumed training keeps its record; if the shards changed since, a warning says so (the report flags it).
+    """
+    shards = shard_inputs(_read_manifest(paths))
+    try:
+        old = json.loads(paths.stage2_inputs.read_text())
+    except (OSError, ValueError):
+        old = None
+    if resume and isinstance(old, dict):
+        if old.get("shards") != shards:
+            _logger.warning("stage-2 training in %s started from other pseudo-masks than %s holds now (re-dumped "
+                            "shards); resuming anyway. Pass --overwrite after deleting %s to retrain from scratch",
+                            paths.run.stage2_dir, paths.run.shard_dir, paths.run.stage2_dir)
+        return
+    paths.stage2_inputs.parent.mkdir(parents=True, exist_ok=True)
+    record = {"shards": shards, "shard_dir": str(paths.run.shard_dir), "recorded_at": utc_now()}
+    tmp = paths.stage2_inputs.with_name(f".{paths.stage2_inputs.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, paths.stage2_inputs)
+
+
+def utc_now() -> str:
+    """The current time as an ISO 8601 UTC timestamp (``2026-12-07T10:11:12Z``)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def python_cmd(module: str, *args: str, gpus: int = 1) -> List[str]:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from stage1_cam.metrics import ConfusionMatrix, json_safe
+from stage1_cam.utils.files import file_sha256
 from stage1_cam.utils.logging import setup_logging
 
 from .checkpoint import safe_checkpoint_loading
@@ -213,6 +214,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "version": METRICS_VERSION,
         "config": osp.abspath(args.config),
         "checkpoint": osp.abspath(args.checkpoint),
+        "checkpoint_sha256": file_sha256(args.checkpoint),  # inputs and time: the report flags stale figures
+        "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "data_root": getattr(dataset, "data_root", None),
         "split": getattr(dataset, "split", None),
         "num_images": len(dataset),

@@ -12,7 +12,8 @@ every dataset of the train/val/test loaders. The root is, in order: ``--data-roo
 config's ``data_root``. The work dir is ``--work-dir`` or ``<RUN>/stage2/<config name>``.
 
 Exit codes: 0 done; 2 bad input found before training (missing manifest, dataset or pretrained weights,
-unknown config key), with a message saying what to do.
+unknown config key, damaged shards) or a pseudo-mask shard found damaged while training, with a message
+saying what to do.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 from typing import Any, Iterator, List, Optional
 
 from stage1_cam.constants import ENV_DATA_ROOT
+from stage1_cam.io.shards import ShardFormatError, user_message
 from stage1_cam.utils.logging import setup_logging
 
 from .checkpoint import safe_checkpoint_loading
@@ -226,7 +228,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     _logger.info("training %s on %s -> %s", args.config, args.shards, cfg.work_dir)
     with safe_checkpoint_loading():
         runner = Runner.from_cfg(cfg)
-        runner.train()
+        try:
+            runner.train()
+        except ShardFormatError as e:  # a shard damaged while training (read by a DataLoader worker)
+            _logger.error("%s", user_message(e))
+            return EXIT_BAD_INPUT
     return 0
 
 
