@@ -124,7 +124,8 @@ def shard_inputs(manifest: Optional[Dict[str, Any]]) -> Dict[str, Optional[str]]
     return {s["file"]: s.get("sha256") for s in (manifest or {}).get("shards", []) if isinstance(s, dict)}
 
 
-def _read_manifest(paths: Paths) -> Optional[Dict[str, Any]]:
+def read_manifest(paths: Paths) -> Optional[Dict[str, Any]]:
+    """The run's manifest.json as it is on disk, or None if missing or unreadable (no checks: see checked_manifest)."""
     try:
         m = json.loads(paths.manifest.read_text())
     except (OSError, ValueError):
@@ -139,7 +140,7 @@ def mask_metrics_current(paths: Paths) -> bool:
     except (OSError, ValueError):
         return False
     recorded = (metrics.get("inputs") or {}).get("shards") if isinstance(metrics, dict) else None
-    if recorded != shard_inputs(_read_manifest(paths)):
+    if recorded != shard_inputs(read_manifest(paths)):
         if paths.mask_metrics.is_file():
             _logger.info("%s was computed from other shards: evaluating again", paths.mask_metrics)
         return False
@@ -151,7 +152,7 @@ def record_stage2_inputs(paths: Paths, *, resume: bool) -> None:
 
     A resumed training keeps its record; if the shards changed since, a warning says so (the report flags it).
     """
-    shards = shard_inputs(_read_manifest(paths))
+    shards = shard_inputs(read_manifest(paths))
     try:
         old = json.loads(paths.stage2_inputs.read_text())
     except (OSError, ValueError):

@@ -191,7 +191,7 @@ def test_deleting_a_damaged_shard_redumps_exactly_that_shard(tmp_path, caplog):
     out = _shard_set(tmp_path)
     path = out / shard_filename(1, 3)
     _damage_label_chunks(path, np.random.default_rng(5), images=1, flips=1)
-    with pytest.raises(ShardFormatError, match=f"Delete that file.*make pseudo-labels"):
+    with pytest.raises(ShardFormatError, match="Delete that file.*make pseudo-labels"):
         verify_shards(out)
     others = {i: (out / shard_filename(i, 3)).stat() for i in (0, 2)}
     path.unlink()  # as the message says
@@ -335,3 +335,39 @@ def test_evaluation_records_its_inputs_and_refuses_damage(run_paths):
     _damage_label_chunks(path, np.random.default_rng(8), images=1, flips=1)
     with pytest.raises(ShardFormatError, match=str(path)):
         evaluate_shards(paths.run.shard_dir, ds)
+
+
+def test_stage2_refuses_damaged_shards_before_training(tmp_path, synthetic_root, capfd):
+    pytest.importorskip("mmseg")
+    from mmengine.registry import init_default_scope
+
+    import stage2_seg  # noqa: F401  (registers the mmseg plug-ins)
+    from stage1_cam.data import build_dataset
+    from stage1_cam.data.class_names import voc_palette
+    from stage1_cam.io import ShardMeta
+    from stage2_seg.datasets import PseudoMaskSegDataset
+    from stage2_seg.train import main as train_main
+
+    ds = build_dataset("synthetic", str(synthetic_root), "train")
+    out = tmp_path / "pseudo_masks"
+    meta = ShardMeta(dataset="synthetic", split="train", class_names=ds.class_names, palette=voc_palette(256))
+    for k, part in enumerate(assign_shards(ds.names, 2)):
+        with ShardWriter(out, k, 2, meta=meta) as w:
+            for name in part:
+                gt = ds.load_gt(name)
+                w.write(name, label=gt, confidence=np.ones(gt.shape, np.float32), image_labels=ds.image_labels(name))
+            w.finalize()
+    write_manifest(out, 2)
+    init_default_scope("mmseg")
+    kwargs = dict(shard_dir=str(out), data_root=str(synthetic_root), class_set="synthetic",
+                  pipeline=[dict(type="LoadImageFromFile"), dict(type="LoadPseudoMaskFromShards")])
+    assert len(PseudoMaskSegDataset(**kwargs)) == len(ds.names)
+    path = out / shard_filename(1, 2)
+    _damage_label_chunks(path, np.random.default_rng(9), images=1, flips=1)
+    with pytest.raises(ShardFormatError, match=f"{path}.*make pseudo-labels"):
+        PseudoMaskSegDataset(**kwargs)
+    config = "configs/stage2/fcn_r18-c16-d8_1xb8-800i_synthetic-pseudo-128x128.py"
+    rc = train_main([config, "--shards", str(out), "--data-root", str(synthetic_root), "--work-dir",
+                     str(tmp_path / "work"), "--no-pretrained"])
+    err = capfd.readouterr().err
+    assert rc == 2 and str(path) in err and "Traceback" not in err
