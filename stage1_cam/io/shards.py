@@ -775,13 +775,18 @@ def _shard_digest(path: Path, st: os.stat_result, old: dict[str, Any] | None, *,
     """(sha256 of a finished shard, a description of the damage or None).
 
     The reference is the checksum file its writer left (else, for shards written before those existed, the
-    previous manifest's entry; else none, and the checksum file is written now). Without ``verify``, the
-    previous manifest's sha256 is reused for a file of unchanged size and mtime; every other file is hashed.
+    previous manifest's entry; else none, and the checksum file is written now). Without ``verify``, a file
+    not modified since its checksum file was written, or of the size and mtime the previous manifest lists
+    with that checksum, is not hashed again (a write after the checksum would have moved its mtime).
     """
-    recorded = _read_checksum(path) or (old or {}).get("sha256")
-    if not verify and old and old.get("sha256") and old.get("size") == st.st_size \
-            and old.get("mtime_ns") == st.st_mtime_ns and recorded == old["sha256"]:
-        return old["sha256"], None
+    written = _read_checksum(path)
+    recorded = written or (old or {}).get("sha256")
+    if not verify and recorded is not None:
+        if written is not None and st.st_mtime_ns <= checksum_path(path).stat().st_mtime_ns:
+            return written, None
+        if old and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns \
+                and recorded == old.get("sha256"):
+            return recorded, None
     digest = file_sha256(path)
     if recorded is None:
         _logger.info("%s has no recorded checksum (written by an older version); recording its sha256 now", path)
