@@ -215,8 +215,7 @@ def _provenance(run: RunDir, m: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
                          "inputs": f"checkpoint {Path(str(s2.get('checkpoint'))).name}"
                                    f"{f' (sha256 {ck[:8]})' if ck else ''}, trained on {_inputs_text(recorded)}",
                          "changes": _shard_changes(recorded, current),
-                         "fix": "retrain on the current shards (`make retrain OVERWRITE=1` after moving stage2/ "
-                                "aside)"}
+                         "fix": "move stage2/ aside and re-run `make retrain` to train on the current shards"}
     for entry in out.values():
         changes = entry["changes"]
         entry["stale"] = bool(changes)

@@ -160,8 +160,8 @@ def record_stage2_inputs(paths: Paths, *, resume: bool) -> None:
     if resume and isinstance(old, dict):
         if old.get("shards") != shards:
             _logger.warning("stage-2 training in %s started from other pseudo-masks than %s holds now (re-dumped "
-                            "shards); resuming anyway. Pass --overwrite after deleting %s to retrain from scratch",
-                            paths.run.stage2_dir, paths.run.shard_dir, paths.run.stage2_dir)
+                            "shards); resuming anyway (the report flags its figures). Move %s aside to retrain from "
+                            "scratch", paths.run.stage2_dir, paths.run.shard_dir, paths.run.stage2_dir)
         return
     paths.stage2_inputs.parent.mkdir(parents=True, exist_ok=True)
     record = {"shards": shards, "shard_dir": str(paths.run.shard_dir), "recorded_at": utc_now()}
