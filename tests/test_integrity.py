@@ -377,3 +377,19 @@ def test_stage2_refuses_damaged_shards_before_training(tmp_path, synthetic_root,
                      str(tmp_path / "work"), "--no-pretrained"])
     err = capfd.readouterr().err
     assert rc == 2 and str(path) in err and "Traceback" not in err
+
+
+def test_retrain_records_the_shards_it_starts_from(run_paths, caplog):
+    from pipelines.stages import record_stage2_inputs, shard_inputs
+
+    _, paths, _ = run_paths
+    record_stage2_inputs(paths, resume=False)
+    first = json.loads(paths.stage2_inputs.read_text())
+    assert first["shards"] == shard_inputs(json.loads(paths.manifest.read_text())) and len(first["shards"]) == 2
+    stale = {**first, "shards": {**first["shards"], shard_filename(0, 2): "0" * 64}}
+    paths.stage2_inputs.write_text(json.dumps(stale))
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        record_stage2_inputs(paths, resume=True)  # a resumed training keeps what it started from
+    assert json.loads(paths.stage2_inputs.read_text()) == stale and "other pseudo-masks" in caplog.text
+    record_stage2_inputs(paths, resume=False)
+    assert json.loads(paths.stage2_inputs.read_text())["shards"] == first["shards"]
