@@ -32,7 +32,7 @@ COMMON     = --config $(CONFIG) --run $(RUN) --scheduler $(SCHEDULER) --gpus $(G
 
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help setup test test-slow test-all data cams world demo pseudo-labels retrain report bench status cancel clean
+.PHONY: help setup test test-slow test-all data cams world demo pseudo-labels retrain report bench status cancel clean verify
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -74,6 +74,9 @@ demo: $(STAMP) world  ## world CLIP, then initial CAMs + pseudo-labels + retrain
 
 bench: $(STAMP)  ## benchmarks: print and save JSON figures under bench/results/
 	$(PY) -m pipelines.bench --out bench/results
+
+verify: $(STAMP)  ## check a run's shards against their sha256 (rebuilds a stale manifest; QUICK=1: changed files only)
+	$(PY) -m stage1_cam.io.verify $(RUN_DIR)/pseudo_masks $(if $(filter 1,$(QUICK)),--quick)
 
 status: $(STAMP)  ## show a run's jobs and shards
 	$(PY) -m pipelines status $(COMMON)

@@ -18,8 +18,8 @@ from stage1_cam.utils.cli import exit_on_user_error
 from stage1_cam.utils.logging import setup_logging
 from stage1_cam.utils.run_dir import RunDir
 
-from .stages import Paths, StageError, manifest_complete, python_cmd, record_stage2_inputs, run_cmd, \
-    stage2_config, stage2_decision, stage2_inputs
+from .stages import (Paths, StageError, checked_manifest, manifest_complete, mask_metrics_current, python_cmd,
+                     record_stage2_inputs, run_cmd, stage2_config, stage2_decision, stage2_inputs)
 
 _logger = logging.getLogger("pipelines")
 
@@ -107,7 +107,7 @@ def cmd_pseudo_labels(args: argparse.Namespace) -> None:
     else:
         run_cmd(python_cmd("stage1_cam.dump", conf, "--checkpoint", str(run.final_ckpt), "--shard", "all",
                            "--num-shards", str(cfg.dump.num_shards)), record=paths.costs, name="pseudo-mask dump")
-    if not paths.mask_metrics.is_file():
+    if not mask_metrics_current(paths):  # none yet, or computed from shards that were re-dumped since
         run_cmd(python_cmd("stage1_cam.dump", conf, "--evaluate"))
     _logger.info("pseudo-masks: %s (metrics %s)", run.shard_dir, paths.mask_metrics)
 
@@ -160,6 +160,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         return
     from .report import build_report
 
+    checked_manifest(Paths(run), cfg)  # damaged shards: an error, not a report
     out = build_report(cfg, run)
     print(f"report: {out}")
 

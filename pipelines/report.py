@@ -12,6 +12,7 @@ import html
 import io
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -19,6 +20,8 @@ import numpy as np
 
 from stage1_cam.config import config_hash
 from stage1_cam.utils.run_dir import RunDir
+
+from .stages import shard_inputs
 
 _logger = logging.getLogger(__name__)
 
@@ -162,8 +165,74 @@ def _overlays(run: RunDir, cfg: Any, n: int = 4) -> Optional[bytes]:
     return data
 
 
+def _mtime_utc(path: Path) -> Optional[str]:
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(path.stat().st_mtime))
+    except OSError:
+        return None
+
+
+def _shard_changes(recorded: Optional[Dict[str, Any]], current: Dict[str, Any]) -> Optional[List[str]]:
+    """How the shards changed since a figure was computed: None without a record, [] when unchanged."""
+    if not isinstance(recorded, dict):
+        return None
+    out = [f"{f} re-dumped or modified" for f in sorted(set(recorded) & set(current)) if recorded[f] != current[f]]
+    out += [f"{f} gone" for f in sorted(set(recorded) - set(current))]
+    out += [f"{f} added" for f in sorted(set(current) - set(recorded))]
+    return out
+
+
+def _inputs_text(shards: Optional[Dict[str, Any]]) -> str:
+    if not shards:
+        return "n/a"
+    digests = ", ".join(f"{f.split('-of-')[0]}:{str(h)[:8]}" for f, h in sorted(shards.items()))
+    return f"{len(shards)} shards (sha256 {digests})"
+
+
+def _provenance(run: RunDir, m: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Per figure source: when it was computed, from which files (hashes), and whether those changed since.
+
+    The pseudo-mask metrics record the shards' sha256 (``inputs``); stage 2 records the shards it trained on
+    (``stage2/inputs.json``, written by ``retrain``) and its checkpoint's sha256. Both are compared with the
+    current manifest: a figure whose inputs changed is flagged ``stale`` with the files that changed.
+    """
+    current = shard_inputs(m.get("manifest"))
+    out: Dict[str, Dict[str, Any]] = {}
+    pm = m.get("pseudo_masks")
+    if isinstance(pm, dict):
+        recorded = (pm.get("inputs") or {}).get("shards")
+        out["pseudo_masks"] = {"figure": "pseudo-mask metrics", "file": str(run.shard_dir / "metrics.json"),
+                               "computed_at": pm.get("computed_at") or _mtime_utc(run.shard_dir / "metrics.json"),
+                               "inputs": _inputs_text(recorded), "changes": _shard_changes(recorded, current),
+                               "fix": "re-run `make pseudo-labels` (it evaluates again)"}
+    s2 = m.get("stage2")
+    if isinstance(s2, dict):
+        rec = _read_json(run.stage2_dir / "inputs.json") or {}
+        recorded = rec.get("shards") if isinstance(rec, dict) else None
+        ck = s2.get("checkpoint_sha256")
+        out["stage2"] = {"figure": "retrained model (stage 2)", "file": str(run.stage2_dir / "metrics.json"),
+                         "computed_at": s2.get("computed_at") or _mtime_utc(run.stage2_dir / "metrics.json"),
+                         "inputs": f"checkpoint {Path(str(s2.get('checkpoint'))).name}"
+                                   f"{f' (sha256 {ck[:8]})' if ck else ''}, trained on {_inputs_text(recorded)}",
+                         "changes": _shard_changes(recorded, current),
+                         "fix": "move stage2/ aside and re-run `make retrain` to train on the current shards"}
+    for entry in out.values():
+        changes = entry["changes"]
+        entry["stale"] = bool(changes)
+        entry["status"] = ("inputs unknown (computed by an older version; no record of its shards)"
+                           if changes is None else "current" if not changes else
+                           f"STALE: inputs changed since ({'; '.join(changes)}); {entry['fix']}")
+    return out
+
+
 def collect(run: RunDir, cfg: Any) -> Dict[str, Any]:
-    """Everything the report shows, as one JSON-able dict."""
+    """Everything the report shows, as one JSON-able dict (``provenance``: see :func:`_provenance`)."""
+    m = _collect_files(run, cfg)
+    m["provenance"] = _provenance(run, m)
+    return m
+
+
+def _collect_files(run: RunDir, cfg: Any) -> Dict[str, Any]:
     s1 = run.path / "stage1"
     return {
         "run": str(run.path),
@@ -197,6 +266,8 @@ def _quality_rows(m: Dict[str, Any]) -> List[List[str]]:
                            ("decoder", "stage-1 decoder, last validation")):
             if f"{key}_miou" in last or key != "pseudo_no_rfm":
                 rows.append([label, "val", _fmt(last.get(f"{key}_miou")), _fmt(last.get(f"{key}_miou_gt")), "n/a"])
+    prov = m.get("provenance") or {}
+    stale = {k: " (STALE: inputs changed, see Provenance)" if (v or {}).get("stale") else "" for k, v in prov.items()}
     pm = m.get("pseudo_masks") or {}
     crf_on = (pm.get("dump_settings") or {}).get("crf") is not None  # None when the dump ran without CRF
     for key, label in (("no_crf", "dumped masks, msc+flip, before CRF"),
@@ -204,15 +275,15 @@ def _quality_rows(m: Dict[str, Any]) -> List[List[str]]:
                        ("final_confident", "dumped masks, confident pixels only")):
         if isinstance(pm.get(key), dict):
             r = pm[key]
-            rows.append([label, pm.get("split", "?"), _fmt(r.get("miou")), _fmt(r.get("miou_gt")),
-                         _fmt(r.get("fwiou"))])
+            rows.append([label + stale.get("pseudo_masks", ""), pm.get("split", "?"), _fmt(r.get("miou")),
+                         _fmt(r.get("miou_gt")), _fmt(r.get("fwiou"))])
     s2 = m.get("stage2") or {}
     for key, label in (("single_scale", "retrained, single scale"), ("single_scale_crf", "retrained, single scale+CRF"),
                        ("msc_flip", "retrained, msc+flip"), ("msc_flip_crf", "retrained, msc+flip+CRF")):
         if isinstance(s2.get(key), dict):
             r = s2[key]
-            rows.append([label, s2.get("split") or "val", _fmt(r.get("mIoU")), _fmt(r.get("mIoU_gt_classes")),
-                         _fmt(r.get("fwIoU"))])
+            rows.append([label + stale.get("stage2", ""), s2.get("split") or "val", _fmt(r.get("mIoU")),
+                         _fmt(r.get("mIoU_gt_classes")), _fmt(r.get("fwIoU"))])
     return rows
 
 
@@ -267,6 +338,14 @@ def _cost_rows(m: Dict[str, Any]) -> List[List[str]]:
     return rows
 
 
+PROVENANCE_HEADER = ["figures", "computed at (UTC)", "from", "status"]
+
+
+def _provenance_rows(m: Dict[str, Any]) -> List[List[str]]:
+    return [[p["figure"], str(p["computed_at"] or "n/a"), p["inputs"], p["status"]]
+            for p in (m.get("provenance") or {}).values()]
+
+
 def build_report(cfg: Any, run: RunDir) -> Path:
     """Write report.md, metrics.json, index.html and figures; returns the path of index.html."""
     out = run.report_dir
@@ -275,6 +354,10 @@ def build_report(cfg: Any, run: RunDir) -> Path:
     (out / "metrics.json").write_text(json.dumps(m, indent=2, default=str) + "\n")
     figs = _figures(run, cfg, m, out)
     quality = _quality_rows(m)
+    provenance = _provenance_rows(m)
+    for p in (m.get("provenance") or {}).values():
+        if p["stale"]:
+            _logger.warning("%s in %s: %s", p["figure"], p["file"], p["status"])
     anchors = [[a["method"], a["what"], f"{a['miou']:.1f}", a["protocol"]] for a in ANCHORS]
     cost = _cost_rows(m)
     env = m.get("env") or {}
@@ -286,7 +369,9 @@ def build_report(cfg: Any, run: RunDir) -> Path:
           f"Dataset `{cfg.data.dataset}`, CLIP `{cfg.clip.model_name}` ({_clip_weights(cfg)}), "
           f"CAM `{cfg.cam.source}`, head `{cfg.head.type}`, config hash `{m['config_hash']}`.", "",
           "## Quality (mIoU %)", "", _md_table(QUALITY_HEADER, quality) if quality else "(no metrics yet)", "",
-          QUALITY_NOTE, "", "## Per class (%)", "", _md_table(PER_CLASS_HEADER, _per_class_rows(m)),
+          QUALITY_NOTE, "", "## Provenance", "",
+          _md_table(PROVENANCE_HEADER, provenance) if provenance else "(no figures yet)",
+          "", "## Per class (%)", "", _md_table(PER_CLASS_HEADER, _per_class_rows(m)),
           "", "## Published anchors (VOC/COCO; not comparable to the synthetic set)", "",
           _md_table(["method", "what", "mIoU", "protocol"], anchors), "", "## Cost", "",
           _md_table(["stage", "time", "peak memory", "device"], cost) if cost else "(no timings)", "",
@@ -308,6 +393,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;}}img{{max-width:10
 <h1>WSSS run report</h1><p>{html.escape(str(run.path))} &middot; dataset <b>{html.escape(cfg.data.dataset)}</b>
 &middot; config hash <code>{m['config_hash']}</code></p>
 <h2>Quality (mIoU %)</h2>{table(QUALITY_HEADER, quality)}<p>{html.escape(QUALITY_NOTE)}</p>
+<h2>Provenance</h2>{table(PROVENANCE_HEADER, provenance)}
 <h2>Per class (%)</h2>{table(PER_CLASS_HEADER, _per_class_rows(m))}
 <h2>Published anchors</h2>{table(["method", "what", "mIoU", "protocol"], anchors)}
 <h2>Cost</h2>{table(["stage", "time", "peak memory", "device"], cost)}

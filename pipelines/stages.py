@@ -9,6 +9,7 @@ guard (``RunDir.prepare``) refuses a changed config unless ``--overwrite``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -90,13 +91,69 @@ def stage2_config(dataset: str, model: Optional[str]) -> str:
     return table[key]
 
 
+def checked_manifest(paths: Paths, cfg: Any) -> Optional[Dict[str, Any]]:
+    """The run's shard manifest, checked against the shard files when a stage starts; None before any dump.
+
+    The manifest is rebuilt from the finished shards when it is missing, unreadable or out of date (e.g. a
+    damaged shard was deleted, so that shard is dumped again), and every shard is hashed and compared with
+    the sha256 its writer recorded (once per stage start; a few seconds per GB).
+
+    Raises:
+        StageError: damaged shards (named, with the fix) or shards that do not form one set.
+    """
+    from stage1_cam.io.shards import ShardFormatError, verify_shards
+
+    shard_dir = paths.run.shard_dir
+    if not shard_dir.is_dir() or not (paths.manifest.is_file() or any(shard_dir.glob("shard-*-of-*.h5"))):
+        return None
+    try:
+        return verify_shards(shard_dir, cfg.dump.num_shards)
+    except ShardFormatError as e:
+        raise StageError(str(e)) from e
+
+
 def manifest_complete(paths: Paths, cfg: Any) -> bool:
-    """True when manifest.json lists every shard, none missing, for this config hash."""
-    if not paths.manifest.is_file():
-        return False
-    m = json.loads(paths.manifest.read_text())
-    return bool(m.get("complete")) and m.get("config_hash") == config_hash(cfg) \
+    """True when the (checked) manifest lists every shard, none missing or damaged, for this config hash.
+
+    Raises:
+        StageError: damaged shards (see :func:`checked_manifest`).
+    """
+    m = checked_manifest(paths, cfg)
+    return m is not None and bool(m.get("complete")) and m.get("config_hash") == config_hash(cfg) \
         and m.get("num_shards") == cfg.dump.num_shards
+
+
+def shard_inputs(manifest: Optional[Dict[str, Any]]) -> Dict[str, Optional[str]]:
+    """``{shard file: sha256}`` of a manifest: the input record that metrics files keep."""
+    return {s["file"]: s.get("sha256") for s in (manifest or {}).get("shards", []) if isinstance(s, dict)}
+
+
+def read_manifest(paths: Paths) -> Optional[Dict[str, Any]]:
+    """The run's manifest.json as it is on disk, or None if missing or unreadable (no checks: see checked_manifest)."""
+    try:
+        m = json.loads(paths.manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
+def mask_metrics_current(paths: Paths) -> bool:
+    """Whether the pseudo-mask metrics exist and were computed from exactly the shards now in the manifest."""
+    try:
+        metrics = json.loads(paths.mask_metrics.read_text())
+    except (OSError, ValueError):
+        return False
+    recorded = (metrics.get("inputs") or {}).get("shards") if isinstance(metrics, dict) else None
+    if recorded != shard_inputs(read_manifest(paths)):
+        if paths.mask_metrics.is_file():
+            _logger.info("%s was computed from other shards: evaluating again", paths.mask_metrics)
+        return False
+    return True
+
+
+def utc_now() -> str:
+    """The current time as an ISO 8601 UTC timestamp (``2026-12-07T10:11:12Z``)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def stage2_inputs(paths: Paths, s2_config: str, s2_options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -110,12 +167,10 @@ def stage2_inputs(paths: Paths, s2_config: str, s2_options: Optional[Dict[str, A
     Returns:
         JSON-safe dict, with ``hash`` (12 hex digits) over the rest.
     """
-    import hashlib
-
-    m = json.loads(paths.manifest.read_text())
+    m = read_manifest(paths) or {}
     inputs: Dict[str, Any] = {
         "shards_config_hash": m.get("config_hash"), "checkpoint_hash": m.get("checkpoint_hash"),
-        "shards": {s["file"]: s.get("sha256") for s in m.get("shards", []) if isinstance(s, dict)},
+        "shards": shard_inputs(m),
         "stage2_config": str(s2_config), "stage2_config_sha256": file_sha256(s2_config),
         "s2_options": {str(k): v for k, v in sorted((s2_options or {}).items())},
     }
@@ -151,8 +206,9 @@ def stage2_decision(paths: Paths, current: Dict[str, Any], *, overwrite: bool) -
 
 
 def record_stage2_inputs(paths: Paths, current: Dict[str, Any]) -> None:
-    """Write :func:`stage2_inputs` into the stage-2 folder (before training starts)."""
-    atomic_write_text(paths.stage2_inputs, json.dumps(current, indent=1, sort_keys=True) + "\n")
+    """Write :func:`stage2_inputs` into the stage-2 folder before training starts (with the time, for the report)."""
+    record = {**current, "shard_dir": str(paths.run.shard_dir), "recorded_at": utc_now()}
+    atomic_write_text(paths.stage2_inputs, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 def python_cmd(module: str, *args: str, gpus: int = 1) -> List[str]:

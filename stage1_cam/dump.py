@@ -614,7 +614,8 @@ def evaluate_shards(shard_dir: Path, dataset: Any) -> Dict[str, Any]:
 
     Returns:
         JSON-safe dict with ``dataset``, ``split``, ``images`` (scored), ``complete`` (all shards present),
-        the hashes, ``miou`` (of the masks as written) and :meth:`ConfusionMatrix.compute` results:
+        the hashes, ``computed_at`` (UTC), ``inputs`` (``{"shards": {file: sha256}}``), ``miou`` (of the masks
+        as written) and :meth:`ConfusionMatrix.compute` results:
 
         * ``final``: the masks as written; ignored (255) pixels count as misses;
         * ``final_confident``: the masks as written, scored on their non-ignored pixels only;
@@ -623,11 +624,12 @@ def evaluate_shards(shard_dir: Path, dataset: Any) -> Dict[str, Any]:
 
     Raises:
         FileNotFoundError: no shards in ``shard_dir``.
-        ShardFormatError: the shards hold another dataset or class list.
+        ShardFormatError: the shards hold another dataset or class list, or are damaged (checksums).
         ValueError: a mask's size differs from its ground truth.
     """
     reader = ShardReader(shard_dir, expected_classes=dataset.class_names, expected_dataset=dataset.dataset,
                          allow_incomplete=True)
+    reader.verify()  # every shard's sha256, once: figures are never computed from damaged or changed shards
     k, ignore = len(dataset.class_names), reader.ignore_index
     cms = {key: ConfusionMatrix(k, ignore_index=IGNORE_INDEX) for key in ("final", "final_confident", "no_crf")}
     n = n_probs = 0
@@ -661,6 +663,9 @@ def evaluate_shards(shard_dir: Path, dataset: Any) -> Dict[str, Any]:
         "complete": bool(meta.get("complete", False)), "config_hash": meta.get("config_hash"),
         "checkpoint_hash": meta.get("checkpoint_hash"), "git_sha": meta.get("git_sha"),
         "dump_settings": meta.get("extra"),
+        # What these figures were computed from, and when: the report flags them once the shards change.
+        "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "inputs": {"shards": {s["file"]: s.get("sha256") for s in meta.get("shards", [])}},
     }
     results = {key: cm.compute(names) for key, cm in cms.items()}
     out["miou"] = results["final"]["miou"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import os.path as osp
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from mmseg.datasets import BaseSegDataset
 from mmseg.registry import DATASETS
@@ -75,6 +75,35 @@ def require_manifest(shard_dir: str) -> str:
     return mpath
 
 
+# Shard sets this process has checksummed: (directory, manifest and shard file stats) -> verified.
+_VERIFIED: Set[Tuple[Any, ...]] = set()
+
+
+def verify_shard_set(reader: ShardReader) -> None:
+    """Check every shard's sha256 against the manifest and its writer's record, once per process and file state.
+
+    The dataset is built more than once per training (preflight, the runner); the files are hashed only the
+    first time, unless they changed in between.
+
+    Raises:
+        stage1_cam.io.shards.ShardFormatError: damaged or changed shards (named, with the fix).
+    """
+    files = [reader.shard_dir / MANIFEST_NAME] + [reader.shard_dir / s["file"] for s in reader.meta.get("shards", [])]
+    stats = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            stats.append((str(f), None))
+            continue
+        stats.append((str(f), st.st_size, st.st_mtime_ns, st.st_ino))
+    key = (osp.abspath(str(reader.shard_dir)), tuple(stats))
+    if key in _VERIFIED:
+        return
+    reader.verify()
+    _VERIFIED.add(key)
+
+
 def open_shards(shard_dir: str) -> ShardReader:
     """Open a pseudo-mask shard directory (its manifest must exist; stage 1 writes it last).
 
@@ -108,7 +137,8 @@ class PseudoMaskSegDataset(BaseSegDataset):
 
     Raises:
         FileNotFoundError: no manifest, or an image listed in it is missing from ``data_root``.
-        ValueError: classes, palette, ignore index or dataset differ between the config and the manifest.
+        ValueError: classes, palette, ignore index or dataset differ between the config and the manifest;
+            (``ShardFormatError``) a shard's sha256 differs from the one recorded when it was written.
     """
 
     METAINFO: dict = dict()
@@ -127,6 +157,7 @@ class PseudoMaskSegDataset(BaseSegDataset):
         self.class_set = class_set
         reader = open_shards(self.shard_dir)
         try:
+            verify_shard_set(reader)  # the stage starts: no training on damaged or changed shards
             self.shard_meta: Dict[str, Any] = dict(reader.meta)
             self._sample_ids: List[str] = list(reader.ids)
         finally:

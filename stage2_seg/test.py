@@ -33,6 +33,7 @@ import torch
 from stage1_cam.data.datasets import check_label_values
 from stage1_cam.metrics import ConfusionMatrix, json_safe
 from stage1_cam.utils.cli import BadInputError, exit_on_user_error
+from stage1_cam.utils.files import file_sha256
 from stage1_cam.utils.logging import setup_logging
 
 from .checkpoint import safe_checkpoint_loading
@@ -223,6 +224,8 @@ def _main(args: argparse.Namespace) -> int:
         "version": METRICS_VERSION,
         "config": osp.abspath(args.config),
         "checkpoint": osp.abspath(args.checkpoint),
+        "checkpoint_sha256": file_sha256(args.checkpoint),  # inputs and time: the report flags stale figures
+        "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "data_root": getattr(dataset, "data_root", None),
         "split": getattr(dataset, "split", None),
         "num_images": len(dataset),

@@ -12,7 +12,8 @@ every dataset of the train/val/test loaders. The root is, in order: ``--data-roo
 config's ``data_root``. The work dir is ``--work-dir`` or ``<RUN>/stage2/<config name>``.
 
 Exit codes: 0 done; 2 bad input found before training (missing manifest, dataset or pretrained weights,
-unknown config key), with a message saying what to do.
+unknown config key, damaged shards) or a pseudo-mask shard found damaged while training, with a message
+saying what to do.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 from typing import Any, Iterator, List, Optional
 
 from stage1_cam.constants import ENV_DATA_ROOT
+from stage1_cam.io.shards import ShardFormatError, user_message
 from stage1_cam.utils.cli import BadInputError, UnknownNameError, exit_on_user_error
 from stage1_cam.utils.dist import import_before_process_group, shutdown_distributed
 from stage1_cam.utils.logging import setup_logging
@@ -227,6 +229,7 @@ def _main(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     preflight(cfg)
     _logger.info("training %s on %s -> %s", args.config, args.shards, cfg.work_dir)
+from stage1_cam.io.shards import ShardFormatError, user_message
     if args.launcher != "none":
         import_before_process_group()  # mmengine's Runner creates the group; see stage1_cam/utils/dist.py
     ok = False

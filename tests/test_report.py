@@ -99,3 +99,47 @@ def test_report_names_where_the_clip_weights_came_from():
     world = default_config({"clip.model_name": "wsss-world-ViT-16", "clip.pretrained": None,
                             "clip.weights": "world:default"})
     assert _clip_weights(world) == "weights `world:default`"
+
+
+def test_report_flags_figures_whose_shards_changed(tmp_path, synthetic_root):
+    """Issue 17 case 11: each figure says when and from which shards it was computed; stale ones are flagged."""
+    from stage1_cam.io.shards import shard_filename
+
+    cfg, run, metrics = _make_run(tmp_path, synthetic_root)
+    manifest = json.loads((run.shard_dir / "manifest.json").read_text())
+    run.stage2_dir.mkdir(parents=True, exist_ok=True)
+    (run.stage2_dir / "inputs.json").write_text(json.dumps({"shards": metrics["inputs"]["shards"]}))
+    (run.stage2_dir / "metrics.json").write_text(json.dumps(
+        {"checkpoint": "/x/iter_800.pth", "checkpoint_sha256": "ab" * 32, "computed_at": "2026-12-07T10:00:00Z",
+         "single_scale": {"mIoU": 0.5, "per_class_iou": {}}}))
+    build_report(cfg, run)
+    md = (run.report_dir / "report.md").read_text()
+    rows = {r.split(" | ")[0].lstrip("| "): r for r in md.splitlines() if r.startswith("| ")}
+    sha = manifest["shards"][0]["sha256"]
+    assert metrics["computed_at"] in rows["pseudo-mask metrics"] and sha[:8] in rows["pseudo-mask metrics"]
+    assert rows["pseudo-mask metrics"].endswith("| current |")
+    assert "iter_800.pth (sha256 abababab)" in rows["retrained model (stage 2)"]
+    assert rows["retrained model (stage 2)"].endswith("| current |") and "STALE" not in md
+
+    # The shard is re-dumped with other masks (e.g. after a damaged one was deleted): both figures are stale.
+    shard = run.shard_dir / shard_filename(0, 1)
+    shard.unlink()
+    ds = build_dataset("synthetic", str(synthetic_root), cfg.data.dump_split)
+    meta = ShardMeta(dataset="synthetic", split=ds.split, class_names=ds.class_names, palette=voc_palette(256),
+                     config_hash="x")
+    with ShardWriter(run.shard_dir, 0, 1, meta=meta) as w:
+        for name in ds.names:
+            gt = ds.load_gt(name)
+            w.write(name, label=gt, confidence=np.ones(gt.shape, np.float32), image_labels=ds.image_labels(name))
+        w.finalize()
+    write_manifest(run.shard_dir, 1)
+    build_report(cfg, run)
+    md = (run.report_dir / "report.md").read_text()
+    rows = {r.split(" | ")[0].lstrip("| "): r for r in md.splitlines() if r.startswith("| ")}
+    for figure in ("pseudo-mask metrics", "retrained model (stage 2)"):
+        assert f"STALE: inputs changed since ({shard.name} re-dumped or modified)" in rows[figure]
+    assert any(k.startswith("dumped masks as written") and "STALE" in k for k in rows)
+    assert any(k.startswith("retrained, single scale") and "STALE" in k for k in rows)
+    data = json.loads((run.report_dir / "metrics.json").read_text())
+    assert data["provenance"]["pseudo_masks"]["stale"] and data["provenance"]["stage2"]["stale"]
+    assert "STALE" in (run.report_dir / "index.html").read_text()

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from stage1_cam.io import (FORMAT_NAME, FORMAT_VERSION, ShardFormatError, ShardLockedError, ShardMeta, ShardReader,
-                           ShardWriter, assign_shards, shard_filename, write_manifest)
+                           ShardWriter, assign_shards, checksum_path, shard_filename, write_manifest)
 from stage1_cam.io.export import export_png, main as export_main
 
 CLASSES = ("background", "cat", "dog", "person")
@@ -296,6 +296,8 @@ def test_version_and_format_mismatch(tmp_path):
         ShardReader(tmp_path)
     with h5py.File(tmp_path / shard_filename(0, 1), "r+") as f:
         f.attrs["format_version"] = 0
+    # A shard written so (by an old version, which left no checksum file), not one modified after writing.
+    checksum_path(tmp_path / shard_filename(0, 1)).unlink()
     with pytest.raises(ShardFormatError, match="version 0.*re-run"):
         write_manifest(tmp_path, 1)
     with pytest.raises(ShardFormatError, match="version 0"):

@@ -425,9 +425,10 @@ def _comparable(path: Path) -> dict:
 
     Dropped: file checksums, sizes and times of the HDF5 shards (a resumed shard holds the same data in a
     differently laid out file; the masks are compared one by one instead), the checkpoint file's hash (the
-    checkpoint embeds its run's name and directory), the shard directory and the git SHA.
+    checkpoint embeds its run's name and directory), the shard directory, the git SHA, and when and from
+    which shard files (by sha256) metrics were computed.
     """
-    drop = {"git_sha", "checkpoint_hash", "size", "mtime_ns", "sha256", "shard_dir"}
+    drop = {"git_sha", "checkpoint_hash", "size", "mtime_ns", "sha256", "shard_dir", "computed_at", "inputs"}
 
     def strip(x):
         if isinstance(x, dict):

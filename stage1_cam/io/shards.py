@@ -45,7 +45,7 @@ import numpy as np
 
 from ..constants import IGNORE_INDEX
 from ..utils.cli import UserError
-from ..utils.files import file_sha256
+from ..utils.files import atomic_write_text, file_sha256
 from ..utils.locks import FileLock, LockedError
 
 _logger = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ MANIFEST_NAME = "manifest.json"
 _SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.h5(\.partial)?$")
 _PARTIAL_SUFFIX = ".partial"
 _LOCK_SUFFIX = ".lock"
+_CHECKSUM_SUFFIX = ".sha256"
 _IMAGES = "images"
 # Settings that must agree between a partial shard and the writer resuming it, and across the shards
 # of one directory. ``git_sha`` and ``extra`` may differ (a warning is logged).
@@ -270,6 +271,32 @@ def _open_h5(path: Path, mode: str, *, partial: bool) -> h5py.File:
         else:
             fix = "delete it and re-run the dump for that shard, then rebuild the manifest (write_manifest)"
         raise ShardFormatError(f"{path} is truncated or unreadable as HDF5 ({e}); {fix}") from e
+
+
+def _checked_dataset(g: h5py.Group, name: str, data: np.ndarray) -> None:
+    """A small 1-D dataset, chunked with a fletcher32 checksum unless it is empty."""
+    if data.size:
+        g.create_dataset(name, data=data, chunks=data.shape, fletcher32=True)
+    else:
+        g.create_dataset(name, data=data)
+
+
+def checksum_path(shard: Path) -> Path:
+    """``<shard>.sha256``: the shard's sha256 as its writer wrote it (``sha256sum -c`` format)."""
+    return shard.with_name(shard.name + _CHECKSUM_SUFFIX)
+
+
+def _write_checksum(shard: Path, digest: str) -> None:
+    atomic_write_text(checksum_path(shard), f"{digest}  {shard.name}\n", fsync=True)
+
+
+def _read_checksum(shard: Path) -> str | None:
+    """The recorded sha256 of ``shard``, or None if there is no (readable) checksum file."""
+    try:
+        digest = checksum_path(shard).read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+    return digest if re.fullmatch(r"[0-9a-f]{64}", digest) else None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -534,15 +561,17 @@ class ShardWriter:
         g = images.create_group(key)
         try:
             h, w = lab.shape
-            g.create_dataset("label", data=lab, chunks=(h, w), compression="lzf")
-            g.create_dataset("confidence", data=conf16, chunks=(h, w), compression="lzf")
-            g.create_dataset("image_labels", data=cls_ids)
+            # fletcher32: a checksum per chunk, verified by HDF5 on every read, so a flipped byte gives a read
+            # error instead of a plausible wrong label (it needs chunked layout; empty arrays cannot be chunked).
+            g.create_dataset("label", data=lab, chunks=(h, w), compression="lzf", fletcher32=True)
+            g.create_dataset("confidence", data=conf16, chunks=(h, w), compression="lzf", fletcher32=True)
+            _checked_dataset(g, "image_labels", cls_ids)
             if p16 is not None:
                 if p16.shape[0]:
-                    g.create_dataset("probs", data=p16, chunks=(1, h, w), compression="lzf")
+                    g.create_dataset("probs", data=p16, chunks=(1, h, w), compression="lzf", fletcher32=True)
                 else:
                     g.create_dataset("probs", data=p16)
-                g.create_dataset("prob_keys", data=keys)
+                _checked_dataset(g, "prob_keys", keys)
             g.attrs["name"] = name
             g.attrs["height"], g.attrs["width"] = h, w
             g.attrs["complete"] = True  # written last: a group without it is dropped on resume
@@ -577,6 +606,9 @@ class ShardWriter:
         self._file = None
         with open(self.partial_path, "rb+") as f:
             os.fsync(f.fileno())
+        # The checksum of the bytes as written, kept beside the shard: the manifest is rebuilt from it, so a
+        # shard damaged later is never re-listed as valid (written before the rename: no finished shard lacks it).
+        _write_checksum(self.path, file_sha256(self.partial_path))
         os.replace(self.partial_path, self.path)
         _fsync_dir(self.out_dir)
         self._complete = True
@@ -639,8 +671,51 @@ def _shard_counts_in(out_dir: Path) -> set[int]:
     return counts
 
 
-def _collect(out_dir: Path, num_shards: int, *, checksum: bool, previous: dict[str, Any] | None) -> dict[str, Any]:
-    """Manifest dict of ``out_dir`` (see :func:`write_manifest`)."""
+def _shard_digest(path: Path, st: os.stat_result, old: dict[str, Any] | None, *,
+                  verify: bool) -> tuple[str, str | None]:
+    """(sha256 of a finished shard, a description of the damage or None).
+
+    The reference is the checksum file its writer left (else, for shards written before those existed, the
+    previous manifest's entry; else none, and the checksum file is written now). Without ``verify``, a file
+    not modified since its checksum file was written, or of the size and mtime the previous manifest lists
+    with that checksum, is not hashed again (a write after the checksum would have moved its mtime).
+    """
+    written = _read_checksum(path)
+    recorded = written or (old or {}).get("sha256")
+    if not verify and recorded is not None:
+        if written is not None and st.st_mtime_ns <= checksum_path(path).stat().st_mtime_ns:
+            return written, None
+        if old and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns \
+                and recorded == old.get("sha256"):
+            return recorded, None
+    digest = file_sha256(path)
+    if recorded is None:
+        _logger.info("%s has no recorded checksum (written by an older version); recording its sha256 now", path)
+        _write_checksum(path, digest)
+    elif digest != recorded:
+        return digest, (f"{path} (sha256 {digest[:16]}..., but {recorded[:16]}... when it was written; "
+                        f"images {_short(_ids_of(old), 80) if old else 'unknown'})")
+    return digest, None
+
+
+def _ids_of(entry: dict[str, Any] | None) -> list[str]:
+    return list((entry or {}).get("ids") or [])
+
+
+def _damage_message(problems: list[str]) -> str:
+    return (f"{len(problems)} pseudo-mask shard file(s) changed after they were written (damaged or modified in "
+            f"place): {'; '.join(problems)}. Delete {'that file' if len(problems) == 1 else 'those files'} and "
+            f"re-run `make pseudo-labels` (or the dump for those shards): only the deleted shards are dumped again")
+
+
+def _collect(out_dir: Path, num_shards: int, *, checksum: bool, previous: dict[str, Any] | None,
+             verify: bool = False) -> dict[str, Any]:
+    """Manifest dict of ``out_dir`` (see :func:`write_manifest`); ``verify`` hashes every shard.
+
+    Raises:
+        ShardFormatError: (with ``checksum``) shards whose bytes differ from the checksum recorded when they
+            were written, all of them named in one message.
+    """
     other = sorted(_shard_counts_in(out_dir) - {int(num_shards)})
     if other:
         raise ShardFormatError(
@@ -653,12 +728,20 @@ def _collect(out_dir: Path, num_shards: int, *, checksum: bool, previous: dict[s
     meta: dict[str, Any] | None = None
     meta_src: Path | None = None
     seen: dict[str, str] = {}
+    damaged: list[str] = []
     for i in range(num_shards):
         fname = shard_filename(i, num_shards)
         path = out_dir / fname
         if not path.is_file():
             (incomplete if (out_dir / (fname + _PARTIAL_SUFFIX)).is_file() else missing).append(i)
             continue
+        st = path.stat()
+        digest = None
+        if checksum:  # first: a damaged file is not opened (its HDF5 metadata may be damaged too)
+            digest, problem = _shard_digest(path, st, prev.get(fname), verify=verify)
+            if problem:
+                damaged.append(problem)
+                continue
         m, ids = _scan_finished(path)
         if meta is None:
             meta, meta_src = m, path
@@ -672,17 +755,14 @@ def _collect(out_dir: Path, num_shards: int, *, checksum: bool, previous: dict[s
                 raise ShardFormatError(f"image {name!r} is in both {seen[name]} and {fname}; the shards come from "
                                        f"different id assignments. Regenerate the shard directory")
             seen[name] = fname
-        st = path.stat()
         entry: dict[str, Any] = {"index": i, "file": fname, "num_images": len(ids), "size": st.st_size,
                                  "mtime_ns": st.st_mtime_ns}
-        old = prev.get(fname)
         if checksum:
-            if old and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns and old.get("sha256"):
-                entry["sha256"] = old["sha256"]
-            else:
-                entry["sha256"] = file_sha256(path)
+            entry["sha256"] = digest
         entry["ids"] = ids
         shards.append(entry)
+    if damaged:
+        raise ShardFormatError(_damage_message(damaged))
     common = {k: (meta or {}).get(k) for k in ("dataset", "split", "class_names", "palette", "ignore_index",
                                                "config_hash", "git_sha", "checkpoint_hash", "extra")}
     return {
@@ -698,41 +778,67 @@ def _collect(out_dir: Path, num_shards: int, *, checksum: bool, previous: dict[s
     }
 
 
-def write_manifest(out_dir: str | os.PathLike, num_shards: int) -> dict[str, Any]:
+def _load_manifest(mpath: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest dict, None), or (None, why it cannot be used) for a missing, unreadable or non-manifest file."""
+    if not mpath.is_file():
+        return None, f"{mpath} does not exist"
+    try:
+        data = json.loads(mpath.read_text())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None, f"{mpath} is unreadable ({e})"
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME or not isinstance(data.get("shards"), list):
+        return None, f"{mpath} is not a {FORMAT_NAME} manifest"
+    return data, None
+
+
+def _foreign_manifest(mpath: Path) -> dict[str, Any] | None:
+    """A readable JSON object of another format in ``mpath`` (to be refused by name), else None."""
+    try:
+        data = json.loads(mpath.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "format" in data and data["format"] != FORMAT_NAME else None
+
+
+def _save_manifest(mpath: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_text(mpath, json.dumps(manifest, indent=1) + "\n")
+
+
+def write_manifest(out_dir: str | os.PathLike, num_shards: int, *, verify: bool = False) -> dict[str, Any]:
     """(Re)build ``manifest.json`` in ``out_dir`` from the finished shards.
 
     The manifest holds the format name and version, dataset, split, class names, palette, ignore index,
     config hash, git SHA and checkpoint hash; per finished shard its file, image count, size, sha256 and ids;
     the total image count; and which shards are missing or still partial (``complete`` is true only when
-    none are). Checksums of shards unchanged since the previous manifest (same size and mtime) are reused.
+    none are). It is derived data: a missing or unreadable previous manifest is simply rebuilt.
+
+    Every shard's sha256 is checked against the one its writer recorded (``<shard>.sha256``), so a shard
+    damaged after it was written is never listed as valid. Checksums of shards unchanged since the previous
+    manifest (same size and mtime) are reused unless ``verify``.
 
     Args:
         out_dir: shard directory.
         num_shards: number of shards the dump was split into.
+        verify: hash every shard, even those whose size and mtime did not change.
 
     Returns:
         The manifest dict (as written).
 
     Raises:
         FileNotFoundError: ``out_dir`` does not exist.
-        ShardFormatError: a finished shard is unreadable or from another format, or shards disagree on
-            dataset/classes/hashes.
+        ShardFormatError: a finished shard is unreadable, damaged (checksum), or from another format, or
+            shards disagree on dataset/classes/hashes. The previous manifest is then left as it was.
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"shard directory {out_dir} does not exist; run the pseudo-mask dump first")
     shard_filename(0, num_shards)  # validates num_shards
-    previous = None
     mpath = out_dir / MANIFEST_NAME
-    if mpath.is_file():
-        try:
-            previous = json.loads(mpath.read_text())
-        except ValueError:
-            _logger.warning("ignoring unreadable previous manifest %s", mpath)
-    manifest = _collect(out_dir, int(num_shards), checksum=True, previous=previous)
-    tmp = mpath.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, mpath)
+    previous, why = _load_manifest(mpath)
+    if previous is None and mpath.is_file():
+        _logger.warning("%s; rebuilding it from the shard files", why)
+    manifest = _collect(out_dir, int(num_shards), checksum=True, previous=previous, verify=verify)
+    _save_manifest(mpath, manifest)
     if not manifest["complete"]:
         _logger.warning("%s: %d/%d shards finished; missing %s, unfinished %s", mpath, len(manifest["shards"]),
                         num_shards, manifest["missing_shards"], manifest["incomplete_shards"])
@@ -741,8 +847,79 @@ def write_manifest(out_dir: str | os.PathLike, num_shards: int) -> dict[str, Any
     return manifest
 
 
+def _manifest_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between a stored manifest and the one rebuilt from the files (empty: up to date)."""
+    before = {s.get("file"): s for s in old.get("shards", []) if isinstance(s, dict)}
+    after = {s["file"]: s for s in new["shards"]}
+    out = [f"{f} is listed but gone" for f in sorted(set(before) - set(after))]
+    out += [f"{f} is finished but not listed" for f in sorted(set(after) - set(before))]
+    out += [f"{f} changed" for f in sorted(set(before) & set(after)) if before[f] != after[f]]
+    if not out and json.loads(json.dumps(new)) != old:
+        out.append("its summary differs from the shard files")
+    return out
+
+
+def verify_shards(out_dir: str | os.PathLike, num_shards: int | None = None, *,
+                  quick: bool = False) -> dict[str, Any]:
+    """Check ``manifest.json`` against the shard files, rebuild it when it is stale, and check checksums.
+
+    Run when a stage starts (and by ``python -m stage1_cam.io.verify``). The manifest is rebuilt from the
+    finished shards when it is missing, unreadable, or lists files that are gone, changed, or not all of the
+    finished ones (e.g. after a damaged shard was deleted). Every shard is hashed and compared with the
+    sha256 recorded when it was written; ``quick`` hashes only the shards whose size or mtime changed since
+    the manifest (it misses a change that kept both, which the default does not).
+
+    Args:
+        out_dir: shard directory.
+        num_shards: the dump's number of shards (default: the manifest's, else the shard files').
+
+    Returns:
+        The up-to-date manifest (``complete`` says whether every shard is finished).
+
+    Raises:
+        FileNotFoundError: ``out_dir`` does not exist, or holds neither a manifest nor shards.
+        ShardFormatError: damaged shards (each named, with the fix), or shards that cannot be one set.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"shard directory {out_dir} does not exist; run the pseudo-mask dump first "
+                                f"(make pseudo-labels)")
+    mpath = out_dir / MANIFEST_NAME
+    previous, why = _load_manifest(mpath)
+    if num_shards is None:
+        counts = _shard_counts_in(out_dir)
+        if previous is not None and isinstance(previous.get("num_shards"), int):
+            counts = {previous["num_shards"]}
+        if len(counts) != 1:
+            raise (FileNotFoundError if not counts else ShardFormatError)(
+                f"{out_dir} holds {'no pseudo-mask shards' if not counts else f'shards of {sorted(counts)}-way splits'}"
+                f"; {'run the pseudo-mask dump first' if not counts else 'keep one split'}")
+        num_shards = counts.pop()
+    shard_filename(0, num_shards)  # validates num_shards
+    manifest = _collect(out_dir, int(num_shards), checksum=True, previous=previous, verify=not quick)
+    changes = [why] if previous is None else _manifest_changes(previous, manifest)
+    if changes:
+        _logger.warning("rebuilding %s from the shard files: %s", mpath, "; ".join(str(c) for c in changes))
+        _save_manifest(mpath, manifest)
+    return manifest
+
+
 # ----------------------------------------------------------------------------------------------------------
 # reader
+
+
+def _damaged_read(path: Path, name: str, what: str, err: object) -> str:
+    return (f"{path}: cannot read {what} of image {name!r} ({err}); the shard file is damaged. Delete {path} and "
+            f"re-run `make pseudo-labels` (or the dump for that shard) to regenerate it")
+
+
+def user_message(err: BaseException) -> str:
+    """The message of a shard error, also when a DataLoader worker re-raised it with its traceback inside."""
+    text = str(err.args[0]) if err.args else str(err)
+    marker = f"{ShardFormatError.__name__}: "
+    if "Original Traceback" in text and marker in text:
+        text = text.rsplit(marker, 1)[1].strip()
+    return text
 
 
 class ShardReader:
@@ -770,22 +947,24 @@ class ShardReader:
             raise FileNotFoundError(f"shard directory {self.shard_dir} does not exist; run the pseudo-mask dump "
                                     f"first (make pseudo-labels)")
         mpath = self.shard_dir / MANIFEST_NAME
-        if mpath.is_file():
-            try:
-                meta = json.loads(mpath.read_text())
-            except ValueError as e:
-                raise ShardFormatError(f"{mpath} is not valid JSON ({e}); rebuild it with "
-                                       f"stage1_cam.io.write_manifest") from e
+        meta, why = _load_manifest(mpath)
+        if meta is None and mpath.is_file():
+            meta = _foreign_manifest(mpath)  # refused below, with the reason
+        if meta is not None:
             source = str(mpath)
             self._from_manifest = True
         else:
+            if mpath.is_file():  # the manifest is derived data: read the shards themselves
+                _logger.warning("%s; reading the shard files instead (rebuild it with python -m "
+                                "stage1_cam.io.verify %s)", why, self.shard_dir)
             counts = _shard_counts_in(self.shard_dir)
             if not counts:
                 raise FileNotFoundError(f"{self.shard_dir} holds no pseudo-mask shards (shard-*-of-*.h5); run the "
                                         f"pseudo-mask dump first")
             if len(counts) > 1:
                 raise ShardFormatError(f"{self.shard_dir} mixes shards of {sorted(counts)}-way splits; keep one")
-            _logger.warning("%s has no %s; scanning the shard files", self.shard_dir, MANIFEST_NAME)
+            if not mpath.is_file():
+                _logger.warning("%s has no %s; scanning the shard files", self.shard_dir, MANIFEST_NAME)
             meta = _collect(self.shard_dir, counts.pop(), checksum=False, previous=None)
             source = str(self.shard_dir)
             self._from_manifest = False
@@ -866,19 +1045,17 @@ class ShardReader:
         path = self.shard_dir / self._shards[pos]["file"]
         try:
             return f[_IMAGES][key], path
-        except KeyError:
-            raise ShardFormatError(f"{path} has no image {name!r} although the manifest lists it; rebuild the "
-                                   f"manifest (write_manifest)") from None
+        except (KeyError, OSError, RuntimeError, ValueError) as e:
+            raise ShardFormatError(_damaged_read(path, name, "the image's group", e)) from None
 
     def _read(self, name: str, dset: str) -> np.ndarray | None:
         g, path = self._group(name)
-        if dset not in g:
-            return None
         try:
+            if dset not in g:
+                return None
             return g[dset][()]
-        except OSError as e:
-            raise ShardFormatError(f"{path}: cannot read {dset!r} of image {name!r} ({e}); the file is damaged. "
-                                   f"Delete it, re-run the dump for that shard and rebuild the manifest") from e
+        except (KeyError, OSError, RuntimeError, ValueError) as e:  # fletcher32 mismatch, bad object header, ...
+            raise ShardFormatError(_damaged_read(path, name, repr(dset), e)) from None
 
     # -- public API ----------------------------------------------------------------------------------------
 
@@ -903,7 +1080,16 @@ class ShardReader:
         """(H, W) uint8 label map of image ``name`` (``ignore_index`` = ignore)."""
         out = self._read(name, "label")
         assert out is not None
-        return out.astype(np.uint8, copy=False)
+        out = out.astype(np.uint8, copy=False)
+        # Shards written before per-chunk checksums can decode damaged bytes into labels: refuse impossible ones.
+        counts = np.bincount(out.ravel(), minlength=256)
+        counts[self.ignore_index] = 0
+        bad = np.flatnonzero(counts[len(self.class_names):]) + len(self.class_names)
+        if bad.size and self.class_names:
+            pos = self._index[name][0]
+            raise ShardFormatError(_damaged_read(self.shard_dir / self._shards[pos]["file"], name, "'label'",
+                                                 f"values {bad.tolist()[:5]} are not class ids"))
+        return out
 
     def confidence(self, name: str) -> np.ndarray:
         """(H, W) float32 confidence map of image ``name``."""
@@ -931,17 +1117,41 @@ class ShardReader:
         return {"name": name, "label": self.label(name), "confidence": self.confidence(name),
                 "image_labels": self.image_labels(name), "probs": self.probs(name)}
 
-    def verify(self) -> None:
-        """Check every shard file against the manifest's sha256 (reads all bytes).
+    def verify(self, *, quick: bool = False) -> None:
+        """Check every listed shard file: present, of the recorded size, and with the sha256 recorded in the
+        manifest and by its writer (``<shard>.sha256``). Reads all bytes, once per call.
+
+        Args:
+            quick: skip hashing the files whose size and mtime equal the manifest's.
 
         Raises:
-            ShardFormatError: a checksum differs or is missing.
+            ShardFormatError: the files that differ, all named in one message with the fix.
         """
+        problems, stale = [], []
         for s in self._shards:
             path = self.shard_dir / s["file"]
-            if s.get("sha256") is None or file_sha256(path) != s["sha256"]:
-                raise ShardFormatError(f"{path} does not match the sha256 in the manifest; it was modified or "
-                                       f"damaged. Re-run the dump for that shard and rebuild the manifest")
+            if not path.is_file():
+                stale.append(f"{path} is listed but does not exist")
+                continue
+            st = path.stat()
+            if "size" in s and st.st_size != s["size"]:
+                problems.append(f"{path} ({st.st_size} bytes, {s['size']} when listed)")
+                continue
+            if quick and s.get("mtime_ns") == st.st_mtime_ns:
+                continue
+            digest, written, listed = file_sha256(path), _read_checksum(path), s.get("sha256")
+            if (written or listed) is None:
+                problems.append(f"{path} (no sha256 recorded for it)")
+            elif digest != (written or listed):
+                problems.append(f"{path} (sha256 {digest[:16]}..., but {(written or listed)[:16]}... when written)")
+            elif listed is not None and listed != digest:
+                stale.append(f"{path} was re-dumped after the manifest was written")
+        if problems:
+            raise ShardFormatError(_damage_message(problems))
+        if stale:
+            raise ShardFormatError(f"{self.shard_dir / MANIFEST_NAME} is out of date ({'; '.join(stale)}); rebuild "
+                                   f"it with `python -m stage1_cam.io.verify {self.shard_dir}` (or re-run "
+                                   f"`make pseudo-labels`, which also dumps missing shards)")
 
     def close(self) -> None:
         """Close the files this process opened."""

@@ -1,0 +1,44 @@
+"""``python -m stage1_cam.io.verify SHARD_DIR [--quick]``: check a pseudo-mask shard directory.
+
+Checks ``manifest.json`` against the shard files, rebuilds it from the finished shards when it is missing,
+unreadable or out of date, and compares every shard's sha256 with the one recorded when it was written
+(``--quick``: only the shards whose size or mtime changed). Exit codes: 0 all shards intact (the set may be
+incomplete: the missing shards are listed), 2 damaged shards or bad input, with one message naming the files
+and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+from ..utils.logging import setup_logging
+from .shards import ShardFormatError, verify_shards
+
+_logger = logging.getLogger("stage1_cam.io.verify")  # not __name__, which is "__main__" under `python -m`
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point; returns the process exit code."""
+    p = argparse.ArgumentParser(prog="python -m stage1_cam.io.verify", description=__doc__.splitlines()[0])
+    p.add_argument("shard_dir", help="pseudo-mask directory (runs/<dataset>/<run>/pseudo_masks)")
+    p.add_argument("--num-shards", type=int, default=None, help="number of shards (default: the manifest's)")
+    p.add_argument("--quick", action="store_true", help="hash only shards whose size or mtime changed")
+    args = p.parse_args(argv)
+    setup_logging()
+    try:
+        m = verify_shards(args.shard_dir, args.num_shards, quick=args.quick)
+    except (FileNotFoundError, ShardFormatError) as e:
+        _logger.error("%s", e)
+        return 2
+    _logger.info("%s: %d images in %d/%d finished shards, %s%s", args.shard_dir, m["num_images"], len(m["shards"]),
+                 m["num_shards"], "checksums verified" if not args.quick else "changed shards verified",
+                 "" if m["complete"] else f"; missing shards {m['missing_shards']}, unfinished "
+                 f"{m['incomplete_shards']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
