@@ -229,14 +229,17 @@ def _main(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     preflight(cfg)
     _logger.info("training %s on %s -> %s", args.config, args.shards, cfg.work_dir)
-from stage1_cam.io.shards import ShardFormatError, user_message
     if args.launcher != "none":
         import_before_process_group()  # mmengine's Runner creates the group; see stage1_cam/utils/dist.py
     ok = False
     try:
         with safe_checkpoint_loading():
             runner = Runner.from_cfg(cfg)
-            runner.train()
+            try:
+                runner.train()
+            except ShardFormatError as e:  # a shard damaged while training (read by a DataLoader worker)
+                _logger.error("%s", user_message(e))
+                return EXIT_BAD_INPUT
         del runner  # its DDP-wrapped model holds the process group
         ok = True
     finally:
