@@ -379,17 +379,22 @@ def test_stage2_refuses_damaged_shards_before_training(tmp_path, synthetic_root,
     assert rc == 2 and str(path) in err and "Traceback" not in err
 
 
-def test_retrain_records_the_shards_it_starts_from(run_paths, caplog):
-    from pipelines.stages import record_stage2_inputs, shard_inputs
+def test_retrain_records_the_shards_it_starts_from(run_paths, tmp_path):
+    from pipelines.stages import StageError, record_stage2_inputs, shard_inputs, stage2_decision, stage2_inputs
 
     _, paths, _ = run_paths
-    record_stage2_inputs(paths, resume=False)
+    s2_config = tmp_path / "s2.py"
+    s2_config.write_text("x = 1\n")
+    current = stage2_inputs(paths, str(s2_config), {})
+    paths.run.stage2_dir.mkdir(parents=True, exist_ok=True)
+    record_stage2_inputs(paths, current)
     first = json.loads(paths.stage2_inputs.read_text())
     assert first["shards"] == shard_inputs(json.loads(paths.manifest.read_text())) and len(first["shards"]) == 2
-    stale = {**first, "shards": {**first["shards"], shard_filename(0, 2): "0" * 64}}
+    assert first["hash"] == current["hash"] and first["recorded_at"].endswith("Z")  # the report shows when
+    assert stage2_decision(paths, current, overwrite=False) == "resume"  # no metrics yet: a killed training resumes
+    # Shards re-dumped since stage 2 started: never resumed on other masks silently.
+    stale = {**first, "shards": {**first["shards"], shard_filename(0, 2): "0" * 64}, "hash": "0" * 12}
     paths.stage2_inputs.write_text(json.dumps(stale))
-    with caplog.at_level(logging.WARNING, logger="pipelines"):
-        record_stage2_inputs(paths, resume=True)  # a resumed training keeps what it started from
-    assert json.loads(paths.stage2_inputs.read_text()) == stale and "other pseudo-masks" in caplog.text
-    record_stage2_inputs(paths, resume=False)
-    assert json.loads(paths.stage2_inputs.read_text())["shards"] == first["shards"]
+    with pytest.raises(StageError, match="OVERWRITE=1"):
+        stage2_decision(paths, current, overwrite=False)
+    assert stage2_decision(paths, current, overwrite=True) == "supersede"
