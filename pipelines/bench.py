@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from stage1_cam.utils.precision import autocast_dtype, cpu_features, native_bf16_cpu, precision_name
 
-from stage1_cam.utils.cli import exit_on_user_error
+from stage1_cam.utils.cli import run_main
 
 
 def _device() -> torch.device:
@@ -337,10 +337,7 @@ def _bench_weakclip(a: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; bad input (an unwritable --out, a missing weights file) exits with code 2 and one message."""
-    try:
-        return _main(argv)
-    except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
-        return exit_on_user_error(e, "pipelines")
+    return run_main(_main, argv, logger="pipelines")
 
 
 def _main(argv: Optional[List[str]]) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from stage1_cam.utils.precision import cpu_features
-from stage1_cam.utils.cli import exit_on_user_error
+from stage1_cam.utils.cli import run_main
 
 from .bench import save_results
 
@@ -156,10 +156,7 @@ def compare(model: str, size: int, batch: int, device: torch.device, modes: Sequ
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; bad input (an unwritable --out, a missing weights file) exits with code 2 and one message."""
-    try:
-        return _main(argv)
-    except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
-        return exit_on_user_error(e, "pipelines")
+    return run_main(_main, argv, logger="pipelines")
 
 
 def _main(argv: Optional[List[str]]) -> int:

@@ -32,7 +32,7 @@ import torch
 
 from stage1_cam.data.datasets import check_label_values
 from stage1_cam.metrics import ConfusionMatrix, json_safe
-from stage1_cam.utils.cli import BadInputError, exit_on_user_error
+from stage1_cam.utils.cli import BadInputError, run_main
 from stage1_cam.utils.files import file_sha256
 from stage1_cam.utils.logging import setup_logging
 
@@ -167,10 +167,7 @@ def _tta_loader_cfg(cfg: Any) -> dict:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the process exit code (2 for bad input, with one message naming the file)."""
-    try:
-        return _main(parse_args(argv))
-    except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
-        return exit_on_user_error(e, _logger)
+    return run_main(lambda: _main(parse_args(argv)), logger=_logger)
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from typing import Any, Iterator, List, Optional
 
 from stage1_cam.constants import ENV_DATA_ROOT
 from stage1_cam.io.shards import ShardFormatError, user_message
-from stage1_cam.utils.cli import BadInputError, UnknownNameError, exit_on_user_error
+from stage1_cam.utils.cli import EXIT_BAD_INPUT, BadInputError, UnknownNameError, run_main
 from stage1_cam.utils.dist import import_before_process_group, shutdown_distributed
 from stage1_cam.utils.logging import setup_logging
 
@@ -214,10 +214,7 @@ def preflight(cfg: Any) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the process exit code (2 for bad input, with one message naming the file)."""
-    try:
-        return _main(parse_args(argv))
-    except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
-        return exit_on_user_error(e, _logger)
+    return run_main(lambda: _main(parse_args(argv)), logger=_logger)
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -246,19 +246,25 @@ def test_empty_weights_file_exits_2_from_train(synthetic_root, tmp_path, caplog,
     assert str(path) in msg and "empty" in msg
 
 
+def _refuse_mkdir_under(monkeypatch, root, error, code, text):
+    """Path.mkdir under ``root`` raises ``error(code, text)`` (a read-only or forbidden folder, simulated: the tests
+    may run as root, who may write anywhere)."""
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if str(self).startswith(str(root)):
+            raise error(code, text, str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
 def test_unwritable_run_dir_exits_2_naming_it(synthetic_root, tmp_path, caplog, capfd, monkeypatch):
     """A read-only run folder (simulated: the tests may run as root, who may write anywhere)."""
     from stage1_cam.train import main as train_main
 
     runs = tmp_path / "runs"
-    real_mkdir = Path.mkdir
-
-    def mkdir(self, *a, **k):
-        if str(self).startswith(str(runs)):
-            raise PermissionError(errno.EACCES, "Permission denied", str(self))
-        return real_mkdir(self, *a, **k)
-
-    monkeypatch.setattr(Path, "mkdir", mkdir)
+    _refuse_mkdir_under(monkeypatch, runs, PermissionError, errno.EACCES, "Permission denied")
     rc = train_main([TINY, "--run", "ro", "--cfg-options", f"data.root={synthetic_root}", f"run.root={runs}"])
     assert rc == 2
     msgs = _errors(caplog, capfd)
@@ -269,14 +275,7 @@ def test_read_only_data_root_exits_2(tmp_path, caplog, capfd, monkeypatch):
     from stage1_cam.data.__main__ import main as data_main
 
     root = tmp_path / "ro"
-    real_mkdir = Path.mkdir
-
-    def mkdir(self, *a, **k):
-        if str(self).startswith(str(root)):
-            raise OSError(errno.EROFS, "Read-only file system", str(self))
-        return real_mkdir(self, *a, **k)
-
-    monkeypatch.setattr(Path, "mkdir", mkdir)
+    _refuse_mkdir_under(monkeypatch, root, OSError, errno.EROFS, "Read-only file system")
     assert data_main(["--dataset", "synthetic", "--root", str(root)]) == 2
     (msg,) = _errors(caplog, capfd)
     assert str(root) in msg and "read-only" in msg.lower()

@@ -45,7 +45,7 @@ import numpy as np
 
 from ..constants import IGNORE_INDEX
 from ..utils.cli import UserError
-from ..utils.files import atomic_write_text, file_sha256
+from ..utils.files import atomic_write_text, file_sha256, fsync_dir
 from ..utils.locks import FileLock, LockedError
 
 _logger = logging.getLogger(__name__)
@@ -297,19 +297,6 @@ def _read_checksum(shard: Path) -> str | None:
     except (OSError, IndexError):
         return None
     return digest if re.fullmatch(r"[0-9a-f]{64}", digest) else None
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -610,7 +597,7 @@ class ShardWriter:
         # shard damaged later is never re-listed as valid (written before the rename: no finished shard lacks it).
         _write_checksum(self.path, file_sha256(self.partial_path))
         os.replace(self.partial_path, self.path)
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         self._complete = True
         self._lock.release()
         _logger.info("finished %s (%d images)", self.path, len(self.done_ids))

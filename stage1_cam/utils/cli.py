@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import Dict, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, Sequence, Tuple, Type, Union
 
 EXIT_BAD_INPUT = 2
 
@@ -115,3 +115,18 @@ def exit_on_user_error(err: BaseException, logger: Union[str, logging.Logger], *
     log = logging.getLogger(logger) if isinstance(logger, str) else logger
     log.error("%s", describe_error(err))
     return EXIT_BAD_INPUT
+
+
+def run_main(body: Callable[..., int], *args: Any, logger: Union[str, logging.Logger],
+             extra: Sequence[Type[BaseException]] = ()) -> int:
+    """Run an entry point's body and map what it raises: bad input -> exit 2 with one line; bugs keep their traceback.
+
+    Example::
+
+        def main(argv=None) -> int:
+            return run_main(_main, argv, logger=_logger)
+    """
+    try:
+        return body(*args)
+    except Exception as err:
+        return exit_on_user_error(err, logger, extra=extra)
