@@ -89,6 +89,7 @@ def cmd_pseudo_labels(args: argparse.Namespace) -> None:
     if args.scheduler == "slurm":
         from .slurm import submit_pseudo_labels
 
+        run.unlock()  # the jobs lock the run themselves when they start, which may be before this process exits
         submit_pseudo_labels(cfg, run, gpus=args.gpus)
         return
     run_cmd(python_cmd("stage1_cam.data", "--config", conf))
@@ -121,6 +122,7 @@ def cmd_retrain(args: argparse.Namespace) -> None:
         from .slurm import submit_retrain
 
         # Depends on a queued pseudo-labels job if there is one; otherwise needs a complete manifest.
+        run.unlock()  # the jobs lock the run themselves when they start, which may be before this process exits
         submit_retrain(cfg, run, s2, gpus=args.gpus, overwrite=args.overwrite, s2_options=args.s2_options)
         return
     if not manifest_complete(paths, cfg):
