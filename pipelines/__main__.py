@@ -8,7 +8,6 @@ stages of a run see the same configuration and the config hash guards against si
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from typing import Any, List, Optional
@@ -19,7 +18,7 @@ from stage1_cam.utils.logging import setup_logging
 from stage1_cam.utils.run_dir import RunDir
 
 from .stages import (Paths, StageError, checked_manifest, manifest_complete, mask_metrics_current, python_cmd,
-                     record_stage2_inputs, run_cmd, stage2_config, stage2_decision, stage2_inputs)
+                     read_manifest, record_stage2_inputs, run_cmd, stage2_config, stage2_decision, stage2_inputs)
 
 _logger = logging.getLogger("pipelines")
 
@@ -172,11 +171,13 @@ def cmd_status(args: argparse.Namespace) -> None:
     paths = Paths(run)
     lines = [f"run {run.path} (config {config_hash(cfg)})",
              f"  stage-1 checkpoint: {'yes' if run.final_ckpt.is_file() else 'no'}"]
-    if paths.manifest.is_file():
-        m = json.loads(paths.manifest.read_text())
+    m = read_manifest(paths)
+    if m is not None:
         lines.append(f"  shards: {len(m.get('shards', []))}/{m.get('num_shards')} complete, "
                      f"missing {m.get('missing_shards') or 'none'}, partial {m.get('incomplete_shards') or 'none'}, "
                      f"{m.get('num_images', 0)} images")
+    elif paths.manifest.exists():  # derived data: the next stage start rebuilds it from the shards
+        lines.append(f"  shards: {paths.manifest} is unreadable; `make pseudo-labels` or `make verify` rebuilds it")
     else:
         lines.append("  shards: no manifest")
     lines.append(f"  stage-2 metrics: {'yes' if paths.stage2_metrics.is_file() else 'no'}")

@@ -38,6 +38,11 @@ def test_status_lists_the_stages(tmp_path, monkeypatch, capsys):
     assert main(["status", "--config", VOC, "--run", "s", "--cfg-options", f"run.root={tmp_path / 'runs'}"]) == 0
     out = capsys.readouterr().out
     assert "stage-1 checkpoint: no" in out and "shards: no manifest" in out
+    manifest = tmp_path / "runs" / "voc" / "s" / "pseudo_masks" / "manifest.json"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text('{"format": "wsss-pseudo-masks", "shards": [')  # truncated
+    assert main(["status", "--config", VOC, "--run", "s", "--cfg-options", f"run.root={tmp_path / 'runs'}"]) == 0
+    assert f"{manifest} is unreadable" in capsys.readouterr().out
 
 
 def test_stage2_config_table():
