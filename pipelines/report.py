@@ -12,16 +12,16 @@ import html
 import io
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from stage1_cam.config import config_hash
+from stage1_cam.io.shards import shard_inputs
+from stage1_cam.utils.logging import utc_timestamp
 from stage1_cam.utils.run_dir import RunDir
 
-from .stages import shard_inputs
 
 _logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _overlays(run: RunDir, cfg: Any, n: int = 4) -> Optional[bytes]:
 
 def _mtime_utc(path: Path) -> Optional[str]:
     try:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(path.stat().st_mtime))
+        return utc_timestamp(path.stat().st_mtime)
     except OSError:
         return None
 

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from stage1_cam.config import config_hash
+from stage1_cam.io.shards import shard_inputs
 from stage1_cam.utils.cli import UserError
 from stage1_cam.utils.files import atomic_write_text, file_sha256
+from stage1_cam.utils.logging import utc_timestamp
 from stage1_cam.utils.procs import child_preexec
 from stage1_cam.utils.run_dir import RunDir
 
@@ -123,11 +125,6 @@ def manifest_complete(paths: Paths, cfg: Any) -> bool:
         and m.get("num_shards") == cfg.dump.num_shards
 
 
-def shard_inputs(manifest: Optional[Dict[str, Any]]) -> Dict[str, Optional[str]]:
-    """``{shard file: sha256}`` of a manifest: the input record that metrics files keep."""
-    return {s["file"]: s.get("sha256") for s in (manifest or {}).get("shards", []) if isinstance(s, dict)}
-
-
 def read_manifest(paths: Paths) -> Optional[Dict[str, Any]]:
     """The run's manifest.json as it is on disk, or None if missing or unreadable (no checks: see checked_manifest)."""
     try:
@@ -149,11 +146,6 @@ def mask_metrics_current(paths: Paths) -> bool:
             _logger.info("%s was computed from other shards: evaluating again", paths.mask_metrics)
         return False
     return True
-
-
-def utc_now() -> str:
-    """The current time as an ISO 8601 UTC timestamp (``2026-12-07T10:11:12Z``)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def stage2_inputs(paths: Paths, s2_config: str, s2_options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -207,7 +199,7 @@ def stage2_decision(paths: Paths, current: Dict[str, Any], *, overwrite: bool) -
 
 def record_stage2_inputs(paths: Paths, current: Dict[str, Any]) -> None:
     """Write :func:`stage2_inputs` into the stage-2 folder before training starts (with the time, for the report)."""
-    record = {**current, "shard_dir": str(paths.run.shard_dir), "recorded_at": utc_now()}
+    record = {**current, "shard_dir": str(paths.run.shard_dir), "recorded_at": utc_timestamp()}
     atomic_write_text(paths.stage2_inputs, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 

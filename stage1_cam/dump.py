@@ -64,10 +64,11 @@ from .constants import IGNORE_INDEX
 from .data.class_names import voc_palette
 from .io import ShardFormatError, ShardMeta, ShardReader, ShardWriter, assign_shards, \
     shard_filename, write_manifest
+from .io.shards import shard_inputs
 from .metrics import ConfusionMatrix, json_safe
 from .utils.cli import BadInputError, exit_on_user_error
 from .utils.files import DiskFullError, atomic_write_text, check_free_space, disk_full_error, is_disk_full
-from .utils.logging import EveryN, setup_logging
+from .utils.logging import EveryN, setup_logging, utc_timestamp
 from .utils.precision import autocast_dtype, precision_name
 from .utils.procs import worker_initializer
 from .utils.run_dir import RunDir, git_sha
@@ -664,8 +665,8 @@ def evaluate_shards(shard_dir: Path, dataset: Any) -> Dict[str, Any]:
         "checkpoint_hash": meta.get("checkpoint_hash"), "git_sha": meta.get("git_sha"),
         "dump_settings": meta.get("extra"),
         # What these figures were computed from, and when: the report flags them once the shards change.
-        "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "inputs": {"shards": {s["file"]: s.get("sha256") for s in meta.get("shards", [])}},
+        "computed_at": utc_timestamp(),
+        "inputs": {"shards": shard_inputs(meta)},
     }
     results = {key: cm.compute(names) for key, cm in cms.items()}
     out["miou"] = results["final"]["miou"]

@@ -34,7 +34,7 @@ from stage1_cam.data.datasets import check_label_values
 from stage1_cam.metrics import ConfusionMatrix, json_safe
 from stage1_cam.utils.cli import BadInputError, run_main
 from stage1_cam.utils.files import file_sha256
-from stage1_cam.utils.logging import setup_logging
+from stage1_cam.utils.logging import setup_logging, utc_timestamp
 
 from .checkpoint import safe_checkpoint_loading
 from .train import apply_data_root, check_override_keys, resolve_data_root
@@ -222,7 +222,7 @@ def _main(args: argparse.Namespace) -> int:
         "config": osp.abspath(args.config),
         "checkpoint": osp.abspath(args.checkpoint),
         "checkpoint_sha256": file_sha256(args.checkpoint),  # inputs and time: the report flags stale figures
-        "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "computed_at": utc_timestamp(),
         "data_root": getattr(dataset, "data_root", None),
         "split": getattr(dataset, "split", None),
         "num_images": len(dataset),

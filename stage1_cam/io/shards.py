@@ -787,6 +787,11 @@ def _foreign_manifest(mpath: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and "format" in data and data["format"] != FORMAT_NAME else None
 
 
+def shard_inputs(manifest: dict[str, Any] | None) -> dict[str, str | None]:
+    """``{shard file: sha256}`` of a manifest: the input record that metrics files keep."""
+    return {s["file"]: s.get("sha256") for s in (manifest or {}).get("shards", []) if isinstance(s, dict)}
+
+
 def _save_manifest(mpath: Path, manifest: dict[str, Any]) -> None:
     atomic_write_text(mpath, json.dumps(manifest, indent=1) + "\n")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Type
 
 from .cli import UserError
+from .logging import utc_timestamp
 
 _logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class FileLock:
     def _info(self) -> Dict[str, Any]:
         return {"host": socket.gethostname(), "pid": os.getpid(),
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
-                "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "time_utc": utc_timestamp()}
 
     def read(self) -> Optional[Dict[str, Any]]:
         """The holder's record; ``{}`` when there is no lock file, None when it is unreadable."""

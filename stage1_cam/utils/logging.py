@@ -57,3 +57,8 @@ class EveryN:
 
 def rank_from_env() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def utc_timestamp(seconds: Optional[float] = None) -> str:
+    """ISO 8601 UTC time (``2026-12-07T10:11:12Z``) of ``seconds`` since the epoch (default: now)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
