@@ -19,6 +19,7 @@ from PIL import Image
 
 from stage1_cam.config import RANGES, ConfigError, Stage1Cfg, load_config
 from stage1_cam.utils.cli import BadInputError, UnknownNameError, exit_on_user_error
+from stage1_cam.utils.files import disk_full_error
 
 TINY = "configs/stage1/weclip_tiny-clip_synthetic-160x160_300i.py"
 VOC = "configs/stage1/weclip_vit-b16_voc12aug-320x320_30k.py"
@@ -306,9 +307,12 @@ def test_mapping_user_errors_and_bugs(caplog, capfd):
     log = logging.getLogger("stage1_cam.test")
     assert exit_on_user_error(OSError(errno.ENOSPC, "No space left on device", "/runs/x/shard.h5"), log) == 2
     assert exit_on_user_error(UnknownNameError("unknown dataset 'x'; valid: voc"), log) == 2
+    own = disk_full_error("/", needed=2 ** 60, what="shard 0/4", fix="write the shards elsewhere (--out DIR)")
+    assert exit_on_user_error(own, log) == 2
     msgs = _errors(caplog, capfd)
     assert msgs[0].startswith("/runs/x/shard.h5: No space left on device; free disk space")
     assert msgs[1] == "unknown dataset 'x'; valid: voc"
+    assert msgs[2] == str(own)  # our own message as it is: the generic fix is not appended a second time
     for bug in (ValueError("shapes differ"), KeyError("k"), ZeroDivisionError(), OSError(errno.EIO, "I/O error")):
         with pytest.raises(type(bug)):
             exit_on_user_error(bug, log)

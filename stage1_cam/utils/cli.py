@@ -89,6 +89,8 @@ def is_user_error(err: BaseException, extra: Sequence[Type[BaseException]] = ())
 
 def describe_error(err: BaseException) -> str:
     """One line for the user: the message, or for a system error the file, what went wrong and the fix."""
+    if isinstance(err, UserError):  # our own messages already name the file and the fix
+        return ValueError.__str__(err) if isinstance(err, KeyError) else str(err)
     if isinstance(err, OSError) and err.errno is not None:
         what = err.strerror or errno.errorcode.get(err.errno, str(err.errno))
         files = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
