@@ -114,16 +114,16 @@ def cmd_pseudo_labels(args: argparse.Namespace) -> None:
 
 def cmd_retrain(args: argparse.Namespace) -> None:
     cfg, run = _resolve(args, prepare=False)
-    run.lock()  # one command at a time in a run (its stage commands inherit the lock)
-    paths = Paths(run)
     s2 = stage2_config(cfg.data.dataset, args.model)
     if args.scheduler == "slurm":
         from .slurm import submit_retrain
 
-        # Depends on a queued pseudo-labels job if there is one; otherwise needs a complete manifest.
-        run.unlock()  # the jobs lock the run themselves when they start, which may be before this process exits
+        # Depends on a queued pseudo-labels job if there is one; otherwise needs a complete manifest. Not under
+        # the run lock: a job of this run that already started holds it (submitters share a submit lock).
         submit_retrain(cfg, run, s2, gpus=args.gpus, overwrite=args.overwrite, s2_options=args.s2_options)
         return
+    run.lock()  # one command at a time in a run (its stage commands inherit the lock)
+    paths = Paths(run)
     if not manifest_complete(paths, cfg):
         raise StageError(f"{paths.manifest} is missing or incomplete: run `make pseudo-labels "
                          f"DATASET={cfg.data.dataset} RUN={cfg.run.name}` first")

@@ -50,6 +50,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from stage1_cam.utils.cli import BadInputError, UnknownNameError
 from stage1_cam.utils.files import atomic_write_text
+from stage1_cam.utils.locks import FileLock
 from stage1_cam.utils.run_dir import RunDir
 
 from .stages import Paths, StageError, manifest_complete, python_cmd, run_cmd
@@ -416,6 +417,8 @@ def submit_jobs(specs: Sequence[Tuple[JobSpec, Sequence[str]]], *, run: RunDir, 
             env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     """Render and submit ``(spec, dependencies)`` in order, recording each in jobs.json as it goes.
 
+    The caller holds the run's :class:`SubmitLock` (the ``submit_*`` functions take it).
+
     A dependency is the stage name of a job submitted earlier in ``specs`` (ignored when that stage was
     not submitted, e.g. training skipped) or a literal job id of an already queued job.
     """
@@ -442,6 +445,28 @@ def submit_jobs(specs: Sequence[Tuple[JobSpec, Sequence[str]]], *, run: RunDir, 
     return submitted
 
 
+class SubmitLock(FileLock):
+    """``<run>/slurm/submit.lock``: one submitter at a time queries and submits the jobs of a run.
+
+    Not the run lock: the run's jobs take that themselves when they start, which may be before the
+    submitter of a later stage (``make pseudo-labels retrain`` in one go) has finished.
+    """
+
+    kind, log = "submit lock", _logger
+
+    def __init__(self, run: RunDir) -> None:
+        (run.path / "slurm").mkdir(parents=True, exist_ok=True)
+        super().__init__(run.path / "slurm" / "submit.lock", run, error=SlurmError,
+                         holder_hint="another `make ... SCHEDULER=slurm` is submitting jobs of this run")
+
+    def __enter__(self) -> "SubmitLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 def _already_queued(run: RunDir, stages: Sequence[str]) -> Optional[str]:
     jobs = load_jobs(jobs_file(run))
     active = [f"{s} (job {jobs[s]['job_id']}: {summarize(c)})" for s, c in _states(jobs, stages).items()
@@ -449,17 +474,9 @@ def _already_queued(run: RunDir, stages: Sequence[str]) -> Optional[str]:
     return ", ".join(active) or None
 
 
-def submit_pseudo_labels(cfg: Any, run: RunDir, *, gpus: int = 1, env: Optional[Mapping[str, str]] = None
-                         ) -> Dict[str, str]:
-    """Submit training (unless its checkpoint exists), the per-shard dump array and the finalise job.
-
-    Nothing is submitted while earlier jobs of this run are still queued, or when the manifest and
-    mask metrics exist. The dataset is checked (the synthetic one generated) here, before anything is
-    queued, so a missing dataset fails at once rather than in a job.
-
-    Returns:
-        Stage name -> job id of the jobs submitted.
-    """
+def _submit_pseudo_labels(cfg: Any, run: RunDir, *, gpus: int = 1, env: Optional[Mapping[str, str]] = None
+                          ) -> Dict[str, str]:
+    """See :func:`submit_pseudo_labels` (called with the submit lock held)."""
     queued = _already_queued(run, ("train", "dump", "pseudo-labels"))
     if queued:
         _logger.info("jobs of this run are still queued or running: %s; nothing submitted "
@@ -510,18 +527,10 @@ def _upstream(run: RunDir, stages: Sequence[str]) -> Tuple[List[str], Dict[str, 
     return active, ended
 
 
-def submit_retrain(cfg: Any, run: RunDir, s2_config: str, *, gpus: int = 1, overwrite: bool = False,
-                   s2_options: Optional[Mapping[str, Any]] = None, env: Optional[Mapping[str, str]] = None
-                   ) -> Dict[str, str]:
-    """Submit the stage-2 job, after the pseudo-labels job if that is still queued.
-
-    Args:
-        s2_options: stage-2 config overrides, passed on to the job's ``--s2-options``.
-        overwrite: retrain even if the stage-2 metrics exist (``--overwrite``).
-
-    Raises:
-        StageError: no pseudo-labels job is queued and the manifest is missing or incomplete.
-    """
+def _submit_retrain(cfg: Any, run: RunDir, s2_config: str, *, gpus: int = 1, overwrite: bool = False,
+                    s2_options: Optional[Mapping[str, Any]] = None, env: Optional[Mapping[str, str]] = None
+                    ) -> Dict[str, str]:
+    """See :func:`submit_retrain` (called with the submit lock held)."""
     if _already_queued(run, ("retrain",)):
         _logger.info("a retrain job of this run is still queued or running: nothing submitted")
         return {}
@@ -544,8 +553,8 @@ def submit_retrain(cfg: Any, run: RunDir, s2_config: str, *, gpus: int = 1, over
     return submit_jobs([(spec, deps)], run=run, options=options, env=env)
 
 
-def submit_report(cfg: Any, run: RunDir, *, env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
-    """Submit the report job, after the retrain and pseudo-labels jobs that are still queued."""
+def _submit_report(cfg: Any, run: RunDir, *, env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """See :func:`submit_report` (called with the submit lock held)."""
     if _already_queued(run, ("report",)):
         _logger.info("a report job of this run is still queued or running: nothing submitted")
         return {}
@@ -558,6 +567,47 @@ def submit_report(cfg: Any, run: RunDir, *, env: Optional[Mapping[str, str]] = N
     return submit_jobs([(spec, deps)], run=run, options=options, env=env)
 
 
-__all__ = ["SbatchOptions", "JobSpec", "SlurmError", "render_script", "job_name", "load_jobs", "record_jobs",
+def submit_pseudo_labels(cfg: Any, run: RunDir, *, gpus: int = 1, env: Optional[Mapping[str, str]] = None
+                         ) -> Dict[str, str]:
+    """Submit training (unless its checkpoint exists), the per-shard dump array and the finalise job.
+
+    Nothing is submitted while earlier jobs of this run are still queued, or when the manifest and
+    mask metrics exist. The dataset is checked (the synthetic one generated) here, before anything is
+    queued, so a missing dataset fails at once rather than in a job.
+
+    Returns:
+        Stage name -> job id of the jobs submitted.
+
+    Raises:
+        SlurmError: another submitter of this run is running (or SLURM does not answer).
+    """
+    with SubmitLock(run):
+        return _submit_pseudo_labels(cfg, run, gpus=gpus, env=env)
+
+
+def submit_retrain(cfg: Any, run: RunDir, s2_config: str, *, gpus: int = 1, overwrite: bool = False,
+                   s2_options: Optional[Mapping[str, Any]] = None, env: Optional[Mapping[str, str]] = None
+                   ) -> Dict[str, str]:
+    """Submit the stage-2 job, after the pseudo-labels job if that is still queued.
+
+    Args:
+        s2_options: stage-2 config overrides, passed on to the job's ``--s2-options``.
+        overwrite: retrain even if the stage-2 metrics exist (``--overwrite``).
+
+    Raises:
+        StageError: no pseudo-labels job is queued and the manifest is missing or incomplete.
+        SlurmError: another submitter of this run is running (or SLURM does not answer).
+    """
+    with SubmitLock(run):
+        return _submit_retrain(cfg, run, s2_config, gpus=gpus, overwrite=overwrite, s2_options=s2_options, env=env)
+
+
+def submit_report(cfg: Any, run: RunDir, *, env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """Submit the report job, after the retrain and pseudo-labels jobs that are still queued."""
+    with SubmitLock(run):
+        return _submit_report(cfg, run, env=env)
+
+
+__all__ = ["SubmitLock", "SbatchOptions", "JobSpec", "SlurmError", "render_script", "job_name", "load_jobs", "record_jobs",
            "parse_scontrol", "summarize", "job_states", "cancel_jobs", "submit_pseudo_labels", "submit_retrain",
            "submit_report"]

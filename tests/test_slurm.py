@@ -186,6 +186,63 @@ def test_retrain_without_pseudo_masks_or_queued_job_is_an_error(tmp_path, monkey
         submit_retrain(cfg, run, "configs/stage2/x.py", gpus=1)
 
 
+def _fake_slurm(bin_dir: Path, *, state: str = "RUNNING") -> Path:
+    """``sbatch`` (prints job ids 101, 102, ... and logs its arguments) and ``scontrol`` (every job ``state``)."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    log = bin_dir / "sbatch.log"
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {log}\necho $((100 + $(wc -l < {log})))\n")
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"JobId=$4 JobState={state}\"\n")
+    for name in ("sbatch", "scontrol"):
+        (bin_dir / name).chmod(0o755)
+    return log
+
+
+def test_retrain_submits_while_a_job_of_the_run_holds_the_run_lock(tmp_path, monkeypatch):
+    """`make pseudo-labels retrain SCHEDULER=slurm`: the training job may start (and take run.lock) before the
+    retrain submitter runs; the submitter must still queue its job after the pseudo-labels job."""
+    import pipelines.__main__ as cli
+    from stage1_cam.config import load_config
+    from stage1_cam.utils.run_dir import RunLockedError
+
+    log = _fake_slurm(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("WSSS_RUN_LOCK", raising=False)
+    config = REPO / "configs" / "stage1" / "weclip_tiny-clip_synthetic-160x160_300i.py"
+    cfg = load_config(config, {"run.root": str(tmp_path / "runs"), "run.name": "r1"})
+    run = RunDir.from_config(cfg)
+    run.prepare(cfg)
+    run.unlock()
+    record_jobs(run.path / "slurm" / "jobs.json", {"pseudo-labels": {"job_id": "13", "log": "x.out"}})
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the running training job
+    try:
+        import socket
+
+        run.lock_file.write_text(json.dumps({"host": socket.gethostname(), "pid": job.pid, "slurm_job_id": "11",
+                                             "token": "job-token"}))
+        with pytest.raises(RunLockedError, match="SLURM job 11"):  # a local command is refused ...
+            RunDir(run.path).lock()
+        argv = ["retrain", "--config", str(config), "--run", "r1", "--scheduler", "slurm", "--model", "default",
+                "--cfg-options", f"run.root={tmp_path / 'runs'}"]
+        assert cli.main(argv) == 0  # ... the submitter is not
+    finally:
+        job.kill()
+        job.wait()
+    assert log.read_text().splitlines() == [
+        f"--parsable --dependency=afterok:13 --kill-on-invalid-dep=yes {run.path / 'slurm' / 'retrain.sbatch'}"]
+    assert load_jobs(run.path / "slurm" / "jobs.json")["retrain"]["dependency"] == ["13"]
+    assert not (run.path / "slurm" / "submit.lock").exists()  # released
+
+
+def test_concurrent_submitters_of_a_run_are_refused(tmp_path, monkeypatch):
+    from pipelines.slurm import SubmitLock
+
+    run = _run(tmp_path)
+    with SubmitLock(run):
+        with pytest.raises(SlurmError, match="another `make ... SCHEDULER=slurm` is submitting"):
+            SubmitLock(run).acquire()
+    SubmitLock(run).acquire()  # free again
+
+
 # --------------------------------------------------------------------------------------------------
 # a real single-node cluster
 # --------------------------------------------------------------------------------------------------
