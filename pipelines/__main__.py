@@ -17,8 +17,9 @@ from stage1_cam.utils.cli import exit_on_user_error
 from stage1_cam.utils.logging import setup_logging
 from stage1_cam.utils.run_dir import RunDir
 
-from .stages import (Paths, StageError, checked_manifest, manifest_complete, mask_metrics_current, python_cmd,
-                     read_manifest, record_stage2_inputs, run_cmd, stage2_config, stage2_decision, stage2_inputs)
+from .stages import (Paths, StageError, checked_manifest, manifest_complete, mask_metrics_current, needs_initial_cams,
+                     python_cmd, read_manifest, record_stage2_inputs, run_cmd, stage2_config, stage2_decision,
+                     stage2_inputs)
 
 _logger = logging.getLogger("pipelines")
 
@@ -92,9 +93,7 @@ def cmd_pseudo_labels(args: argparse.Namespace) -> None:
         submit_pseudo_labels(cfg, run, gpus=args.gpus)
         return
     run_cmd(python_cmd("stage1_cam.data", "--config", conf))
-    if cfg.head.type == "weakclip" and not cfg.head.options.get("masks") \
-            and not (run.cams_dir / "manifest.json").is_file():
-        # WeakCLIP trains on existing masks; by default the run's own initial CAMs (`make cams`).
+    if needs_initial_cams(cfg, run):  # heads that train on existing masks, by default the run's initial CAMs
         run_cmd(python_cmd("stage1_cam.cams", conf), record=paths.costs, name="initial CAMs")
     from stage1_cam.train import trained_for
 

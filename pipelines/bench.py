@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stage1_cam.heads import TrainBatch
 from stage1_cam.utils.precision import autocast_dtype, cpu_features, native_bf16_cpu, precision_name
 
 from stage1_cam.utils.cli import run_main
@@ -116,7 +117,7 @@ def _train_steps(cfg: Any, device: torch.device, x: torch.Tensor, labels: List[n
 
     def step(i: int) -> None:
         with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = head.forward_train(x, labels, step=i)
+            out = head.forward_train(TrainBatch(images=x, labels=labels), step=i)
         opt.zero_grad(set_to_none=True)
         scaler.scale(out["loss"]).backward()
         scaler.step(opt)
@@ -179,7 +180,8 @@ def bench_dump(model: str, images: int, batch: int) -> Dict[str, Any]:
     from stage1_cam.build import build_stage1
     from stage1_cam.data import build_dataset
     from stage1_cam.data.synthetic import generate_synthetic
-    from stage1_cam.dump import (DumpSettings, OrderedPostprocessor, Predictor, dump_shard, make_crf_executor,
+    from stage1_cam.config import CrfCfg, DumpCfg
+    from stage1_cam.dump import (OrderedPostprocessor, Predictor, dump_shard, make_crf_executor,
                                  network_size, predict_probs, scaled_size)
     from stage1_cam.io.shards import ShardMeta, ShardWriter
     from stage1_cam.refine.crf import crf_labels
@@ -202,7 +204,7 @@ def bench_dump(model: str, images: int, batch: int) -> Dict[str, Any]:
         imgs = [ds.load_image(n) for n in names]
         keys = [np.array([0, 3, 12]) for _ in range(images)]
         for mode, bs in (("batched", batch), ("one_by_one", 1)):
-            settings = DumpSettings(long_side=512, scales=(1.0, 0.75), flip=True, batch_size=bs)
+            settings = DumpCfg(long_side=512, scales=(1.0, 0.75), flip=True, batch_size=bs, crf=CrfCfg(enabled=False))
             predict_probs(predictor, imgs[:bs], keys[:bs], settings=settings)  # warm-up
 
             def run() -> None:
@@ -214,7 +216,8 @@ def bench_dump(model: str, images: int, batch: int) -> Dict[str, Any]:
         res["batched_speedup"] = res["batched"]["images_per_s"] / res["one_by_one"]["images_per_s"]
         if predictor.amp_dtype is not None and device.type == "cpu":  # the same batched pass in float32
             fp32 = dataclasses.replace(predictor, amp_dtype=None)
-            settings = DumpSettings(long_side=512, scales=(1.0, 0.75), flip=True, batch_size=batch)
+            settings = DumpCfg(long_side=512, scales=(1.0, 0.75), flip=True, batch_size=batch,
+                               crf=CrfCfg(enabled=False))
             t = _timed(lambda: [predict_probs(fp32, imgs[i:i + batch], keys[i:i + batch], settings=settings)
                                 for i in range(0, images, batch)], device, 1)[0]
             res["batched_float32"] = {"images_per_s": images / t, "seconds_per_image": t / images}
@@ -232,11 +235,11 @@ def bench_dump(model: str, images: int, batch: int) -> Dict[str, Any]:
                          palette=[(0, 0, 0)] * len(stack.class_names))
 
         e2e: Dict[str, Any] = {}
-        for mode, crf in (("crf_off", None), ("crf_on", DumpSettings.from_config(cfg).crf)):
+        for mode, crf_on in (("crf_off", False), ("crf_on", True)):
             # One CRF worker on a CPU (the other core runs the network); on a GPU machine, cores - 1.
-            workers = (1 if device.type == "cpu" else 0) if crf else 0
-            settings = DumpSettings(long_side=512, scales=(1.0, 0.75), flip=True, batch_size=batch, crf=crf,
-                                    crf_workers=workers)
+            crf = dataclasses.replace(DumpCfg.from_config(cfg).crf, enabled=crf_on,
+                                      workers=1 if device.type == "cpu" and crf_on else 0)
+            settings = DumpCfg(long_side=512, scales=(1.0, 0.75), flip=True, batch_size=batch, crf=crf)
             executor = make_crf_executor(settings)
             try:
                 post = OrderedPostprocessor(settings=settings, executor=executor,
@@ -314,7 +317,7 @@ def bench_train_weakclip(*, model: str = "ViT-B-16", size: int = 320, batch: int
         sync()
         t = time.perf_counter()
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            out = head.forward_train(x, None, i, masks=masks)
+            out = head.forward_train(TrainBatch(images=x, labels=[], masks=masks), i)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()

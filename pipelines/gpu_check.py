@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from stage1_cam.heads import TrainBatch
 from stage1_cam.utils.precision import cpu_features
 from stage1_cam.utils.cli import run_main
 
@@ -69,7 +70,7 @@ def _run(stack: Any, x: torch.Tensor, keys: List[np.ndarray], amp: Optional[torc
     with autocast:
         head.cam_source = _Spy(head.cam_source, captured)
         try:
-            out = head.forward_train(x, keys, step=0)
+            out = head.forward_train(TrainBatch(images=x, labels=keys), step=0)
         finally:
             head.cam_source = head.cam_source.inner
     head.zero_grad(set_to_none=True)

@@ -251,6 +251,12 @@ def _collect_files(run: RunDir, cfg: Any) -> Dict[str, Any]:
     }
 
 
+# Validation figures of the WeCLIP head, for validation logs written before heads recorded their figure names.
+_LEGACY_FIGURES = {"pseudo": "online pseudo label (CAM+RFM+PAR), last validation",
+                   "pseudo_no_rfm": "online pseudo label without RFM (same decoder; ablation)",
+                   "decoder": "stage-1 decoder, last validation"}
+
+
 def _quality_rows(m: Dict[str, Any]) -> List[List[str]]:
     """Rows of (what, split, mIoU, mIoU over classes with ground truth, fwIoU); n/a where not recorded."""
     rows = []
@@ -261,11 +267,10 @@ def _quality_rows(m: Dict[str, Any]) -> List[List[str]]:
     val = m.get("stage1_validation") or []
     if val:
         last = val[-1]
-        for key, label in (("pseudo", "online pseudo label (CAM+RFM+PAR), last validation"),
-                           ("pseudo_no_rfm", "online pseudo label without RFM (same decoder; ablation)"),
-                           ("decoder", "stage-1 decoder, last validation")):
-            if f"{key}_miou" in last or key != "pseudo_no_rfm":
-                rows.append([label, "val", _fmt(last.get(f"{key}_miou")), _fmt(last.get(f"{key}_miou_gt")), "n/a"])
+        # Each head names its validation figures (Stage1Head.FIGURES, recorded with the scores); older logs did not.
+        figures = last.get("figures") or {k: v for k, v in _LEGACY_FIGURES.items() if f"{k}_miou" in last}
+        for key, label in figures.items():
+            rows.append([label, "val", _fmt(last.get(f"{key}_miou")), _fmt(last.get(f"{key}_miou_gt")), "n/a"])
     prov = m.get("provenance") or {}
     stale = {k: " (STALE: inputs changed, see Provenance)" if (v or {}).get("stale") else "" for k, v in prov.items()}
     pm = m.get("pseudo_masks") or {}

@@ -53,14 +53,14 @@ from stage1_cam.utils.files import atomic_write_text
 from stage1_cam.utils.locks import FileLock
 from stage1_cam.utils.run_dir import RunDir
 
-from .stages import Paths, StageError, manifest_complete, python_cmd, run_cmd
+from .stages import Paths, StageError, manifest_complete, needs_initial_cams, python_cmd, run_cmd
 
 _logger = logging.getLogger(__name__)
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 
 # Stage names (keys of jobs.json), in pipeline order.
-STAGES = ("train", "dump", "pseudo-labels", "retrain", "report")
+STAGES = ("cams", "train", "dump", "pseudo-labels", "retrain", "report")
 
 # Job states in which a job may still run (so dependents must wait for it).
 ACTIVE_STATES = frozenset({
@@ -163,12 +163,12 @@ class SbatchOptions:
         return args
 
     def job_gpus(self, stage: str) -> int:
-        """GPUs a stage's job uses: all for train/retrain, at most one per dump task, none otherwise."""
+        """GPUs a stage's job uses: all for train/retrain, at most one per dump task or CAM job, none otherwise."""
         if self.gres is None:
             return 0
         if stage in ("train", "retrain"):
             return self.gpus
-        if stage == "dump":
+        if stage in ("dump", "cams"):
             return min(self.gpus, 1)
         return 0
 
@@ -477,7 +477,7 @@ def _already_queued(run: RunDir, stages: Sequence[str]) -> Optional[str]:
 def _submit_pseudo_labels(cfg: Any, run: RunDir, *, gpus: int = 1, env: Optional[Mapping[str, str]] = None
                           ) -> Dict[str, str]:
     """See :func:`submit_pseudo_labels` (called with the submit lock held)."""
-    queued = _already_queued(run, ("train", "dump", "pseudo-labels"))
+    queued = _already_queued(run, ("cams", "train", "dump", "pseudo-labels"))
     if queued:
         _logger.info("jobs of this run are still queued or running: %s; nothing submitted "
                      "(`make status`, `make cancel`)", queued)
@@ -498,9 +498,13 @@ def _submit_pseudo_labels(cfg: Any, run: RunDir, *, gpus: int = 1, env: Optional
     if trained:
         _logger.info("stage-1 checkpoint %s exists for this config: no training job", run.final_ckpt)
     else:
+        if needs_initial_cams(cfg, run):  # heads that train on existing masks, by default the run's initial CAMs
+            cmd = python_cmd("stage1_cam.cams", conf)
+            specs.append((JobSpec(stage="cams", template="job.sbatch", values={"command": shlex.join(cmd)},
+                                  description=f"initial CAMs the head trains on, for {run.path}"), ()))
         cmd = python_cmd("stage1_cam.train", conf, gpus=options.job_gpus("train"))
         specs.append((JobSpec(stage="train", template="job.sbatch", values={"command": shlex.join(cmd)},
-                              description=f"stage-1 head training for {run.path}"), ()))
+                              description=f"stage-1 head training for {run.path}"), ("cams",)))
     if not done_manifest:
         n = int(cfg["dump"]["num_shards"])
         values = {"config": shlex.quote(conf), "checkpoint": shlex.quote(str(run.final_ckpt)),

@@ -13,7 +13,7 @@ from .cams import build_cam_source
 from .cams.excel import build_attribute_bank, load_attribute_bank, load_descriptions
 from .data.class_names import BACKGROUND_WORDS, PROMPT_NAMES, get_classes
 from .data.transforms import normalization
-from .heads import HEADS
+from .heads import head_class
 from .models.clip_backbone import FrozenClipBackbone, load_clip
 from .models.text import build_text_embeddings, get_tokenizer
 from .utils.run_dir import RunDir
@@ -46,8 +46,9 @@ def build_cam_stack(cfg: Config, device: torch.device) -> Tuple[Any, Any, Any]:
                                    template=cfg.clip.template)
     kwargs: dict = dict(backbone=backbone, fg_text=fg, bg_text=bg)
     if cfg.cam.source == "clip_es_gradcam":
-        # Only the last maps are read (the CAM affinity, WeCLIP's RFM layer filter); earlier blocks run fused.
-        kwargs["attn_layers"] = min(backbone.num_blocks, max(cfg.cam.attn_layers, cfg.head.rfm.layers))
+        # Only the last maps the head reads are kept (e.g. the CAM affinity, WeCLIP's RFM layer filter); earlier
+        # blocks run fused.
+        kwargs["attn_layers"] = min(backbone.num_blocks, head_class(cfg.head.type).attention_layers(cfg))
     if cfg.cam.source == "excel_svc":
         kwargs.update(parity=cfg.cam.parity, topk=cfg.cam.topk)
         if cfg.cam.descriptors:
@@ -68,8 +69,8 @@ def build_stage1(cfg: Config, device: torch.device) -> Stage1Stack:
 
     class_names = get_classes(cfg.data.dataset)
     clip_model, backbone, cam_source = build_cam_stack(cfg, device)
-    head = HEADS.build(cfg.head.type, cfg=cfg, backbone=backbone, cam_source=cam_source,
-                       num_classes=len(class_names), run=RunDir.from_config(cfg)).to(device)
+    head = head_class(cfg.head.type).from_config(cfg, backbone=backbone, cam_source=cam_source,
+                                                 num_classes=len(class_names), run=RunDir.from_config(cfg)).to(device)
     mean, std = normalization(cfg)
     n_train = sum(p.numel() for p in head.parameters() if p.requires_grad)
     _logger.info("built %s head on %s (%s): %s trainable parameters", cfg.head.type, cfg.clip.model_name,

@@ -10,28 +10,40 @@ everything that affects outputs.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import math
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple, Union
 
 from mmengine.config import Config, ConfigDict, DictAction  # noqa: F401  (DictAction re-exported for entry points)
 
-from .utils.cli import BadInputError
+from .constants import IGNORE_INDEX
+from .registry import HEADS
+from .utils.schema import (COUNT, COUNT0, NONNEG, POSITIVE, UNIT, ConfigError, Range, SectionSchema, flatten,
+                           validate_section)
+
+_logger = logging.getLogger(__name__)
 
 
-class ConfigError(BadInputError):
-    """A configuration file or override is invalid (a ``ValueError``; entry points exit with code 2)."""
+_SEED = Range(0, 2 ** 32 - 1)  # numpy's seed range
+CRF_PARAM_KEYS = ("iterations", "pos_xy_std", "pos_w", "bi_xy_std", "bi_rgb_std", "bi_w")  # dense_crf's arguments
+
+# Every section checks itself on construction (utils/schema.SectionSchema): ``RANGES`` gives the valid range of
+# every numeric field (sequences: of every element; a new numeric field without one fails test_badinput) and
+# ``check`` the rules between fields. validate_config builds them, so a bad value fails before a run dir is made.
 
 
 @dataclass
-class RunCfg:
+class RunCfg(SectionSchema):
     name: str = "default"  # run name: runs/<dataset>/<name>/
     root: str = "runs"  # parent of all run directories
     seed: int = 1  # global seed (per-rank offset added under DDP)
+
+    PREFIX: ClassVar[str] = "run"
+    RANGES: ClassVar[Dict[str, Range]] = {"seed": _SEED}
 
 
 @dataclass
@@ -44,7 +56,7 @@ class SyntheticCfg:
 
 
 @dataclass
-class DataCfg:
+class DataCfg(SectionSchema):
     dataset: str = "synthetic"  # voc | coco | synthetic
     root: Optional[str] = None  # dataset folder; None -> $WSSS_DATA_ROOT/<VOC2012|coco2014|synthetic>
     train_split: str = "train_aug"  # split the head trains on (image-level labels only)
@@ -58,18 +70,36 @@ class DataCfg:
     num_workers: int = 2  # DataLoader workers
     synthetic: SyntheticCfg = field(default_factory=SyntheticCfg)
 
+    PREFIX: ClassVar[str] = "data"
+    RANGES: ClassVar[Dict[str, Range]] = {
+        "synthetic.num_train": COUNT, "synthetic.num_val": COUNT, "synthetic.image_size": Range(32),
+        "synthetic.max_objects": COUNT, "synthetic.seed": _SEED,
+        "crop_size": COUNT, "scale_range": POSITIVE, "num_workers": COUNT0}
+
+    def check(self) -> None:
+        lo, hi = self.scale_range
+        if lo > hi:
+            raise ConfigError(f"data.scale_range={self.scale_range!r} must be (low, high) with low <= high")
+
 
 @dataclass
-class ClipCfg:
+class ClipCfg(SectionSchema):
     model_name: str = "ViT-B-16"  # open_clip architecture, or an in-repo config (stage1_cam/model_configs)
     pretrained: Optional[str] = "openai"  # open_clip pretrained tag; None -> random init (tests, demo)
     weights: Optional[str] = None  # explicit weights file; else $WSSS_CLIP_WEIGHTS, then the open_clip cache
     precision: str = "fp32"  # fp32 | fp16 | bf16 for the frozen encoder
     template: str = "a clean origami {}."  # prompt template (reference)
 
+    PREFIX: ClassVar[str] = "clip"
+
+    def check(self) -> None:
+        if self.template.count("{}") != 1:
+            raise ConfigError(f"clip.template={self.template!r} must contain '{{}}' exactly once (where the class "
+                              f"name goes), e.g. 'a photo of a {{}}.'")
+
 
 @dataclass
-class CamCfg:
+class CamCfg(SectionSchema):
     source: str = "clip_es_gradcam"  # clip_es_gradcam | excel_svc
     box_threshold: float = 0.4  # box mask threshold x max (VOC 0.4, COCO 0.7, ExCEL 0.79)
     attn_layers: int = 8  # last N attention maps averaged into the affinity (before RFM)
@@ -81,30 +111,14 @@ class CamCfg:
     topk: float = 0.9  # excel_svc: fraction of attributes kept in aggregation
     batch_size: int = 4  # images per batch in `python -m stage1_cam.cams`
 
-
-@dataclass
-class RfmCfg:
-    enabled: bool = True  # refinement module (decoder affinity) after start_step
-    start_step: int = 15000  # first training step using RFM (9144 = reference's effective switch)
-    layers: int = 6  # last N attention maps scored by the layer filter
-    score: str = "signed"  # signed (reference code) | abs (paper)
+    PREFIX: ClassVar[str] = "cam"
+    RANGES: ClassVar[Dict[str, Range]] = {
+        "box_threshold": UNIT, "attn_layers": COUNT, "bg_exponent": POSITIVE, "num_attributes": COUNT,
+        "topk": Range(0.0, 1.0, low_open=True), "batch_size": COUNT}
 
 
 @dataclass
-class HeadCfg:
-    type: str = "weclip"  # weclip | weakclip
-    embed_dim: int = 256  # fusion / decoder width
-    decoder_layers: int = 3  # transformer blocks in the decoder
-    decoder_heads: int = 8  # attention heads in the decoder
-    dropout: float = 0.1  # Dropout2d after fusion
-    aff_loss_weight: float = 0.1  # weight of the affinity loss
-    aff_radius: int = 8  # affinity label window radius (patches)
-    rfm: RfmCfg = field(default_factory=RfmCfg)
-    options: Dict[str, Any] = field(default_factory=dict)  # head-specific extra arguments
-
-
-@dataclass
-class TrainCfg:
+class TrainCfg(SectionSchema):
     max_iters: int = 30000  # iterations (batch steps)
     batch_size: int = 4  # per process
     lr: float = 2e-3  # effective AdamW lr of the head (reference: 2e-4 x hidden 10)
@@ -117,6 +131,12 @@ class TrainCfg:
     ckpt_interval: int = 2000  # steps between checkpoints
     val_interval: int = 2000  # steps between validations (0 = off)
     val_max_images: int = 0  # cap on validation images (0 = all)
+
+    PREFIX: ClassVar[str] = "train"
+    RANGES: ClassVar[Dict[str, Range]] = {
+        "max_iters": COUNT, "batch_size": COUNT, "lr": POSITIVE, "weight_decay": NONNEG, "warmup_iters": COUNT0,
+        "warmup_ratio": UNIT, "power": NONNEG, "log_interval": COUNT, "ckpt_interval": COUNT,
+        "val_interval": COUNT0, "val_max_images": COUNT0}
 
 
 @dataclass
@@ -132,16 +152,57 @@ class CrfCfg:
 
 
 @dataclass
-class DumpCfg:
-    long_side: int = 512  # images resized so the long side is this (reference 512 for VOC)
-    scales: Tuple[float, ...] = (1.0, 0.75)  # test-time scales
+class DumpCfg(SectionSchema):
+    """Everything that decides the dumped masks, plus throughput knobs (``batch_size``, ``num_shards``,
+    ``crf.workers``); the dump (``stage1_cam.dump``) runs on this schema."""
+
+    long_side: int = 512  # images resized so the long side is this (reference 512 for VOC), snapped to the patch
+    scales: Tuple[float, ...] = (1.0, 0.75)  # test-time scales relative to the long-side-resized input
     flip: bool = True  # fuse horizontal flips
-    batch_size: int = 8  # images per forward batch
+    batch_size: int = 8  # images per forward batch (twice as many network inputs with flip)
     label_constrained: bool = True  # only background + image-level classes may appear
     ignore_threshold: float = 0.0  # pixels with confidence below this -> 255 (0 = off)
     save_probs: bool = False  # store float16 present-class probabilities (for --from-probs)
     num_shards: int = 4  # shards the split is divided into
     crf: CrfCfg = field(default_factory=CrfCfg)
+
+    PREFIX: ClassVar[str] = "dump"
+    RANGES: ClassVar[Dict[str, Range]] = {
+        "long_side": COUNT, "scales": POSITIVE, "batch_size": COUNT, "ignore_threshold": UNIT,
+        "num_shards": Range(1, 99999), "crf.iterations": COUNT, "crf.pos_xy_std": POSITIVE, "crf.pos_w": NONNEG,
+        "crf.bi_xy_std": POSITIVE, "crf.bi_rgb_std": POSITIVE, "crf.bi_w": NONNEG, "crf.workers": COUNT0}
+
+    def check(self) -> None:
+        if not self.scales:
+            raise ConfigError("dump.scales is empty; give at least one test-time scale, e.g. (1.0,)")
+        self.scales = tuple(float(s) for s in self.scales)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "DumpCfg":
+        """The ``dump`` section of a validated stage-1 config."""
+        return cls.from_values(cfg["dump"], source="<config>")  # cfg["dump"]: mmengine Config.dump is a method
+
+    @property
+    def ignore_index(self) -> int:
+        return IGNORE_INDEX  # label value of ignored pixels in dumped masks
+
+    @property
+    def crf_params(self) -> Optional[Dict[str, float]]:
+        """Dense-CRF parameters (:data:`CRF_PARAM_KEYS`), or None when the CRF is off."""
+        return {k: getattr(self.crf, k) for k in CRF_PARAM_KEYS} if self.crf.enabled else None
+
+    def num_crf_workers(self) -> int:
+        """Worker processes for the CRF (0 when the CRF is off)."""
+        if not self.crf.enabled:
+            return 0
+        return self.crf.workers or max(1, (os.cpu_count() or 2) - 1)
+
+    def record(self) -> Dict[str, Any]:
+        """The output-relevant settings, for the shard metadata (``ShardMeta.extra``)."""
+        return {"long_side": self.long_side, "scales": list(self.scales), "flip": self.flip,
+                "label_constrained": self.label_constrained, "ignore_threshold": self.ignore_threshold,
+                "save_probs": self.save_probs, "crf": self.crf_params, "ignore_index": self.ignore_index,
+                "probs_dtype": "float16"}
 
 
 @dataclass
@@ -150,10 +211,13 @@ class Stage1Cfg:
     data: DataCfg = field(default_factory=DataCfg)
     clip: ClipCfg = field(default_factory=ClipCfg)
     cam: CamCfg = field(default_factory=CamCfg)
-    head: HeadCfg = field(default_factory=HeadCfg)
+    # The head's own schema (head.type selects it: HEADS.get(type).config_class, e.g. heads/weclip.WeCLIPHeadCfg).
+    head: Dict[str, Any] = field(default_factory=lambda: {"type": "weclip"})
     train: TrainCfg = field(default_factory=TrainCfg)
     dump: DumpCfg = field(default_factory=DumpCfg)
 
+
+SECTIONS: Dict[str, type] = {f: type(getattr(Stage1Cfg(), f)) for f in ("run", "data", "clip", "cam", "train", "dump")}
 
 # Keys that do not change any produced artifact; excluded from the config hash.
 _HASH_EXCLUDE = {"run.name", "run.root", "data.num_workers", "train.log_interval", "dump.crf.workers",
@@ -161,131 +225,27 @@ _HASH_EXCLUDE = {"run.name", "run.root", "data.num_workers", "train.log_interval
                  "dump.num_shards"}
 
 
-def _check_type(value: Any, tp: Any, where: str) -> Any:
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is Union:
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _check_type(value, args[0], where)
-    if origin in (tuple, Tuple, list, List, Sequence):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a sequence, got {value!r}")
-        args = get_args(tp)
-        inner = args[0] if args else Any
-        out = [_check_type(v, inner, where) for v in value]
-        if origin in (tuple, Tuple) and len(args) >= 2 and args[1] is not Ellipsis and len(out) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
-        return tuple(out) if origin in (tuple, Tuple) else out
-    if origin in (dict, Dict):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a dict, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def _validate(data: Dict[str, Any], schema: type, prefix: str, source: str) -> Dict[str, Any]:
-    hints = get_type_hints(schema)
-    names = [f.name for f in dataclasses.fields(schema)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"{source}: unknown config key(s) {', '.join(where + k for k in unknown)}; "
-            f"valid keys{' under ' + prefix if prefix else ''}: {', '.join(names)}"
-        )
-    out: Dict[str, Any] = {}
-    defaults = schema()
-    for name in names:
-        tp = hints[name]
-        key = f"{prefix}.{name}" if prefix else name
-        default = getattr(defaults, name)
-        if dataclasses.is_dataclass(default):
-            sub = data.get(name, {})
-            if not isinstance(sub, dict):
-                raise ConfigError(f"{source}: {key} must be a dict, got {sub!r}")
-            out[name] = _validate(dict(sub), type(default), key, source)
-        elif name in data:
-            out[name] = _check_type(data[name], tp, f"{source}: {key}")
-        else:
-            out[name] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+def all_ranges(head_type: Optional[str] = None) -> Dict[str, Range]:
+    """Dotted key -> valid range of every numeric field (the head's too when ``head_type`` is given)."""
+    out = {f"{name}.{k}": r for name, schema in SECTIONS.items() for k, r in schema.RANGES.items()}
+    if head_type is not None:
+        out.update({f"head.{k}": r for k, r in head_config_class(head_type).RANGES.items()})
     return out
 
 
-@dataclass(frozen=True)
-class Range:
-    """A closed or half-open interval of valid values; ``None`` bounds are unbounded."""
+def head_config_class(head_type: str) -> type:
+    """The config schema of a registered head (``HEADS.get(type).config_class``).
 
-    low: Optional[float] = None
-    high: Optional[float] = None
-    low_open: bool = False  # (low, ...] instead of [low, ...]
-    high_open: bool = False
+    Raises:
+        UnknownNameError: no head of that name is registered (the message lists them).
+    """
+    from . import heads  # noqa: F401  (registers the built-in heads; lazy for cost: they load torch)
 
-    def __contains__(self, value: float) -> bool:
-        if isinstance(value, float) and not math.isfinite(value):
-            return False
-        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
-            return False
-        return self.high is None or (value < self.high if self.high_open else value <= self.high)
-
-    def __str__(self) -> str:
-        lo = "(-inf" if self.low is None else f"{'(' if self.low_open else '['}{self.low:g}"
-        hi = "inf)" if self.high is None else f"{self.high:g}{')' if self.high_open else ']'}"
-        return f"{lo}, {hi}"
+    return HEADS.get(head_type).config_class
 
 
-_COUNT, _COUNT0 = Range(1), Range(0)  # >= 1, >= 0
-_POSITIVE, _NONNEG, _UNIT = Range(0, low_open=True), Range(0.0), Range(0.0, 1.0)
-_SEED = Range(0, 2 ** 32 - 1)  # numpy's seed range
-# Valid range of every numeric field (sequences: of every element). Checked by validate_config, so a bad value
-# fails before a run directory is made. A new numeric field without an entry fails test_config_ranges.
-RANGES: Dict[str, Range] = {
-    "run.seed": _SEED,
-    "data.synthetic.num_train": _COUNT, "data.synthetic.num_val": _COUNT,
-    "data.synthetic.image_size": Range(32), "data.synthetic.max_objects": _COUNT, "data.synthetic.seed": _SEED,
-    "data.crop_size": _COUNT, "data.scale_range": _POSITIVE, "data.num_workers": _COUNT0,
-    "cam.box_threshold": _UNIT, "cam.attn_layers": _COUNT, "cam.bg_exponent": _POSITIVE,
-    "cam.num_attributes": _COUNT, "cam.topk": Range(0.0, 1.0, low_open=True), "cam.batch_size": _COUNT,
-    "head.embed_dim": _COUNT, "head.decoder_layers": _COUNT0, "head.decoder_heads": _COUNT,
-    "head.dropout": Range(0.0, 1.0, high_open=True), "head.aff_loss_weight": _NONNEG, "head.aff_radius": _COUNT,
-    "head.rfm.start_step": _COUNT0, "head.rfm.layers": _COUNT,
-    "train.max_iters": _COUNT, "train.batch_size": _COUNT, "train.lr": _POSITIVE, "train.weight_decay": _NONNEG,
-    "train.warmup_iters": _COUNT0, "train.warmup_ratio": _UNIT, "train.power": _NONNEG,
-    "train.log_interval": _COUNT, "train.ckpt_interval": _COUNT, "train.val_interval": _COUNT0,
-    "train.val_max_images": _COUNT0,
-    "dump.long_side": _COUNT, "dump.scales": _POSITIVE, "dump.batch_size": _COUNT, "dump.ignore_threshold": _UNIT,
-    "dump.num_shards": Range(1, 99999),
-    "dump.crf.iterations": _COUNT, "dump.crf.pos_xy_std": _POSITIVE, "dump.crf.pos_w": _NONNEG,
-    "dump.crf.bi_xy_std": _POSITIVE, "dump.crf.bi_rgb_std": _POSITIVE, "dump.crf.bi_w": _NONNEG,
-    "dump.crf.workers": _COUNT0,
-}
-
-
-def _registry_names(kind: str) -> Sequence[str]:
-    """Names registered for ``head.type`` / ``cam.source`` (imported lazily: they pull in torch)."""
-    if kind == "head":
-        from .heads import HEADS
-
-        return HEADS.list_names()
-    from .cams import CAM_SOURCES
+def _cam_sources() -> Sequence[str]:
+    from .cams import CAM_SOURCES  # lazy for cost: the CAM sources load torch
 
     return CAM_SOURCES.list_names()
 
@@ -294,53 +254,78 @@ def _choices() -> Dict[str, Sequence[str]]:
     """Valid values of the string fields that select something (registries are read when needed)."""
     from .constants import NORMALIZATIONS
     from .data.class_names import CLASSES
-    from .refine.affinity import RFM_SCORES
     from .utils.precision import AMP_MODES
 
     return {"data.dataset": sorted(CLASSES), "data.normalization": list(NORMALIZATIONS),
-            "clip.precision": ("fp32", "fp16", "bf16"), "train.amp": AMP_MODES,
-            "head.rfm.score": RFM_SCORES}
+            "clip.precision": ("fp32", "fp16", "bf16"), "train.amp": AMP_MODES, "cam.source": _cam_sources()}
 
 
 def _check_values(cfg: Dict[str, Any], source: str) -> None:
-    """Range-check numeric fields and validate names; raises ConfigError naming the key, value and valid set."""
-    flat = _flatten(cfg)
-    for key, rng in RANGES.items():
-        value = flat[key]
-        values = value if isinstance(value, (list, tuple)) else [value]
-        if any(v not in rng for v in values):
-            what = "every value" if isinstance(value, (list, tuple)) else "it"
-            raise ConfigError(f"{source}: {key}={value!r} is out of range: {what} must be in {rng}")
-    if not flat["dump.scales"]:
-        raise ConfigError(f"{source}: dump.scales is empty; give at least one test-time scale, e.g. (1.0,)")
-    lo, hi = flat["data.scale_range"]
-    if lo > hi:
-        raise ConfigError(f"{source}: data.scale_range={flat['data.scale_range']!r} must be (low, high) with "
-                          f"low <= high")
-    if flat["clip.template"].count("{}") != 1:
-        raise ConfigError(f"{source}: clip.template={flat['clip.template']!r} must contain '{{}}' exactly once (where "
-                          f"the class name goes), e.g. 'a photo of a {{}}.'")
-    if flat["head.type"] == "weclip" and flat["head.embed_dim"] % flat["head.decoder_heads"]:
-        raise ConfigError(f"{source}: head.embed_dim={flat['head.embed_dim']} is not divisible by head.decoder_heads="
-                          f"{flat['head.decoder_heads']}; the decoder splits its width over the heads")
-    choices = dict(_choices())
-    for key in ("head.type", "cam.source"):
-        choices[key] = _registry_names(key.split(".")[0])
-    for key, valid in choices.items():
+    """Build every section's schema (ranges and rules) and validate names; raises ConfigError naming the key, the
+    value and the valid set."""
+    for name, schema in SECTIONS.items():
+        schema.from_values(cfg[name], source=source)
+    flat = flatten({k: v for k, v in cfg.items() if k != "head"})  # the head checked itself (_validate_head)
+    for key, valid in _choices().items():
         if flat[key] not in valid:
             raise ConfigError(f"{source}: {key}={flat[key]!r} is not valid; valid: {', '.join(valid)}")
+
+
+def _migrate_head(head: Dict[str, Any], source: str) -> Dict[str, Any]:
+    """Read the layout of configs written before per-head schemas: ``head.options`` held the head's own keys,
+    and every head carried the WeCLIP keys of the shared base. Their keys move up; keys the head does not
+    have are dropped (they were ignored then too)."""
+    head = dict(head)
+    options = head.pop("options")
+    if not isinstance(options, dict):
+        raise ConfigError(f"{source}: head.options must be a dict, got {options!r}")
+    names = {f for f in head_config_class(str(head.get("type", "weclip"))).__dataclass_fields__}
+    dropped = sorted(k for k in head if k not in names)
+    head = {k: v for k, v in head.items() if k in names}
+    head.update(options)
+    if options or dropped:
+        _logger.warning("%s: head.options is the old config layout; read as head=dict(type=%r, %s)%s", source,
+                        head.get("type"), ", ".join(f"{k}=..." for k in options) or "...",
+                        f" (ignored keys of another head: {', '.join(dropped)})" if dropped else "")
+    return head
+
+
+def _validate_head(raw: Any, source: str) -> Dict[str, Any]:
+    """The ``head`` section against the schema its ``type`` selects (unknown keys, types, ranges, rules)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: head must be a dict such as dict(type='weclip', ...), got {raw!r}")
+    head_type = raw.get("type", "weclip")
+    if not isinstance(head_type, str):
+        raise ConfigError(f"{source}: head.type must be a string, got {head_type!r}")
+    try:
+        schema = head_config_class(head_type)
+    except KeyError:
+        raise ConfigError(f"{source}: head.type={head_type!r} is not valid; valid: "
+                          f"{', '.join(HEADS.list_names())}") from None
+    if "options" in raw and "options" not in schema.__dataclass_fields__:
+        raw = _migrate_head(raw, source)
+    values = validate_section(dict(raw), schema, "head", source)
+    values["type"] = head_type
+    schema.from_values(values, source=source)  # ranges and the head's own rules
+    return values
 
 
 def validate_config(cfg: Config, source: str = "<config>") -> ConfigDict:
     """Validate a merged mmengine Config against :class:`Stage1Cfg`; returns a ConfigDict with defaults.
 
+    The ``head`` section is validated against the schema of the head it names (``head.type``); switching a
+    config to another head means replacing the section (``head=dict(_delete_=True, type=..., ...)`` in a file
+    with ``_base_``), since the heads' keys differ.
+
     Raises:
-        ConfigError: an unknown key, a wrong type, a value out of its range (:data:`RANGES`) or an unknown name
-            (dataset, head type, CAM source, ...); the message names the key, the value and what is valid.
+        ConfigError: an unknown key, a wrong type, a value out of its range (the sections' and the head schema's
+            ``RANGES``, :func:`all_ranges`) or an unknown name (dataset, head type, CAM source, ...); the message names the key, the
+            value and what is valid.
     """
     raw = cfg.to_dict()
     raw.pop("_base_", None)
-    out = _validate(raw, Stage1Cfg, "", source)
+    out = validate_section(raw, Stage1Cfg, "", source)
+    out["head"] = _validate_head(raw.get("head", {"type": "weclip"}), source)
     _check_values(out, source)
     return ConfigDict(out)
 
@@ -375,17 +360,6 @@ def load_config(path: Union[str, Path], cfg_options: Optional[Dict[str, Any]] = 
     return validate_config(cfg, source=str(path))
 
 
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict) and k != "options":
-            out.update(_flatten(v, key))
-        else:
-            out[key] = v
-    return out
-
-
 def config_hash(cfg: ConfigDict, sections: Optional[Sequence[str]] = None) -> str:
     """Stable 12-hex-digit hash of everything in ``cfg`` that affects outputs.
 
@@ -397,8 +371,11 @@ def config_hash(cfg: ConfigDict, sections: Optional[Sequence[str]] = None) -> st
     Args:
         sections: restrict to these top-level sections (e.g. ``("data", "clip", "cam")`` for CAM files).
     """
-    flat = _flatten(cfg.to_dict())
+    flat = flatten(cfg.to_dict())
     flat = {k: v for k, v in flat.items() if k not in _HASH_EXCLUDE and k != "_base_"}
+    # The hash layout of configs before per-head schemas, which always held an (empty, for WeCLIP) head.options:
+    # kept, so that runs and checkpoints made before keep their hashes.
+    flat.setdefault("head.options", {})
     weights = flat.get("clip.weights")
     if isinstance(weights, str) and weights.startswith("world:"):
         from .models import world_weights  # lazy (cost, not a cycle): models/ loads torch, only world configs need it

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DictAction, config_hash, load_config
+from .config import DumpCfg, DictAction, config_hash, load_config
 from .constants import IGNORE_INDEX
 from .data.class_names import voc_palette
 from .io import ShardFormatError, ShardMeta, ShardReader, ShardWriter, assign_shards, \
@@ -80,78 +80,6 @@ T = TypeVar("T")
 METRICS_NAME = "metrics.json"
 SUMMARY_NAME = "dump_summary.json"  # timings of the dump (images/s, device, peak memory)
 # Keys of ``dump.crf`` that are dense-CRF parameters (passed to ``refine.crf.crf_labels``).
-CRF_PARAM_KEYS = ("iterations", "pos_xy_std", "pos_w", "bi_xy_std", "bi_rgb_std", "bi_w")
-
-
-# ---------------------------------------------------------------------------------------------- settings
-@dataclass
-class DumpSettings:
-    """Everything that decides the dumped masks (``cfg.dump``), plus throughput knobs.
-
-    Attributes:
-        long_side: images are resized so their long side is about this (then snapped to the patch).
-        scales: test-time scales relative to the long-side-resized input.
-        flip: average with the horizontally flipped input.
-        batch_size: images per forward batch (twice as many network inputs with ``flip``).
-        label_constrained: only background + image-level classes may appear.
-        ignore_threshold: pixels whose confidence is below this become ``ignore_index`` (0 = off).
-        save_probs: store the float16 probabilities of the allowed classes.
-        crf: dense-CRF parameters (``CRF_PARAM_KEYS``), or None to skip the CRF.
-        crf_workers: CRF worker processes (0 = cores - 1, at least 1).
-        ignore_index: label value of ignored pixels.
-    """
-
-    long_side: int = 512
-    scales: Tuple[float, ...] = (1.0, 0.75)
-    flip: bool = True
-    batch_size: int = 8
-    label_constrained: bool = True
-    ignore_threshold: float = 0.0
-    save_probs: bool = False
-    crf: Optional[Dict[str, float]] = None
-    crf_workers: int = 0
-    ignore_index: int = IGNORE_INDEX
-
-    def __post_init__(self) -> None:
-        self.scales = tuple(float(s) for s in self.scales)
-        if self.long_side < 1:
-            raise BadInputError(f"dump.long_side must be >= 1, got {self.long_side}")
-        if not self.scales or any(not s > 0 for s in self.scales):
-            raise BadInputError(f"dump.scales must be a non-empty list of positive numbers, got {self.scales}")
-        if self.batch_size < 1:
-            raise BadInputError(f"dump.batch_size must be >= 1, got {self.batch_size}")
-        if not 0.0 <= self.ignore_threshold <= 1.0:
-            raise BadInputError(f"dump.ignore_threshold must be in [0, 1] (0 = off), got {self.ignore_threshold}")
-        if self.crf_workers < 0:
-            raise BadInputError(f"dump.crf.workers must be >= 0 (0 = cores - 1), got {self.crf_workers}")
-        if self.crf is not None:
-            unknown = sorted(set(self.crf) - set(CRF_PARAM_KEYS))
-            if unknown:
-                raise BadInputError(f"unknown CRF parameters {unknown}; valid: {', '.join(CRF_PARAM_KEYS)}")
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> "DumpSettings":
-        """Settings from a validated stage-1 config (``cfg.dump``)."""
-        d = cfg["dump"]  # not cfg.dump: mmengine Config.dump is a method
-        crf = {k: d.crf[k] for k in CRF_PARAM_KEYS} if d.crf.enabled else None
-        return cls(long_side=d.long_side, scales=tuple(d.scales), flip=d.flip, batch_size=d.batch_size,
-                   label_constrained=d.label_constrained, ignore_threshold=d.ignore_threshold,
-                   save_probs=d.save_probs, crf=crf, crf_workers=d.crf.workers)
-
-    def num_crf_workers(self) -> int:
-        """Worker processes for the CRF (0 when the CRF is off)."""
-        if self.crf is None:
-            return 0
-        return self.crf_workers or max(1, (os.cpu_count() or 2) - 1)
-
-    def record(self) -> Dict[str, Any]:
-        """The output-relevant settings, for the shard metadata (``ShardMeta.extra``)."""
-        d = asdict(self)
-        for k in ("batch_size", "crf_workers"):
-            d.pop(k)
-        d["scales"] = list(self.scales)
-        d["probs_dtype"] = "float16"
-        return d
 
 
 # ------------------------------------------------------------------------------------------------ sizes
@@ -312,7 +240,7 @@ def allowed_classes(image_labels: Sequence[int], num_classes: int, *, label_cons
 
 @torch.no_grad()
 def predict_probs(predictor: Predictor, images: Sequence[np.ndarray], keys: Sequence[np.ndarray], *,
-                  settings: DumpSettings) -> List[np.ndarray]:
+                  settings: DumpCfg) -> List[np.ndarray]:
     """Probabilities of a batch of images that share one network size.
 
     Args:
@@ -375,8 +303,8 @@ class OrderedPostprocessor:
         max_in_flight: bound on pending jobs (memory).
     """
 
-    def __init__(self, *, settings: DumpSettings, executor: Optional[Executor], max_in_flight: int) -> None:
-        if settings.crf is not None and executor is None:
+    def __init__(self, *, settings: DumpCfg, executor: Optional[Executor], max_in_flight: int) -> None:
+        if settings.crf_params is not None and executor is None:
             raise ValueError("the CRF needs an executor (process pool)")
         self.settings, self.executor = settings, executor
         self.max_in_flight = max(1, max_in_flight)
@@ -386,12 +314,12 @@ class OrderedPostprocessor:
                image_labels: np.ndarray) -> List[_Job]:
         """Queue one image; returns the jobs now finished at the head of the queue (in submission order)."""
         s = self.settings
-        if s.crf is not None and len(keys) > 1:
+        if s.crf_params is not None and len(keys) > 1:
             from .refine.crf import crf_labels
 
             assert self.executor is not None
             # float16 probabilities travel to the worker; crf_labels computes in float32.
-            result: Any = self.executor.submit(crf_labels, image, probs, keys, **s.crf)
+            result: Any = self.executor.submit(crf_labels, image, probs, keys, **s.crf_params)
         elif len(keys) == 1:  # background only: nothing to decide
             result = (np.full(probs.shape[1:], keys[0], np.uint8), np.ones(probs.shape[1:], np.float32))
         else:
@@ -482,7 +410,7 @@ def _iter_images(load: Callable[[str], np.ndarray], names: Sequence[str], *, win
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _write(writer: ShardWriter, job: _Job, settings: DumpSettings) -> None:
+def _write(writer: ShardWriter, job: _Job, settings: DumpCfg) -> None:
     label, conf = job.result  # type: ignore[misc]
     writer.write(job.name, label=label, confidence=conf, image_labels=job.image_labels,
                  probs=job.probs if settings.save_probs else None,
@@ -490,7 +418,7 @@ def _write(writer: ShardWriter, job: _Job, settings: DumpSettings) -> None:
 
 
 def dump_shard(predictor: Predictor, dataset: Any, names: Sequence[str], writer: ShardWriter, *,
-               settings: DumpSettings, postprocessor: OrderedPostprocessor, progress: bool = True
+               settings: DumpCfg, postprocessor: OrderedPostprocessor, progress: bool = True
                ) -> Dict[str, float]:
     """Dump the images ``names`` of ``dataset`` into ``writer`` (skipping ``writer.done_ids``), then finalize.
 
@@ -533,7 +461,7 @@ def dump_shard(predictor: Predictor, dataset: Any, names: Sequence[str], writer:
 
 
 def _postprocess_into(submissions: Iterable[Tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]], *,
-                      writer: ShardWriter, settings: DumpSettings, postprocessor: OrderedPostprocessor,
+                      writer: ShardWriter, settings: DumpCfg, postprocessor: OrderedPostprocessor,
                       bar: "_Progress", what: str) -> Dict[str, float]:
     """CRF/argmax each ``(name, image, probs, keys, image_labels)`` in order, write it, then finalize the shard.
 
@@ -559,7 +487,7 @@ def _postprocess_into(submissions: Iterable[Tuple[str, np.ndarray, np.ndarray, n
 
 
 def rerun_from_probs(reader: ShardReader, dataset: Any, names: Sequence[str], writer: ShardWriter, *,
-                     settings: DumpSettings, postprocessor: OrderedPostprocessor, progress: bool = True
+                     settings: DumpCfg, postprocessor: OrderedPostprocessor, progress: bool = True
                      ) -> Dict[str, float]:
     """Re-decode stored float16 probabilities (CRF, threshold) of ``names`` into ``writer``, then finalize.
 
@@ -702,7 +630,7 @@ def _build_predictor(cfg: Any, checkpoint: Path, device: torch.device) -> Predic
         torch.manual_seed(cfg.run.seed)
         stack = build_stage1(cfg, device)
     head = stack.head
-    head.decoder.load_state_dict(ckpt["head"], strict=True)
+    head.load_trainable_state(ckpt["head"])
     head.eval()
     amp = autocast_dtype(cfg.train.amp, device)
     _logger.info("dump network pass in %s on %s", precision_name(amp), device)
@@ -732,7 +660,7 @@ def _process_slot() -> Tuple[int, int, int]:
     return int(env.get("RANK", "0")), world, int(env.get("LOCAL_RANK", "0"))
 
 
-def make_crf_executor(settings: DumpSettings) -> Optional[ProcessPoolExecutor]:
+def make_crf_executor(settings: DumpCfg) -> Optional[ProcessPoolExecutor]:
     """The dense-CRF worker pool of ``settings`` (``spawn`` processes), or None when the CRF runs in-process."""
     n = settings.num_crf_workers()
     if n == 0:
@@ -771,7 +699,7 @@ def _image_sizes(dataset: Any, names: Sequence[str]) -> List[int]:
     return [h * w] * len(names)
 
 
-def shard_bytes_needed(dataset: Any, names: Sequence[str], settings: DumpSettings, num_classes: int) -> int:
+def shard_bytes_needed(dataset: Any, names: Sequence[str], settings: DumpCfg, num_classes: int) -> int:
     """Upper bound of the bytes that writing ``names`` adds to a shard (uncompressed arrays + overhead).
 
     Per pixel: the uint8 label and float16 confidence, plus float16 probabilities of the allowed classes with
@@ -788,7 +716,7 @@ def shard_bytes_needed(dataset: Any, names: Sequence[str], settings: DumpSetting
 
 
 def _check_shard_space(out_dir: Path, writer: ShardWriter, names: Sequence[str], dataset: Any,
-                       settings: DumpSettings) -> None:
+                       settings: DumpCfg) -> None:
     """Refuse to start (or resume) a shard whose images do not fit on the disk (:class:`DiskFullError`)."""
     todo = [n for n in names if n not in writer.done_ids]
     needed = shard_bytes_needed(dataset, todo, settings, len(dataset.class_names))
@@ -826,7 +754,7 @@ def run_dump(cfg: Any, *, shards: Sequence[int], out_dir: Path, checkpoint: Opti
     from .utils.files import file_sha256
 
     num_shards = cfg["dump"]["num_shards"]
-    settings = DumpSettings.from_config(cfg)
+    settings = DumpCfg.from_config(cfg)
     chash = config_hash(cfg)
     reader: Optional[ShardReader] = None
     if from_probs is not None:
@@ -867,7 +795,7 @@ def run_dump(cfg: Any, *, shards: Sequence[int], out_dir: Path, checkpoint: Opti
                     writer.finalize()
                     continue
                 _check_shard_space(Path(out_dir), writer, assignment[i], dataset, settings)
-                if executor is None and settings.crf is not None:
+                if executor is None and settings.crf_params is not None:
                     executor = make_crf_executor(settings)
                 workers = settings.num_crf_workers()
                 post = OrderedPostprocessor(settings=settings, executor=executor,
@@ -883,7 +811,7 @@ def run_dump(cfg: Any, *, shards: Sequence[int], out_dir: Path, checkpoint: Opti
                                      "label-constrained %s, CRF %s (%d workers)", cfg.data.dataset, split,
                                      checkpoint, device, settings.long_side, list(settings.scales), settings.flip,
                                      settings.batch_size, settings.label_constrained,
-                                     "on" if settings.crf else "off", workers)
+                                     "on" if settings.crf_params else "off", workers)
                     stats[i] = dump_shard(predictor, dataset, assignment[i], writer, settings=settings,
                                           postprocessor=post, progress=progress)
     except OSError as e:
@@ -903,7 +831,7 @@ def run_dump(cfg: Any, *, shards: Sequence[int], out_dir: Path, checkpoint: Opti
 
 
 def _write_summary(out_dir: Path, num_shards: int, stats: Dict[int, Dict[str, float]], *, device: torch.device,
-                   settings: DumpSettings, from_probs: Optional[Path]) -> None:
+                   settings: DumpCfg, from_probs: Optional[Path]) -> None:
     """Per-shard timing files (``logs/<shard>.summary.json``) and their sum in ``dump_summary.json``.
 
     Each process writes only its own shards' files and then re-aggregates all of them (atomic replace), so
@@ -915,7 +843,7 @@ def _write_summary(out_dir: Path, num_shards: int, stats: Dict[int, Dict[str, fl
     logs.mkdir(parents=True, exist_ok=True)
     for i, st in stats.items():
         entry = {**st, "shard": i, "device": str(device), "peak_memory_mib": peak_memory_mb(device),
-                 "batch_size": settings.batch_size, "crf": settings.crf is not None,
+                 "batch_size": settings.batch_size, "crf": settings.crf_params is not None,
                  "crf_workers": settings.num_crf_workers(), "from_probs": str(from_probs) if from_probs else None}
         (logs / f"{shard_filename(i, num_shards)}.summary.json").write_text(json.dumps(entry, indent=1) + "\n")
     entries = []
@@ -989,7 +917,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             else:
                 ckpt = None
             setup_logging(log_file, rank=rank)
-            workers = DumpSettings.from_config(cfg).num_crf_workers()
+            workers = DumpCfg.from_config(cfg).num_crf_workers()
             if not torch.cuda.is_available() and workers:
                 # Leave the CRF workers their cores: inference threads + workers = cores.
                 torch.set_num_threads(max(1, (os.cpu_count() or 2) - workers))

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 from .build import build_stage1
 from .config import DictAction, config_hash, load_config
 from .data import TrainAugment, TrainCropDataset, build_dataset
+from .heads import TrainBatch
 from .metrics import ConfusionMatrix
 from .utils.cli import BadInputError, exit_on_user_error
 from .utils.cpu_malloc import retain_freed_memory
@@ -146,13 +147,15 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
 
 @torch.no_grad()
 def validate(stack: Any, cfg: Any, device: torch.device, *, max_images: int = 0) -> Dict[str, float]:
-    """Online pseudo-label mIoU (CAM -> RFM -> PAR at full resolution) and decoder mIoU on ``cfg.data.val_split``.
-
-    With RFM enabled (WeCLIP head) it also scores the same online labels without RFM (``pseudo_no_rfm_miou``:
-    the plain mean of the last attention maps instead of the RFM affinity), the module's ablation.
+    """mIoU of the head's validation figures (``head.validation_figures``, e.g. WeCLIP's online pseudo labels with
+    and without RFM and its decoder) on ``cfg.data.val_split``.
 
     Runs with the head in eval mode (dropout off), batch 1, full-resolution images cropped to a
     multiple of the patch size on the network side and labels resized to the original size.
+
+    Returns:
+        ``<figure>_miou`` and ``<figure>_miou_gt`` per figure, ``images``, and ``figures`` (name -> description,
+        the report's row labels).
     """
     from .data.transforms import normalize
 
@@ -175,26 +178,15 @@ def validate(stack: Any, cfg: Any, device: torch.device, *, max_images: int = 0)
         h, w = img.shape[-2:]
         ph, pw = max(p, h // p * p), max(p, w // p * p)
         net_in = torch.nn.functional.interpolate(img, size=(ph, pw), mode="bilinear", align_corners=False)
-        if hasattr(head, "validation_labels"):  # heads that say what to score (weakclip: the decoder only)
-            preds = head.validation_labels(net_in, [item["labels"]], out_size=(h, w), par_images=img)
-        else:
-            cam_out = stack.cam_source(net_in, [item["labels"]])
-            logits, _, aff = head.decode(cam_out.features)
-            dec_aff = aff if head.use_rfm(None) else None
-            pseudo, _ = head.pseudo_labels(net_in, cam_out.cams, cam_out.keys, cam_out.attn, dec_aff,
-                                           out_size=(h, w), par_images=img)
-            up = torch.nn.functional.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
-            preds = {"pseudo": pseudo, "decoder": up.argmax(1)}
-            if dec_aff is not None:  # the RFM ablation: same CAMs, attention and decoder, plain attention affinity
-                preds["pseudo_no_rfm"] = head.pseudo_labels(net_in, cam_out.cams, cam_out.keys, cam_out.attn, None,
-                                                            out_size=(h, w), par_images=img)[0]
+        preds = head.validation_figures(net_in, [item["labels"]], out_size=(h, w), full_images=img)
         for key, pred in preds.items():
             cms.setdefault(key, ConfusionMatrix(n_cls)).update(pred[0].cpu().numpy(), item["gt"])
     head.train(was_training)
     scores = {key: cm.compute() for key, cm in cms.items()}
     # _miou: MMSegmentation's definition; _miou_gt: WeCLIP's (classes with ground truth only; stage1_cam.metrics)
     return {**{f"{key}_miou": r["miou"] for key, r in scores.items()},
-            **{f"{key}_miou_gt": r["miou_gt"] for key, r in scores.items()}, "images": n}
+            **{f"{key}_miou_gt": r["miou_gt"] for key, r in scores.items()}, "images": n,
+            "figures": {key: head.FIGURES.get(key, key) for key in scores}}
 
 
 def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Optional[DistInfo] = None) -> Path:
@@ -219,15 +211,14 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
         optimizer, lambda s: lr_multiplier(s, warmup_iters=tc.warmup_iters, warmup_ratio=tc.warmup_ratio,
                                            max_iters=tc.max_iters, power=tc.power))
     if dist.enabled:
-        head.wrap_decoder(torch.nn.parallel.DistributedDataParallel(
-            head.decoder, device_ids=[dist.local_rank] if device.type == "cuda" else None))
+        head.wrap_trainable(torch.nn.parallel.DistributedDataParallel(
+            head.trainable_module(), device_ids=[dist.local_rank] if device.type == "cuda" else None))
 
     base = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.train_split)
     augment = TrainAugment(crop_size=cfg.data.crop_size, scale_range=tuple(cfg.data.scale_range),
                            flip=cfg.data.flip, mean=stack.mean, std=stack.std)
     train_ds = TrainCropDataset(base, augment, seed=cfg.run.seed)
-    if hasattr(head, "wrap_train_dataset"):  # heads that train on pseudo-mask crops (weakclip) get them too
-        train_ds = head.wrap_train_dataset(train_ds)
+    train_ds = head.wrap_train_dataset(train_ds)  # e.g. pseudo-mask crops beside the images (weakclip)
     if len(train_ds) < tc.batch_size * dist.world_size:
         raise BadInputError(f"split {cfg.data.train_split} has {len(train_ds)} usable images, fewer than one batch")
     sampler = EpochSampler(len(train_ds), seed=cfg.run.seed, rank=dist.rank, world_size=dist.world_size)
@@ -243,7 +234,7 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
             raise RunDirError(f"{resume_path} was trained with other training settings (training hash "
                               f"{ckpt.get('train_hash', ckpt.get('config_hash'))}, current {thash}); resume with "
                               f"the same config, start another run, or pass --overwrite to set it aside")
-        head.decoder.load_state_dict(ckpt["head"], strict=True)
+        head.load_trainable_state(ckpt["head"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         step, epoch, pos = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
@@ -274,7 +265,7 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
             rng = gathered
         if not dist.is_main:
             return
-        payload = {"format": CKPT_FORMAT, "head_type": cfg.head.type, "head": head.decoder.state_dict(),
+        payload = {"format": CKPT_FORMAT, "head_type": cfg.head.type, "head": head.trainable_state(),
                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                    "epoch": epoch, "batch_in_epoch": pos, "rng": rng, "config": json.dumps(cfg.to_dict()),
                    "config_hash": chash, "train_hash": thash, "git_sha": git_sha(),
@@ -297,11 +288,12 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
             epoch, pos = epoch + 1, 0
             it = make_loader()
             continue
-        images = batch["img"].to(device, non_blocking=True)
-        labels = labels_from_multi_hot(batch["cls_label"])
-        extra = {"masks": batch["mask"].to(device, non_blocking=True)} if "mask" in batch else {}
+        tb = TrainBatch(images=batch["img"].to(device, non_blocking=True),
+                        labels=labels_from_multi_hot(batch["cls_label"]),
+                        masks=batch["mask"].to(device, non_blocking=True) if "mask" in batch else None,
+                        names=batch["name"])
         with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
-            out = head.forward_train(images, labels, step, **extra)
+            out = head.forward_train(tb, step)
         loss = out["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} (images {batch['name']})")
@@ -316,9 +308,11 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
             dt = (time.time() - t_last) / max(1, min(tc.log_interval, len(history)))
             t_last = time.time()
             curve.append([step, float(np.mean(history[-tc.log_interval:]))])
-            _logger.info("step %d/%d loss %.4f (seg %.4f aff %.4f) lr %.3e %.3f s/iter eta %s peak %.0f MiB",
-                         step, tc.max_iters, np.mean(history[-tc.log_interval:]), out["loss_seg"].item(),
-                         out["loss_aff"].item(), optimizer.param_groups[0]["lr"], dt,
+            terms = " ".join(f"{k[5:]} {float(v.detach()):.4f}" for k, v in out.items()
+                             if k.startswith("loss_") and torch.is_tensor(v) and v.numel() == 1)
+            _logger.info("step %d/%d loss %.4f (%s) lr %.3e %.3f s/iter eta %s peak %.0f MiB",
+                         step, tc.max_iters, np.mean(history[-tc.log_interval:]), terms,
+                         optimizer.param_groups[0]["lr"], dt,
                          time.strftime("%H:%M:%S", time.gmtime(dt * (tc.max_iters - step))),
                          peak_memory_mb(device))
         if tc.val_interval and step % tc.val_interval == 0 and dist.is_main:

@@ -11,13 +11,13 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import get_args, get_origin, get_type_hints
+from typing import Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from stage1_cam.config import RANGES, ConfigError, Stage1Cfg, load_config
+from stage1_cam.config import SECTIONS, ConfigError, all_ranges, head_config_class, load_config
 from stage1_cam.utils.cli import BadInputError, UnknownNameError, exit_on_user_error
 from stage1_cam.utils.files import disk_full_error
 
@@ -61,7 +61,7 @@ def test_out_of_range_value_is_a_config_error_naming_key_value_and_range(key, va
         load_config(TINY, {key: value})
     msg = str(info.value)
     assert TINY in msg and f"{key}={value!r}" in msg and "out of range" in msg and "must be in" in msg, msg
-    assert str(RANGES[key]) in msg
+    assert str(all_ranges("weclip")[key]) in msg
 
 
 BAD_NAMES = [("head.type", "nonexistent", "weakclip, weclip"), ("cam.source", "nope", "clip_es_gradcam, excel_svc"),
@@ -94,14 +94,22 @@ def _numeric_keys(schema: type, prefix: str = "") -> list:
         if dataclasses.is_dataclass(tp):
             keys += _numeric_keys(tp, key + ".")
             continue
-        inner = get_args(tp) if get_origin(tp) is tuple else (tp,)
-        if any(t in (int, float) for t in inner) and f.name != "options":
+        inner = get_args(tp) if get_origin(tp) in (tuple, Union) else (tp,)  # Tuple[...] / Optional[...]
+        if any(t in (int, float) for t in inner):
             keys.append(key)
     return keys
 
 
-def test_every_numeric_field_has_a_range():
-    assert sorted(RANGES) == sorted(_numeric_keys(Stage1Cfg))
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_every_numeric_field_has_a_range(section):
+    schema = SECTIONS[section]
+    assert sorted(schema.RANGES) == sorted(_numeric_keys(schema))
+
+
+@pytest.mark.parametrize("head", ["weclip", "weakclip"])
+def test_every_numeric_head_field_has_a_range(head):
+    schema = head_config_class(head)
+    assert sorted(schema.RANGES) == sorted(_numeric_keys(schema))
 
 
 def test_every_shipped_config_is_in_range():

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from stage1_cam import dump as dump_mod
-from stage1_cam.config import load_config
+from stage1_cam.config import CrfCfg, DumpCfg, load_config
 from stage1_cam.data import build_dataset, normalize
 from stage1_cam.io import ShardReader, ShardWriter, shard_filename
 
@@ -116,12 +116,12 @@ def test_msc_flip_matches_per_image_reference(trained):
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)  # as stage1_cam.train seeds before building
     stack = build_stage1(cfg, torch.device("cpu"))
-    stack.head.decoder.load_state_dict(torch.load(trained["ckpt"], weights_only=True)["head"], strict=True)
+    stack.head.load_trainable_state(torch.load(trained["ckpt"], weights_only=True)["head"])
     stack.head.eval()
     torch.manual_seed(123)  # the dump's build must not depend on the global RNG state
     predictor = dump_mod._build_predictor(cfg, trained["ckpt"], torch.device("cpu"))
     assert (predictor.patch_size, predictor.num_classes) == (16, 21)
-    settings = dump_mod.DumpSettings(long_side=64, scales=(1.0, 0.75, 0.5), flip=True)
+    settings = DumpCfg(long_side=64, scales=(1.0, 0.75, 0.5), flip=True, crf=CrfCfg(enabled=False))
     ds = build_dataset("synthetic", cfg.data.root, "train_aug")
     full = ds.load_image(ds.names[0])
     images = [full, full[:-3, :-5].copy(), ds.load_image(ds.names[1])]  # different originals, one network size
@@ -155,8 +155,8 @@ def test_label_constrained_crf_only_emits_allowed_labels():
     keys = dump_mod.allowed_classes([3, 12], 21, label_constrained=True)
     assert keys.tolist() == [0, 3, 12]
     probs = dump_mod.logits_to_probs(logits, (h, w), torch.as_tensor(keys)).to(torch.float16).numpy()
-    settings = dump_mod.DumpSettings(crf=dict(iterations=5, pos_xy_std=3, pos_w=3, bi_xy_std=64, bi_rgb_std=5,
-                                              bi_w=4), ignore_threshold=0.6)
+    settings = DumpCfg(crf=CrfCfg(iterations=5, pos_xy_std=3, pos_w=3, bi_xy_std=64, bi_rgb_std=5, bi_w=4),
+                       ignore_threshold=0.6)
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         post = dump_mod.OrderedPostprocessor(settings=settings, executor=pool, max_in_flight=2)
         jobs = [j for i in range(3) for j in post.submit(f"im{i}", image=image, probs=probs, keys=keys,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from stage1_cam.heads import TrainBatch
 from stage1_cam.heads.decoder import WeCLIPDecoder
 from stage1_cam.losses import affinity_label, affinity_loss, balanced_seg_loss, radius_mask
 from stage1_cam.train import load_checkpoint, lr_multiplier, main as train_main
@@ -124,7 +125,8 @@ def test_gradients_reach_only_the_head(synthetic_root):
 
     cfg = load_config(TINY, {"data.root": str(synthetic_root), "head.rfm.start_step": 0})
     stack = build_stage1(cfg, torch.device("cpu"))
-    out = stack.head.forward_train(torch.randn(2, 3, 64, 64), [np.array([3]), np.array([5, 7])], step=1)
+    out = stack.head.forward_train(TrainBatch(images=torch.randn(2, 3, 64, 64), labels=[np.array([3]),
+                                                                                      np.array([5, 7])]), step=1)
     out["loss"].backward()
     assert all(p.grad is None for p in stack.clip_model.parameters())
     assert not any(p.requires_grad for p in stack.clip_model.parameters())
@@ -158,7 +160,7 @@ def test_gradients_reach_only_the_head(synthetic_root):
     object.__setattr__(stack.head, "cam_source", spy)
     stack.head.pseudo.rfm_start_step = 5
     for step in (4, 5):
-        stack.head.forward_train(x, keys, step=step)
+        stack.head.forward_train(TrainBatch(images=x, labels=keys), step=step)
     assert asked == [(cfg.cam.attn_layers, cfg.cam.attn_layers), (cfg.head.rfm.layers, cfg.head.rfm.layers)] \
         and cfg.cam.attn_layers != cfg.head.rfm.layers
 
@@ -173,12 +175,13 @@ def test_validation_scores_the_rfm_ablation_on_the_same_decoder(synthetic_root):
     stack = build_stage1(cfg, torch.device("cpu"))
     both = validate(stack, cfg, torch.device("cpu"), max_images=3)
     assert set(both) == {"pseudo_miou", "pseudo_no_rfm_miou", "decoder_miou", "images", "pseudo_miou_gt",
-                         "pseudo_no_rfm_miou_gt", "decoder_miou_gt"}
+                         "pseudo_no_rfm_miou_gt", "decoder_miou_gt", "figures"}
+    assert set(both["figures"]) == {"pseudo", "pseudo_no_rfm", "decoder"}  # each with the head's own label
     assert stack.head.training  # validation puts the head back in training mode
     # The ablation figure is what the same head scores with RFM switched off.
     stack.head.pseudo = dataclasses.replace(stack.head.pseudo, rfm_enabled=False)
     plain = validate(stack, cfg, torch.device("cpu"), max_images=3)
-    assert set(plain) == {"pseudo_miou", "decoder_miou", "images", "pseudo_miou_gt", "decoder_miou_gt"}
+    assert set(plain) == {"pseudo_miou", "decoder_miou", "images", "pseudo_miou_gt", "decoder_miou_gt", "figures"}
     assert plain["pseudo_miou"] == both["pseudo_no_rfm_miou"] and plain["decoder_miou"] == both["decoder_miou"]
 
 

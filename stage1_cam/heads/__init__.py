@@ -1,7 +1,9 @@
-"""Refinement heads (registry ``HEADS``): ``weclip``, ``weakclip``."""
+"""Refinement heads (registry ``HEADS``): ``weclip``, ``weakclip``; the contract they follow is ``base.Stage1Head``."""
 
 from ..registry import HEADS
-from .weclip import PseudoLabelCfg, WeCLIPHead, build_weclip_head  # registers 'weclip'
-from .weakclip import WeakCLIPHead, build_weakclip_head  # registers 'weakclip'
+from .base import INITIAL_CAMS, HeadConfig, Stage1Head, TrainBatch, head_class, register_head
+from .weclip import PseudoLabelCfg, WeCLIPHead, WeCLIPHeadCfg  # registers 'weclip'
+from .weakclip import WeakCLIPHead, WeakCLIPHeadCfg  # registers 'weakclip'
 
-__all__ = ["HEADS", "PseudoLabelCfg", "WeCLIPHead", "WeakCLIPHead", "build_weakclip_head", "build_weclip_head"]
+__all__ = ["HEADS", "INITIAL_CAMS", "HeadConfig", "PseudoLabelCfg", "Stage1Head", "TrainBatch", "WeCLIPHead",
+           "WeCLIPHeadCfg", "WeakCLIPHead", "WeakCLIPHeadCfg", "head_class", "register_head"]

@@ -11,22 +11,56 @@ Sinkhorn transition of an attention affinity (mean of the last ``attn_layers`` m
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..losses import weclip_loss
-from ..refine.affinity import attention_affinity, refine_cams, rfm_affinity
+from ..refine.affinity import RFM_SCORES, attention_affinity, refine_cams, rfm_affinity
 from ..refine.labels import cams_to_label_batch
 from ..refine.par import PAR
 from ..refine.sinkhorn import transition_matrix
-from ..registry import HEADS
+from ..utils.schema import COUNT, COUNT0, NONNEG, ConfigError, Range
+from .base import DECODER_RANGES, HeadConfig, Stage1Head, TrainBatch, register_head
 from .decoder import WeCLIPDecoder
 
 _logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RfmCfg:
+    enabled: bool = True  # refinement module (decoder affinity) after start_step
+    start_step: int = 15000  # first training step using RFM (9144 = reference's effective switch)
+    layers: int = 6  # last N attention maps scored by the layer filter
+    score: str = "signed"  # signed (reference code) | abs (paper)
+
+
+@dataclass
+class WeCLIPHeadCfg(HeadConfig):
+    """``head=dict(type="weclip", ...)``: the decoder, its affinity loss and the refinement module (RFM)."""
+
+    type: str = "weclip"
+    embed_dim: int = 256  # fusion / decoder width
+    decoder_layers: int = 3  # transformer blocks in the decoder
+    decoder_heads: int = 8  # attention heads in the decoder
+    dropout: float = 0.1  # Dropout2d after fusion
+    aff_loss_weight: float = 0.1  # weight of the affinity loss
+    aff_radius: int = 8  # affinity label window radius (patches)
+    rfm: RfmCfg = field(default_factory=RfmCfg)
+
+    RANGES: ClassVar[Dict[str, Range]] = {**DECODER_RANGES, "aff_loss_weight": NONNEG, "aff_radius": COUNT,
+                                          "rfm.start_step": COUNT0, "rfm.layers": COUNT}
+
+    def check(self) -> None:
+        if self.embed_dim % self.decoder_heads:
+            raise ConfigError(f"head.embed_dim={self.embed_dim} is not divisible by head.decoder_heads="
+                              f"{self.decoder_heads}; the decoder splits its width over the heads")
+        if self.rfm.score not in RFM_SCORES:
+            raise ConfigError(f"head.rfm.score={self.rfm.score!r} is not valid; valid: {', '.join(RFM_SCORES)}")
 
 
 @dataclass
@@ -42,7 +76,8 @@ class PseudoLabelCfg:
     rfm_score: str = "signed"
 
 
-class WeCLIPHead(nn.Module):
+@register_head("weclip")
+class WeCLIPHead(Stage1Head):
     """Trainable decoder plus the (non-trainable) online pseudo-label generator.
 
     Only ``self.decoder`` holds parameters; the backbone and CAM source are held by reference (not
@@ -71,11 +106,32 @@ class WeCLIPHead(nn.Module):
         self.aff_weight, self.aff_radius = aff_weight, aff_radius
         self.pseudo = pseudo or PseudoLabelCfg()
         self.par = PAR() if self.pseudo.use_par else None
-        object.__setattr__(self, "_decoder_call", self.decoder)
 
-    def wrap_decoder(self, wrapper: nn.Module) -> None:
-        """Route decoder calls through ``wrapper`` (e.g. DDP) without adding it to the state dict."""
-        object.__setattr__(self, "_decoder_call", wrapper)
+    config_class = WeCLIPHeadCfg
+    FIGURES = {"pseudo": "online pseudo label (CAM+RFM+PAR), last validation",
+               "pseudo_no_rfm": "online pseudo label without RFM (same decoder; ablation)",
+               "decoder": "stage-1 decoder, last validation"}
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, backbone: nn.Module, cam_source: Any, num_classes: int,
+                    run: Any = None) -> "WeCLIPHead":
+        """Map a validated stage-1 config to the head (``run`` is not used: WeCLIP trains from image-level labels
+        only)."""
+        h, c = cfg.head, cfg.cam
+        pseudo = PseudoLabelCfg(attn_layers=c.attn_layers, box_threshold=c.box_threshold, bg_exponent=c.bg_exponent,
+                                use_par=c.par, parity=c.parity, rfm_enabled=h.rfm.enabled,
+                                rfm_start_step=h.rfm.start_step, rfm_layers=h.rfm.layers, rfm_score=h.rfm.score)
+        return cls(backbone=backbone, cam_source=cam_source, num_classes=num_classes, embed_dim=h.embed_dim,
+                   decoder_layers=h.decoder_layers, decoder_heads=h.decoder_heads, dropout=h.dropout,
+                   aff_weight=h.aff_loss_weight, aff_radius=h.aff_radius, pseudo=pseudo)
+
+    @classmethod
+    def attention_layers(cls, cfg: Any) -> int:
+        """The plain affinity's last ``cam.attn_layers`` maps and the RFM filter's last ``head.rfm.layers``."""
+        return max(int(cfg.cam.attn_layers), int(cfg.head.rfm.layers))
+
+    def trainable_module(self) -> nn.Module:
+        return self.decoder
 
     # ------------------------------------------------------------------ pseudo labels
     def use_rfm(self, step: Optional[int]) -> bool:
@@ -124,16 +180,19 @@ class WeCLIPHead(nn.Module):
     # ------------------------------------------------------------------ training / inference
     def decode(self, features: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decoder on a :class:`ClipFeatures`: (logits (B,C,h,w), F_u (B,E,h,w), A_f (B,hw,hw))."""
-        return self._decoder_call(features.tokens[: self.num_inputs], features.grid)
+        return self.call_trainable(features.tokens[: self.num_inputs], features.grid)
 
-    def forward_train(self, images: torch.Tensor, labels: List[np.ndarray], step: int) -> Dict[str, torch.Tensor]:
+    def forward_train(self, batch: TrainBatch, step: int) -> Dict[str, torch.Tensor]:
         """One training forward: CAM -> decoder -> online pseudo label -> losses.
 
         Args:
-            images: (B, 3, S, S) normalised crops.
-            labels: per image sorted foreground class ids.
+            batch: normalised crops and their image-level labels.
             step: 0-based training step (decides RFM).
+
+        Returns:
+            ``loss``, ``loss_seg``, ``loss_aff`` and the online ``pseudo_label`` (B, S, S).
         """
+        images, labels = batch.images, batch.labels
         rfm = self.use_rfm(step)
         # Only the maps this step reads: the RFM filter's last `rfm_layers` or the plain mean's `attn_layers`.
         maps = self.pseudo.rfm_layers if rfm else self.pseudo.attn_layers
@@ -153,20 +212,20 @@ class WeCLIPHead(nn.Module):
         feats = self.backbone(images, num_blocks=self.num_inputs, with_attn=False)
         return self.decode(feats)[0].float()
 
+    @torch.no_grad()
+    def validation_figures(self, images: torch.Tensor, labels: Sequence[np.ndarray], *, out_size: Tuple[int, int],
+                           full_images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Online pseudo labels (CAM -> RFM -> PAR at full resolution), the decoder's argmax, and with RFM on the
+        same online labels without it (the plain mean of the last attention maps: the module's ablation)."""
+        cam_out = self.cam_source(images, list(labels))
+        logits, _, aff = self.decode(cam_out.features)
+        dec_aff = aff if self.use_rfm(None) else None
+        pseudo, _ = self.pseudo_labels(images, cam_out.cams, cam_out.keys, cam_out.attn, dec_aff,
+                                       out_size=out_size, par_images=full_images)
+        up = F.interpolate(logits.float(), size=tuple(out_size), mode="bilinear", align_corners=False)
+        out = {"pseudo": pseudo, "decoder": up.argmax(1)}
+        if dec_aff is not None:  # the RFM ablation: same CAMs, attention and decoder, plain attention affinity
+            out["pseudo_no_rfm"] = self.pseudo_labels(images, cam_out.cams, cam_out.keys, cam_out.attn, None,
+                                                      out_size=out_size, par_images=full_images)[0]
+        return out
 
-def build_weclip_head(*, cfg: Any, backbone: nn.Module, cam_source: Any, num_classes: int,
-                      run: Any = None) -> WeCLIPHead:
-    """Map a validated stage-1 config to :class:`WeCLIPHead` keyword arguments (``run`` is not used: WeCLIP
-    trains from image-level labels only)."""
-    h, c = cfg.head, cfg.cam
-    pseudo = PseudoLabelCfg(attn_layers=c.attn_layers, box_threshold=c.box_threshold, bg_exponent=c.bg_exponent,
-                            use_par=c.par, parity=c.parity, rfm_enabled=h.rfm.enabled,
-                            rfm_start_step=h.rfm.start_step, rfm_layers=h.rfm.layers, rfm_score=h.rfm.score)
-    if h.options:
-        raise ValueError(f"head 'weclip' takes no head.options, got {sorted(h.options)}")
-    return WeCLIPHead(backbone=backbone, cam_source=cam_source, num_classes=num_classes, embed_dim=h.embed_dim,
-                      decoder_layers=h.decoder_layers, decoder_heads=h.decoder_heads, dropout=h.dropout,
-                      aff_weight=h.aff_loss_weight, aff_radius=h.aff_radius, pseudo=pseudo)
-
-
-HEADS.register("weclip")(build_weclip_head)
