@@ -58,9 +58,9 @@ import torch.nn.functional as F
 from .constants import IGNORE_INDEX, NORMALIZATIONS
 from .data.class_names import PROMPT_NAMES
 from .data.synthetic import BACKGROUND_STYLES, GENERATOR_VERSION, render_sample
-from .models.clip_backbone import (block_mlp, drop_open_clip_random_init_warning, merge_heads, qkv_heads,
-                                   softmax_attention)
+from .models.clip_backbone import block_mlp, merge_heads, qkv_heads, softmax_attention
 from .models.model_configs import model_config
+from .models.pretrained import drop_open_clip_random_init_warning
 from .models.world_weights import (DATASET, ENV_CACHE, META_FILE, WEIGHTS_FILE, WORLD_PRESETS,  # noqa: F401
                                    WORLD_SCHEME, WORLD_VERSION, WorldCfg, get_preset, read_meta, world_cache_dir,
                                    world_hash, world_prompts)  # (re-exported: the world's public names)

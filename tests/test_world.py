@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from stage1_cam import world
 from stage1_cam.data.class_names import BACKGROUND_WORDS, PROMPT_NAMES
 from stage1_cam.data.synthetic import BACKGROUND_STYLES, STUFF_WORDS, render_sample
-from stage1_cam.models.clip_backbone import FrozenClipBackbone, load_clip, resolve_clip_weights
+from stage1_cam.models.clip_backbone import FrozenClipBackbone
+from stage1_cam.models.pretrained import load_clip, resolve_clip_weights
 from tests.numerics import assert_close_f32, vit_block_terms
 
 WORLD_CONFIG = "configs/stage1/weclip_world-clip_synthetic-160x160_300i.py"

@@ -1,7 +1,7 @@
 """Which weights ``clip.weights = "world:<preset>"`` names: the synthetic world's CLIP presets, their hash, their cache.
 
 Training the world CLIP lives in :mod:`stage1_cam.world`; this module only finds its output, so that loading CLIP
-weights (:mod:`stage1_cam.models.clip_backbone`) and hashing a config (:mod:`stage1_cam.config`) need no training code.
+weights (:mod:`stage1_cam.models.pretrained`) and hashing a config (:mod:`stage1_cam.config`) need no training code.
 """
 
 from __future__ import annotations
