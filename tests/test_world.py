@@ -1,4 +1,4 @@
-"""The synthetic world's CLIP (stage1_cam.world): captions, loss, windowed encoding, cached training, loading."""
+"""The synthetic world's CLIP (stage1_cam.world_clip): captions, loss, windowed encoding, cached training, loading."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stage1_cam import world
+from stage1_cam.world_clip import train as world
 from stage1_cam.data.class_names import BACKGROUND_WORDS, PROMPT_NAMES
 from stage1_cam.data.synthetic import BACKGROUND_STYLES, STUFF_WORDS, render_sample
 from stage1_cam.models.clip_backbone import FrozenClipBackbone
