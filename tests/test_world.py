@@ -257,7 +257,7 @@ def test_split_regions_and_token_distances():
 # through the real entry points. Measured on the 2-core CPU machine (default preset, 1 torch thread):
 # refined initial CAM 51.9 mIoU (bg=(1-max)^1; random tiny CLIP 12.9), head's online pseudo-labels 61.9 with RFM
 # and 60.7 without it on the same decoder (60 val images, step 300), dumped masks with CRF above both (the
-# measured figures: README and the stage-1 config's comments). Thresholds leave ~10 points.
+# measured figures: docs/results.md). Thresholds leave ~10 points.
 # The stage-2 smoke model (FCN-R18, 800 iterations, no pretrained weights) trained on the dumped train_aug masks
 # reached 46.7 val mIoU single scale in this test and 54.4 in the demo (2 threads); it is the noisiest figure.
 GATE_CAM = 0.40
@@ -336,7 +336,7 @@ def test_world_clip_retrained_model_quality_gate(world_stage1, tmp_path):
     assert miou >= GATE_RETRAIN, miou
 
 
-GATE_BF16_ONLINE_AGREEMENT = 0.999  # share of online pseudo-label pixels bf16 keeps (issue goal)
+GATE_BF16_ONLINE_AGREEMENT = 0.999  # share of online pseudo-label pixels bf16 keeps
 GATE_BF16_DUMP_MIOU_DELTA = 0.002  # dumped-mask mIoU, bf16 against float32 (0.2 points)
 
 
