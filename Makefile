@@ -58,7 +58,7 @@ cams: $(STAMP) $(NEEDS_WORLD) data  ## initial CLIP CAMs for a split + their eva
 	$(PY) -m stage1_cam.cams $(CONFIG) --run $(RUN)
 
 world: $(STAMP)  ## tiny CLIP trained on the synthetic world, cached under $$WSSS_CACHE/world (default ~/.cache/wsss-clip)
-	$(PY) -m stage1_cam.world --config $(CONFIG_world)
+	$(PY) -m stage1_cam.world_clip --config $(CONFIG_world)
 
 pseudo-labels: $(STAMP) $(NEEDS_WORLD)  ## stage 1: train the head (if no checkpoint), dump shards, manifest, evaluate
 	$(PY) -m pipelines pseudo-labels $(COMMON) $(if $(SHARDS),--shards $(SHARDS)) $(if $(HEAD),--head $(HEAD))

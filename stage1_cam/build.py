@@ -14,7 +14,7 @@ from .cams.excel import build_attribute_bank, load_attribute_bank, load_descript
 from .data.class_names import BACKGROUND_WORDS, PROMPT_NAMES, get_classes
 from .data.transforms import normalization
 from .heads import head_class
-from .models.clip_backbone import FrozenClipBackbone, load_clip
+from .models import FrozenClipBackbone, load_clip
 from .models.text import build_text_embeddings, get_tokenizer
 from .utils.run_dir import RunDir
 

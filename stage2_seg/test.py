@@ -33,7 +33,7 @@ import torch
 from stage1_cam.data.datasets import check_label_values
 from stage1_cam.metrics import ConfusionMatrix, json_safe
 from stage1_cam.utils.cli import BadInputError, run_main
-from stage1_cam.utils.files import file_sha256
+from stage1_cam.utils.files import atomic_write_text, file_sha256
 from stage1_cam.utils.logging import setup_logging, utc_timestamp
 
 from .checkpoint import safe_checkpoint_loading
@@ -231,10 +231,7 @@ def _main(args: argparse.Namespace) -> int:
         **results,
     }
     path = osp.join(work_dir, "metrics.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(out, indent=2))
     _logger.info("wrote %s", path)
     return 0
 

@@ -64,7 +64,7 @@ def synthetic_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_clip():
     """The in-repo tiny CLIP (12 blocks, width 64, patch 16), randomly initialised, in eval mode."""
-    from stage1_cam.models.clip_backbone import load_clip
+    from stage1_cam.models.pretrained import load_clip
 
     torch.manual_seed(0)
     return load_clip("wsss-tiny-ViT-16", pretrained=None)

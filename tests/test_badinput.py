@@ -215,7 +215,7 @@ def test_unusable_weights_file_is_named(kind, match, tmp_path, tiny_clip):
 
     import torch
 
-    from stage1_cam.models.clip_backbone import load_clip
+    from stage1_cam.models.pretrained import load_clip
 
     path = tmp_path / "weights.pt"
     if kind == "truncated":  # an interrupted copy of a real state dict
@@ -233,7 +233,7 @@ def test_unusable_weights_file_is_named(kind, match, tmp_path, tiny_clip):
 def test_weights_of_another_model_do_not_fit(tmp_path, tiny_clip):
     import torch
 
-    from stage1_cam.models.clip_backbone import load_clip
+    from stage1_cam.models.pretrained import load_clip
 
     path = tmp_path / "other.pt"
     state = tiny_clip.state_dict()

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from stage1_cam.constants import ENV_CLIP_WEIGHTS
-from stage1_cam.models.clip_backbone import ClipFeatures, FrozenClipBackbone, load_clip, softmax_attention
+from stage1_cam.models.clip_backbone import ClipFeatures, FrozenClipBackbone, softmax_attention
+from stage1_cam.models.pretrained import load_clip
 from stage1_cam.models.text import build_dataset_text_embeddings, build_text_embeddings, get_tokenizer
 from tests.numerics import assert_close_f32, f32_tolerance, vit_block_terms
 
@@ -346,7 +347,7 @@ def test_weights_from_file_env_and_torchscript(monkeypatch, tmp_path, tiny_clip)
 
 
 def test_weights_found_in_hub_cache_offline(monkeypatch, tmp_path):
-    from stage1_cam.models.clip_backbone import resolve_clip_weights
+    from stage1_cam.models.pretrained import resolve_clip_weights
 
     _isolate_caches(monkeypatch, tmp_path)
     repo = tmp_path / "hf" / "hub" / "models--timm--vit_base_patch16_clip_224.openai"

@@ -1,4 +1,4 @@
-"""The synthetic world's CLIP (stage1_cam.world): captions, loss, windowed encoding, cached training, loading."""
+"""The synthetic world's CLIP (stage1_cam.world_clip): captions, loss, windowed encoding, cached training, loading."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stage1_cam import world
+from stage1_cam.world_clip import train as world
 from stage1_cam.data.class_names import BACKGROUND_WORDS, PROMPT_NAMES
 from stage1_cam.data.synthetic import BACKGROUND_STYLES, STUFF_WORDS, render_sample
-from stage1_cam.models.clip_backbone import FrozenClipBackbone, load_clip, resolve_clip_weights
+from stage1_cam.models.clip_backbone import FrozenClipBackbone
+from stage1_cam.models.pretrained import load_clip, resolve_clip_weights
 from tests.numerics import assert_close_f32, vit_block_terms
 
 WORLD_CONFIG = "configs/stage1/weclip_world-clip_synthetic-160x160_300i.py"
@@ -256,7 +257,7 @@ def test_split_regions_and_token_distances():
 # through the real entry points. Measured on the 2-core CPU machine (default preset, 1 torch thread):
 # refined initial CAM 51.9 mIoU (bg=(1-max)^1; random tiny CLIP 12.9), head's online pseudo-labels 61.9 with RFM
 # and 60.7 without it on the same decoder (60 val images, step 300), dumped masks with CRF above both (the
-# measured figures: README and the stage-1 config's comments). Thresholds leave ~10 points.
+# measured figures: docs/results.md). Thresholds leave ~10 points.
 # The stage-2 smoke model (FCN-R18, 800 iterations, no pretrained weights) trained on the dumped train_aug masks
 # reached 46.7 val mIoU single scale in this test and 54.4 in the demo (2 threads); it is the noisiest figure.
 GATE_CAM = 0.40
@@ -335,7 +336,7 @@ def test_world_clip_retrained_model_quality_gate(world_stage1, tmp_path):
     assert miou >= GATE_RETRAIN, miou
 
 
-GATE_BF16_ONLINE_AGREEMENT = 0.999  # share of online pseudo-label pixels bf16 keeps (issue goal)
+GATE_BF16_ONLINE_AGREEMENT = 0.999  # share of online pseudo-label pixels bf16 keeps
 GATE_BF16_DUMP_MIOU_DELTA = 0.002  # dumped-mask mIoU, bf16 against float32 (0.2 points)
 
 

@@ -3,7 +3,7 @@
 # offline. Same code path as the VOC config. Measured figures: docs/results.md.
 _base_ = ["./_base_/weclip_vit-b16.py", "./_base_/datasets/synthetic.py"]
 run = dict(name="demo", seed=1)
-# "world:default" resolves to the weights `python -m stage1_cam.world --preset default` trains (stage1_cam/world.py).
+# "world:default" names the weights `make world` (python -m stage1_cam.world_clip --preset default) trains.
 clip = dict(model_name="wsss-world-ViT-16", pretrained=None, weights="world:default")
 # RFM with the paper's |A_f - A_l| layer score: on this world it beats the reference code's signed score
 # (docs/results.md, "RFM on the synthetic world").

@@ -29,6 +29,7 @@ from PIL import Image
 
 from ..constants import DEFAULT_DATA_ROOT, ENV_DATA_ROOT, IGNORE_INDEX
 from ..utils.cli import BadInputError, UnknownNameError, UserError
+from ..utils.files import atomic_write_text
 from .class_names import CLASSES, get_classes
 from .synthetic import MARKER as SYNTHETIC_MARKER
 
@@ -406,10 +407,7 @@ class SegDataset:
         blob = {"format": _CACHE_FORMAT, "dataset": self.dataset, "num_classes": self.num_classes,
                 "labels": labels}
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(blob, separators=(",", ":"), sort_keys=True))
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps(blob, separators=(",", ":"), sort_keys=True))
         except OSError as err:  # a cache is an optimisation: never fail because of it
             _logger.warning("could not write the label cache %s: %s", path, err)
 

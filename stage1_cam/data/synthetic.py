@@ -12,7 +12,7 @@ quality), and generation is idempotent: ``<root>/.generated.json`` records the p
 last, after every image and mask.
 
 :func:`render_sample` renders one image in memory (with its background-style map); :data:`STUFF_WORDS` maps
-each background style to the background prompt words that describe it. ``stage1_cam.world`` trains the
+each background style to the background prompt words that describe it. ``stage1_cam.world_clip`` trains the
 synthetic world's CLIP on captions built from both.
 """
 

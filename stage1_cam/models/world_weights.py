@@ -1,7 +1,7 @@
 """Which weights ``clip.weights = "world:<preset>"`` names: the synthetic world's CLIP presets, their hash, their cache.
 
-Training the world CLIP lives in :mod:`stage1_cam.world`; this module only finds its output, so that loading CLIP
-weights (:mod:`stage1_cam.models.clip_backbone`) and hashing a config (:mod:`stage1_cam.config`) need no training code.
+Training the world CLIP lives in :mod:`stage1_cam.world_clip`; this module only finds its output, so that loading CLIP
+weights (:mod:`stage1_cam.models.pretrained`) and hashing a config (:mod:`stage1_cam.config`) need no training code.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def resolve_world_weights(spec: str, model_name: str, *, root: Union[str, Path, 
     if read_meta(entry, world_hash(cfg)) is None:
         raise FileNotFoundError(
             f"the world CLIP {spec!r} ({cfg.model_name}) has not been trained yet: no {entry / WEIGHTS_FILE}. "
-            f"Run `make world` (python -m stage1_cam.world --preset {name}; a few minutes on 2 CPU cores), "
+            f"Run `make world` (python -m stage1_cam.world_clip --preset {name}; a few minutes on 2 CPU cores), "
             f"or set ${ENV_CACHE} to the cache that holds it.")
     return str(entry / WEIGHTS_FILE)
 

@@ -1,6 +1,6 @@
 """The synthetic world's CLIP: a tiny open_clip model trained contrastively in-repo, on CPU, in minutes.
 
-With random CLIP weights every CAM is noise. ``python -m stage1_cam.world`` (``make world``) trains the
+With random CLIP weights every CAM is noise. ``python -m stage1_cam.world_clip`` (``make world``) trains the
 in-repo tiny CLIP (``stage1_cam/model_configs/wsss-world-ViT-16.json``) on captioned synthetic images so that
 the whole method can be checked for real offline:
 
@@ -27,9 +27,8 @@ the whole method can be checked for real offline:
   with a small penalty on how far the last 8 blocks' attention reaches. The saved weights are a plain
   open_clip state dict of the unchanged architecture (key rows equal to query rows).
 
-Measured on 2 CPU cores (default preset): 2.5 minutes in all with 2 torch threads (131 s of training),
-4-6 minutes with one thread on a busy machine. On the synthetic val set the refined initial CAMs reach
-51.9 mIoU (a random tiny CLIP: 12.9).
+Training the default preset takes a few minutes on 2 CPU cores, once (then cached); measured times and the
+CAM figures it gives: docs/results.md, "World CLIP".
 
 The result is an open_clip state dict, cached under ``$WSSS_CACHE/world/<model>-<hash>/`` (default
 ``~/.cache/wsss-clip``), keyed by a hash of the training settings, the model config, the generator
@@ -55,19 +54,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .constants import IGNORE_INDEX, NORMALIZATIONS
-from .data.class_names import PROMPT_NAMES
-from .data.synthetic import BACKGROUND_STYLES, GENERATOR_VERSION, render_sample
-from .models.clip_backbone import (block_mlp, drop_open_clip_random_init_warning, merge_heads, qkv_heads,
-                                   softmax_attention)
-from .models.model_configs import model_config
-from .models.world_weights import (DATASET, ENV_CACHE, META_FILE, WEIGHTS_FILE, WORLD_PRESETS,  # noqa: F401
+from ..constants import IGNORE_INDEX, NORMALIZATIONS
+from ..data.class_names import PROMPT_NAMES
+from ..data.synthetic import BACKGROUND_STYLES, GENERATOR_VERSION, render_sample
+from ..models.clip_backbone import block_mlp, merge_heads, qkv_heads, softmax_attention
+from ..models.model_configs import model_config
+from ..models.pretrained import drop_open_clip_random_init_warning
+from ..models.world_weights import (DATASET, ENV_CACHE, META_FILE, WEIGHTS_FILE, WORLD_PRESETS,  # noqa: F401
                                    WORLD_SCHEME, WORLD_VERSION, WorldCfg, get_preset, read_meta, world_cache_dir,
                                    world_hash, world_prompts)  # (re-exported: the world's public names)
-from .utils.cli import BadInputError
-from .utils.files import atomic_write, atomic_write_text
+from ..utils.cli import BadInputError
+from ..utils.files import atomic_write, atomic_write_text
 
-_logger = logging.getLogger("stage1_cam.world")  # not __name__: it is "__main__" under -m
+_logger = logging.getLogger(__name__)
 # Split codes of the generator's per-image seeds: 0 = train, 1 = val (dataset), 2 = world training, 3 = world eval.
 _CODE_TRAIN, _CODE_EVAL = 2, 3
 
@@ -592,7 +591,7 @@ def _cfg_from_options(base: WorldCfg, options: Dict[str, Any]) -> WorldCfg:
 
 
 def _preset_from_stage1_config(path: str) -> Tuple[str, Any]:
-    from .config import load_config
+    from ..config import load_config
 
     cfg = load_config(path)
     spec = cfg.clip.weights
@@ -614,12 +613,12 @@ def _preset_from_stage1_config(path: str) -> Tuple[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m stage1_cam.world``: train (or find cached) the synthetic world's CLIP; prints its path."""
-    from .config import DictAction
-    from .utils.cli import exit_on_user_error
-    from .utils.logging import setup_logging
+    """``python -m stage1_cam.world_clip``: train (or find cached) the synthetic world's CLIP; prints its path."""
+    from ..config import DictAction
+    from ..utils.cli import exit_on_user_error
+    from ..utils.logging import setup_logging
 
-    p = argparse.ArgumentParser(prog="python -m stage1_cam.world", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m stage1_cam.world_clip", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--config", help="stage-1 config whose clip.weights is 'world:<preset>' (checked against it)")
     src.add_argument("--preset", default=None, help=f"preset name (default: default; valid: "
