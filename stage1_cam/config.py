@@ -22,14 +22,13 @@ from mmengine.config import Config, ConfigDict, DictAction  # noqa: F401  (DictA
 
 from .constants import IGNORE_INDEX
 from .registry import HEADS
-from .utils.schema import (COUNT, COUNT0, NONNEG, POSITIVE, UNIT, ConfigError, Range, SectionSchema, flatten,
-                           validate_section)
+from .utils.schema import (COUNT, COUNT0, NONNEG, POSITIVE, UNIT, ConfigError, DenseCrfParams, Range, SectionSchema,
+                           flatten, validate_section)
 
 _logger = logging.getLogger(__name__)
 
 
 _SEED = Range(0, 2 ** 32 - 1)  # numpy's seed range
-CRF_PARAM_KEYS = ("iterations", "pos_xy_std", "pos_w", "bi_xy_std", "bi_rgb_std", "bi_w")  # dense_crf's arguments
 
 # Every section checks itself on construction (utils/schema.SectionSchema): ``RANGES`` gives the valid range of
 # every numeric field (sequences: of every element; a new numeric field without one fails test_badinput) and
@@ -140,14 +139,8 @@ class TrainCfg(SectionSchema):
 
 
 @dataclass
-class CrfCfg:
+class CrfCfg(DenseCrfParams):
     enabled: bool = True  # dense CRF on dumped masks
-    iterations: int = 10
-    pos_xy_std: float = 3.0
-    pos_w: float = 3.0
-    bi_xy_std: float = 64.0
-    bi_rgb_std: float = 5.0
-    bi_w: float = 4.0
     workers: int = 0  # CRF worker processes (0 = cores - 1, at least 1)
 
 
@@ -169,8 +162,8 @@ class DumpCfg(SectionSchema):
     PREFIX: ClassVar[str] = "dump"
     RANGES: ClassVar[Dict[str, Range]] = {
         "long_side": COUNT, "scales": POSITIVE, "batch_size": COUNT, "ignore_threshold": UNIT,
-        "num_shards": Range(1, 99999), "crf.iterations": COUNT, "crf.pos_xy_std": POSITIVE, "crf.pos_w": NONNEG,
-        "crf.bi_xy_std": POSITIVE, "crf.bi_rgb_std": POSITIVE, "crf.bi_w": NONNEG, "crf.workers": COUNT0}
+        "num_shards": Range(1, 99999), "crf.workers": COUNT0,
+        **{f"crf.{k}": r for k, r in DenseCrfParams.RANGES.items()}}
 
     def check(self) -> None:
         if not self.scales:
@@ -188,8 +181,8 @@ class DumpCfg(SectionSchema):
 
     @property
     def crf_params(self) -> Optional[Dict[str, float]]:
-        """Dense-CRF parameters (:data:`CRF_PARAM_KEYS`), or None when the CRF is off."""
-        return {k: getattr(self.crf, k) for k in CRF_PARAM_KEYS} if self.crf.enabled else None
+        """Dense-CRF parameters (:class:`~stage1_cam.utils.schema.DenseCrfParams`), or None when the CRF is off."""
+        return self.crf.params() if self.crf.enabled else None
 
     def num_crf_workers(self) -> int:
         """Worker processes for the CRF (0 when the CRF is off)."""

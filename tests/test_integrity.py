@@ -21,6 +21,7 @@ from stage1_cam.io import (ShardFormatError, ShardReader, ShardWriter, assign_sh
                            user_message, verify_shards, write_manifest)
 from stage1_cam.io.verify import main as verify_main
 from stage1_cam.utils.files import file_sha256
+from tests.shard_data import LabelDataset
 from tests.test_shards import IDS, _meta, _sample, _write_shards
 
 
@@ -152,23 +153,12 @@ def test_impossible_label_values_in_an_old_shard_name_the_file_and_image(tmp_pat
     reader.close()
 
 
-class _Labels:
-    def __init__(self, reader: ShardReader) -> None:
-        self.reader = reader
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def __getitem__(self, i: int):
-        return self.reader.label(self.reader.ids[i])
-
-
 def test_a_damaged_chunk_read_by_a_dataloader_worker_gives_one_message(tmp_path):
     torch = pytest.importorskip("torch")
     out = _shard_set(tmp_path, 1)
     path = out / shard_filename(0, 1)
     damaged = _damage_label_chunks(path, np.random.default_rng(3), images=len(IDS))
-    loader = torch.utils.data.DataLoader(_Labels(ShardReader(out)), batch_size=None, num_workers=1,
+    loader = torch.utils.data.DataLoader(LabelDataset(ShardReader(out)), batch_size=None, num_workers=1,
                                          collate_fn=lambda x: x)
     with pytest.raises(ShardFormatError) as err:
         for _ in loader:

@@ -21,6 +21,7 @@ import pytest
 from stage1_cam.io import (FORMAT_NAME, FORMAT_VERSION, ShardFormatError, ShardLockedError, ShardMeta, ShardReader,
                            ShardWriter, assign_shards, checksum_path, shard_filename, write_manifest)
 from stage1_cam.io.export import export_png, main as export_main
+from tests.shard_data import LabelDataset
 
 CLASSES = ("background", "cat", "dog", "person")
 REPO = Path(__file__).resolve().parents[1]
@@ -365,25 +366,13 @@ def test_manifest_lists_missing_and_unfinished_shards(tmp_path):
         write_manifest(tmp_path, 2)
 
 
-class _LabelDataset:
-    def __init__(self, reader: ShardReader) -> None:
-        self.reader = reader
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def __getitem__(self, i: int):
-        name = self.reader.ids[i]
-        return name, os.getpid(), self.reader.label(name)
-
-
 def test_dataloader_with_two_workers(tmp_path):
     torch = pytest.importorskip("torch")
     _write_shards(tmp_path, IDS, 2)
     write_manifest(tmp_path, 2)
     reader = ShardReader(tmp_path)
     reader.label(IDS[0])  # the parent has files open before the workers fork
-    loader = torch.utils.data.DataLoader(_LabelDataset(reader), batch_size=None, num_workers=2,
+    loader = torch.utils.data.DataLoader(LabelDataset(reader), batch_size=None, num_workers=2,
                                          collate_fn=lambda x: x)
     seen, pids = {}, set()
     for name, pid, label in loader:

@@ -80,7 +80,8 @@ def test_options_defaults_parity_and_errors():
     p = resolve_options({"parity": True})
     assert all(getattr(p, k) == v for k, v in PARITY_OPTIONS.items())
     assert resolve_options({"parity": True, "train_adapters": True}).train_adapters is True  # explicit wins
-    assert resolve_options({"out_indices": [1, 2, 3, 4], "crf": {"iterations": 2}}).crf["bi_xy_std"] == 80.0
+    crf = resolve_options({"out_indices": [1, 2, 3, 4], "crf": {"iterations": 2}}).crf  # unset keys: the head default
+    assert (crf.iterations, crf.bi_xy_std) == (2, 80.0)
     with pytest.raises(ConfigError, match="unknown config key.*head.nope.*valid keys under head"):
         resolve_options({"nope": 1})
     with pytest.raises(ConfigError, match="head.chain_coattention: expected true/false"):

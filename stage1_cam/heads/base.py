@@ -36,6 +36,19 @@ class HeadConfig(SectionSchema):
 
 
 @dataclass
+class DecoderHeadConfig(HeadConfig):
+    """Base of the schemas of heads with a transformer/attention decoder (subclasses may change the defaults)."""
+
+    embed_dim: int = 256  # decoder width
+    decoder_layers: int = 3  # decoder layers
+    decoder_heads: int = 8  # attention heads
+    dropout: float = 0.1
+
+    RANGES: ClassVar[Dict[str, Range]] = {"embed_dim": COUNT, "decoder_layers": COUNT0, "decoder_heads": COUNT,
+                                          "dropout": Range(0.0, 1.0, high_open=True)}
+
+
+@dataclass
 class TrainBatch:
     """One collated training batch, on the training device.
 
@@ -171,9 +184,5 @@ def register_head(name: str) -> Callable[[type], type]:
     return deco
 
 
-# Ranges shared by the decoder-style heads' schemas.
-DECODER_RANGES: Dict[str, Range] = {"embed_dim": COUNT, "decoder_layers": COUNT0, "decoder_heads": COUNT,
-                                    "dropout": Range(0.0, 1.0, high_open=True)}
-
-__all__ = ["DECODER_RANGES", "HeadConfig", "INITIAL_CAMS", "REQUIREMENTS", "Stage1Head", "TrainBatch", "head_class",
+__all__ = ["DecoderHeadConfig", "HeadConfig", "INITIAL_CAMS", "REQUIREMENTS", "Stage1Head", "TrainBatch", "head_class",
            "register_head"]

@@ -25,7 +25,7 @@ from ..refine.labels import cams_to_label_batch
 from ..refine.par import PAR
 from ..refine.sinkhorn import transition_matrix
 from ..utils.schema import COUNT, COUNT0, NONNEG, ConfigError, Range
-from .base import DECODER_RANGES, HeadConfig, Stage1Head, TrainBatch, register_head
+from .base import DecoderHeadConfig, Stage1Head, TrainBatch, register_head
 from .decoder import WeCLIPDecoder
 
 _logger = logging.getLogger(__name__)
@@ -40,19 +40,16 @@ class RfmCfg:
 
 
 @dataclass
-class WeCLIPHeadCfg(HeadConfig):
-    """``head=dict(type="weclip", ...)``: the decoder, its affinity loss and the refinement module (RFM)."""
+class WeCLIPHeadCfg(DecoderHeadConfig):
+    """``head=dict(type="weclip", ...)``: the decoder (fusion width ``embed_dim``, ``decoder_layers`` transformer
+    blocks, Dropout2d ``dropout`` after fusion), its affinity loss and the refinement module (RFM)."""
 
     type: str = "weclip"
-    embed_dim: int = 256  # fusion / decoder width
-    decoder_layers: int = 3  # transformer blocks in the decoder
-    decoder_heads: int = 8  # attention heads in the decoder
-    dropout: float = 0.1  # Dropout2d after fusion
     aff_loss_weight: float = 0.1  # weight of the affinity loss
     aff_radius: int = 8  # affinity label window radius (patches)
     rfm: RfmCfg = field(default_factory=RfmCfg)
 
-    RANGES: ClassVar[Dict[str, Range]] = {**DECODER_RANGES, "aff_loss_weight": NONNEG, "aff_radius": COUNT,
+    RANGES: ClassVar[Dict[str, Range]] = {**DecoderHeadConfig.RANGES, "aff_loss_weight": NONNEG, "aff_radius": COUNT,
                                           "rfm.start_step": COUNT0, "rfm.layers": COUNT}
 
     def check(self) -> None:

@@ -60,7 +60,10 @@ def check_type(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def validate_section(data: Dict[str, Any], schema: type, prefix: str, source: str) -> Dict[str, Any]:
+def validate_section(data: Dict[str, Any], schema: type, prefix: str, source: str,
+                     defaults: Optional[Any] = None) -> Dict[str, Any]:
+    """Check ``data`` against the dataclass ``schema``: unknown keys, types; missing keys take the defaults (of
+    ``defaults``, an instance, when given: a nested section's defaults are those of its parent's default)."""
     hints = get_type_hints(schema)
     names = [f.name for f in dataclasses.fields(schema)]
     unknown = sorted(set(data) - set(names))
@@ -71,7 +74,7 @@ def validate_section(data: Dict[str, Any], schema: type, prefix: str, source: st
             f"valid keys{' under ' + prefix if prefix else ''}: {', '.join(names)}"
         )
     out: Dict[str, Any] = {}
-    defaults = schema()
+    defaults = schema() if defaults is None else defaults
     for name in names:
         tp = hints[name]
         key = f"{prefix}.{name}" if prefix else name
@@ -80,7 +83,7 @@ def validate_section(data: Dict[str, Any], schema: type, prefix: str, source: st
             sub = data.get(name, {})
             if not isinstance(sub, dict):
                 raise ConfigError(f"{source}: {key} must be a dict, got {sub!r}")
-            out[name] = validate_section(dict(sub), type(default), key, source)
+            out[name] = validate_section(dict(sub), type(default), key, source, defaults=default)
         elif name in data:
             out[name] = check_type(data[name], tp, f"{source}: {key}")
         else:
@@ -112,6 +115,25 @@ class Range:
 
 COUNT, COUNT0 = Range(1), Range(0)  # >= 1, >= 0
 POSITIVE, NONNEG, UNIT = Range(0, low_open=True), Range(0.0), Range(0.0, 1.0)
+
+
+@dataclass
+class DenseCrfParams:
+    """Dense-CRF parameters (``refine.crf.dense_crf``'s arguments), shared by the sections that run one; the
+    defaults are CLIP-ES's / WeCLIP's dump values."""
+
+    iterations: int = 10
+    pos_xy_std: float = 3.0
+    pos_w: float = 3.0
+    bi_xy_std: float = 64.0
+    bi_rgb_std: float = 5.0
+    bi_w: float = 4.0
+
+    RANGES: ClassVar[Dict[str, Range]] = {"iterations": COUNT, "pos_xy_std": POSITIVE, "pos_w": NONNEG,
+                                          "bi_xy_std": POSITIVE, "bi_rgb_std": POSITIVE, "bi_w": NONNEG}
+
+    def params(self) -> Dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(DenseCrfParams)}
 
 
 def check_ranges(values: Mapping[str, Any], ranges: Mapping[str, Range], *, prefix: str, source: str) -> None:

@@ -39,13 +39,13 @@ sample's seeded geometry (rescale, flip, pad, crop) to the mask as well, and the
 collated ``mask`` to ``forward_train`` (``TrainBatch.masks``). The head never reads files in ``forward``.
 """
 
-from .config import BOUNDARY_CRF, PARITY_OPTIONS, BoundaryCrfCfg, WeakCLIPHeadCfg, WeakCLIPOptions, resolve_options
+from .config import BOUNDARY_CRF, DEFAULT_OPTIONS, PARITY_OPTIONS, WeakCLIPHeadCfg, resolve_options
 from .data import MaskedTrainCrops, augment_mask
 from .head import WeakCLIPHead  # registers 'weakclip'
 from .losses import boundary_loss, crf_targets, dgcn_softmax, score_map_loss, seed_loss
 from .modules import CoAttention, CompactFPN, FPNSegHead, PromptTextEncoder, PyramidAdapter, WeakCLIPDecoder
 
-__all__ = ["BOUNDARY_CRF", "PARITY_OPTIONS", "BoundaryCrfCfg", "CoAttention", "CompactFPN", "FPNSegHead",
+__all__ = ["BOUNDARY_CRF", "DEFAULT_OPTIONS", "PARITY_OPTIONS", "CoAttention", "CompactFPN", "FPNSegHead",
            "MaskedTrainCrops", "PromptTextEncoder", "PyramidAdapter", "WeakCLIPDecoder", "WeakCLIPHead",
-           "WeakCLIPHeadCfg", "WeakCLIPOptions", "augment_mask", "boundary_loss", "crf_targets", "dgcn_softmax",
+           "WeakCLIPHeadCfg", "augment_mask", "boundary_loss", "crf_targets", "dgcn_softmax",
            "resolve_options", "score_map_loss", "seed_loss"]

@@ -6,39 +6,33 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
 
-from ...utils.schema import COUNT, COUNT0, NONNEG, POSITIVE, ConfigError, Range, validate_section
-from ..base import DECODER_RANGES, HeadConfig
+from ...utils.schema import COUNT, COUNT0, NONNEG, POSITIVE, ConfigError, DenseCrfParams, Range, validate_section
+from ..base import DecoderHeadConfig
 
 
-@dataclass
-class BoundaryCrfCfg:
+def _boundary_crf() -> DenseCrfParams:
     """Dense CRF of the boundary loss (reference: Gaussian 3/3, bilateral 80/13/10, 10 iterations)."""
-
-    iterations: int = 10
-    pos_xy_std: float = 3.0
-    pos_w: float = 3.0
-    bi_xy_std: float = 80.0
-    bi_rgb_std: float = 13.0
-    bi_w: float = 10.0
+    return DenseCrfParams(iterations=10, pos_xy_std=3.0, pos_w=3.0, bi_xy_std=80.0, bi_rgb_std=13.0, bi_w=10.0)
 
 
-BOUNDARY_CRF: Dict[str, float] = dataclasses.asdict(BoundaryCrfCfg())
+BOUNDARY_CRF: Dict[str, float] = _boundary_crf().params()
 
-# Values of the options that replicate reference quirks, chosen by parity=True (explicit values still win).
+# Values of the options that replicate reference quirks, chosen by parity=True (explicit values still win), and the
+# documented defaults otherwise.
+DEFAULT_OPTIONS: Dict[str, Any] = dict(ctx_init_std=0.02, chain_coattention=True, class_embedding_twice=False,
+                                       train_adapters=True, backbone_drop_path=0.0, ce_avg_non_ignore=True)
 PARITY_OPTIONS: Dict[str, Any] = dict(ctx_init_std=1.0, chain_coattention=False, class_embedding_twice=True,
                                       train_adapters=False, backbone_drop_path=0.1, ce_avg_non_ignore=False)
 
 
 @dataclass
-class WeakCLIPHeadCfg(HeadConfig):
+class WeakCLIPHeadCfg(DecoderHeadConfig):
     """``head=dict(type="weakclip", ...)``. Fields left None take the fixed default, or the reference's value
     (:data:`PARITY_OPTIONS`) with ``parity=True``; comments give both."""
 
     type: str = "weakclip"
-    embed_dim: int = 256  # co-attention width and FPN channels
-    decoder_layers: int = 3  # co-attention layers per direction
-    decoder_heads: int = 4  # co-attention heads
-    dropout: float = 0.1  # co-attention and classifier dropout
+    decoder_heads: int = 4  # co-attention heads (embed_dim: co-attention width and FPN channels; decoder_layers:
+    # co-attention layers per direction; dropout: co-attention and classifier dropout)
     masks: Optional[str] = None  # pseudo-mask shard dir to train on; None -> this run's CAM shards (<run>/cams)
     out_indices: Tuple[int, ...] = (3, 5, 7, 11)  # image blocks feeding the 4 pyramid levels
     n_ctx: int = 8  # learnable context vectors inserted after the start token
@@ -54,15 +48,14 @@ class WeakCLIPHeadCfg(HeadConfig):
     seed_weight: float = 1.0
     boundary_weight: float = 1.0
     score_weight: float = 0.4
-    crf: BoundaryCrfCfg = field(default_factory=BoundaryCrfCfg)  # boundary-loss CRF
+    crf: DenseCrfParams = field(default_factory=_boundary_crf)  # boundary-loss CRF
     parity: bool = False  # the None fields above take the reference's values
 
     RANGES: ClassVar[Dict[str, Range]] = {
-        **DECODER_RANGES, "out_indices": COUNT0, "n_ctx": COUNT0, "ctx_init_std": POSITIVE,
+        **DecoderHeadConfig.RANGES, "out_indices": COUNT0, "n_ctx": COUNT0, "ctx_init_std": POSITIVE,
         "coattn_scale_init": NONNEG, "backbone_drop_path": Range(0.0, 1.0, high_open=True), "tau": POSITIVE,
         "loss_stride": COUNT, "seed_weight": NONNEG, "boundary_weight": NONNEG, "score_weight": NONNEG,
-        "crf.iterations": COUNT, "crf.pos_xy_std": POSITIVE, "crf.pos_w": NONNEG, "crf.bi_xy_std": POSITIVE,
-        "crf.bi_rgb_std": POSITIVE, "crf.bi_w": NONNEG}
+        **{f"crf.{k}": r for k, r in DenseCrfParams.RANGES.items()}}
 
     def check(self) -> None:
         idx = list(self.out_indices)
@@ -71,51 +64,21 @@ class WeakCLIPHeadCfg(HeadConfig):
                               f"pyramid level)")
 
 
-@dataclass
-class WeakCLIPOptions:
-    """The head's settings with every default resolved (:func:`resolve_options`)."""
-
-    masks: Optional[str] = None
-    out_indices: Tuple[int, ...] = (3, 5, 7, 11)
-    n_ctx: int = 8
-    ctx_init_std: float = 0.02
-    coattn_scale_init: float = 0.1
-    chain_coattention: bool = True
-    class_embedding_twice: bool = False
-    train_adapters: bool = True
-    backbone_drop_path: float = 0.0
-    ce_avg_non_ignore: bool = True
-    tau: float = 0.07
-    loss_stride: int = 8
-    seed_weight: float = 1.0
-    boundary_weight: float = 1.0
-    score_weight: float = 0.4
-    crf: Dict[str, float] = field(default_factory=lambda: dataclasses.asdict(BoundaryCrfCfg()))
-    parity: bool = False
-
-
-def resolve_options(head: Optional[Mapping[str, Any]] = None, *, source: str = "<head>") -> WeakCLIPOptions:
+def resolve_options(head: Optional[Mapping[str, Any]] = None, *, source: str = "<head>") -> WeakCLIPHeadCfg:
     """Validate a ``head`` section of type weakclip (a mapping, e.g. ``cfg.head``) and resolve its defaults.
 
     Args:
         head: the section (``type`` optional); missing keys take their defaults.
 
     Returns:
-        The options; None fields take :data:`PARITY_OPTIONS` values with ``parity=True``, else the defaults.
+        The schema with no None left among the parity fields: they take :data:`PARITY_OPTIONS` values with
+        ``parity=True``, else :data:`DEFAULT_OPTIONS`.
 
     Raises:
         ConfigError: an unknown key, a wrongly typed or out-of-range value (the message names it).
     """
     raw = {k: v for k, v in dict(head or {}).items() if k != "type"}
-    values = validate_section(raw, WeakCLIPHeadCfg, "head", source)
-    cfg = WeakCLIPHeadCfg.from_values(values, source=source)
-    defaults = WeakCLIPOptions()
-    out: Dict[str, Any] = {}
-    for f in dataclasses.fields(WeakCLIPOptions):
-        value = getattr(cfg, f.name)
-        if value is None and f.name in PARITY_OPTIONS:
-            value = PARITY_OPTIONS[f.name] if cfg.parity else getattr(defaults, f.name)
-        out[f.name] = value
-    out["crf"] = dataclasses.asdict(cfg.crf) if dataclasses.is_dataclass(cfg.crf) else dict(cfg.crf)
-    out["out_indices"] = tuple(int(i) for i in cfg.out_indices)
-    return WeakCLIPOptions(**out)
+    cfg = WeakCLIPHeadCfg.from_values(validate_section(raw, WeakCLIPHeadCfg, "head", source), source=source)
+    chosen = PARITY_OPTIONS if cfg.parity else DEFAULT_OPTIONS
+    return dataclasses.replace(cfg, **{k: v for k, v in chosen.items() if getattr(cfg, k) is None},
+                               out_indices=tuple(int(i) for i in cfg.out_indices))

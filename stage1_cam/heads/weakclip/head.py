@@ -17,7 +17,7 @@ from ...models.clip_backbone import merge_heads, qkv_heads
 from ...models.text import get_tokenizer
 from ...utils.cli import BadInputError
 from ..base import INITIAL_CAMS, Stage1Head, TrainBatch, register_head
-from .config import WeakCLIPHeadCfg, WeakCLIPOptions, resolve_options
+from .config import WeakCLIPHeadCfg, resolve_options
 from .data import MaskedTrainCrops
 from .losses import (boundary_loss, check_mask_labels, crf_targets, dgcn_softmax, images_to_uint8, resize_labels,
                      score_map_loss, seed_loss)
@@ -50,10 +50,10 @@ class WeakCLIPHead(Stage1Head):
 
     def __init__(self, *, backbone: nn.Module, token_ids: torch.Tensor, num_classes: int,
                  mean: Sequence[float], std: Sequence[float], embed_dim: int = 256, decoder_layers: int = 3,
-                 decoder_heads: int = 4, dropout: float = 0.1, options: Optional[WeakCLIPOptions] = None,
+                 decoder_heads: int = 4, dropout: float = 0.1, options: Optional[WeakCLIPHeadCfg] = None,
                  class_names: Sequence[str] = (), dataset: str = "", masks_dir: Optional[str] = None) -> None:
         super().__init__()
-        self.options = opts = options or WeakCLIPOptions()
+        self.options = opts = options or resolve_options({})
         nb = backbone.num_blocks
         idx = tuple(int(i) for i in opts.out_indices)
         if len(idx) != 4 or sorted(set(idx)) != list(idx) or idx[0] < 0 or idx[-1] >= nb:
@@ -217,7 +217,7 @@ class WeakCLIPHead(Stage1Head):
         probs = dgcn_softmax(F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False))
         l_seed = seed_loss(probs, resize_labels(masks, size))
         if opts.boundary_weight > 0:
-            q = crf_targets(images_to_uint8(images, size, self.mean, self.std), probs, opts.crf)
+            q = crf_targets(images_to_uint8(images, size, self.mean, self.std), probs, opts.crf.params())
             l_bnd = boundary_loss(probs, q)
         else:
             l_bnd = probs.new_zeros(())
