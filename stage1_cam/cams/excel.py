@@ -25,8 +25,8 @@ the class text rows as given. ``parity=False`` (documented behaviour) averages o
 each token, and L2-normalises the class rows before TSE (equal up to rounding for unit-norm rows).
 
 Optional text semantic enrichment (TSE, 4.4): :func:`enrich_text` with an attribute bank, loaded from
-ExCEL's released ``*_embedding_bank.pth`` (:func:`load_attribute_bank`) or clustered from class
-descriptions (:func:`build_attribute_bank`, needs scikit-learn).
+ExCEL's released ``*_embedding_bank.pth`` or clustered from class descriptions and cached
+(:mod:`stage1_cam.cams.attributes`, cached by :mod:`stage1_cam.cams.bank`; needs scikit-learn).
 
 Other deliberate differences: the positional embedding is interpolated per input size (the reference
 assumed square inputs), and the CAMs are not re-min-maxed over patches (the reference's per-text min-max
@@ -122,79 +122,9 @@ def minmax_over_tokens(sim: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_attribute_bank(path: Union[str, Path]) -> torch.Tensor:
-    """Load an attribute bank ``(E, n_attr)``: ExCEL's ``*_embedding_bank.pth`` (a list whose first
-    element is the bank) or a plain tensor file; read with ``weights_only=True``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"attribute bank {path} not found; build one with build_attribute_bank() from a "
-                                f"descriptors JSON, or point cam.descriptors at an existing file")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    bank = obj[0] if isinstance(obj, (list, tuple)) else obj
-    if not isinstance(bank, torch.Tensor) or bank.ndim != 2:
-        raise ValueError(f"{path}: expected a (E, n_attr) tensor or a list starting with one")
-    return bank.float()
-
-
-def load_descriptions(path: Union[str, Path]) -> Dict[str, List[str]]:
-    """Read a descriptors JSON ``{class name: [sentence, ...]}`` (ExCEL's GPT-4 descriptors format)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class descriptors file {path} not found (JSON {{class: [sentences]}})")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(s, str) for s in v)
-                                             for v in data.values()):
-        raise ValueError(f"{path}: expected a JSON object mapping class names to lists of sentences")
-    return {str(k): list(v) for k, v in data.items()}
-
-
-@torch.no_grad()
-def build_attribute_bank(descriptions: Dict[str, Sequence[str]], clip_model: nn.Module,
-                         tokenizer: Callable[..., torch.Tensor], n_attr: int, seed: int = 0,
-                         batch_size: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cluster the L2-normalised CLIP text embeddings of class descriptions into an attribute bank.
-
-    ``sklearn.cluster.KMeans(n_clusters=n_attr, random_state=seed)`` on all sentences (ExCEL's
-    ``attr_clustering``; the reference used ``random_state=0``).
-
-    Args:
-        descriptions: class name -> description sentences (class order = dict order).
-        clip_model: open_clip CLIP model (text tower used, no gradients).
-        tokenizer: its tokenizer.
-        n_attr: number of clusters (ExCEL: 112 for VOC, 224 for COCO).
-        seed: KMeans random state.
-        batch_size: sentences per text-tower batch.
-
-    Returns:
-        bank ``(E, n_attr)`` float32 (cluster centres as columns) and membership ``(C, n_attr)`` float32
-        (one-hot: the class holding most of each cluster's sentences).
-    """
-    try:
-        from sklearn.cluster import KMeans
-    except ImportError as e:
-        raise ImportError("build_attribute_bank needs scikit-learn (pip install 'scikit-learn>=1.4')") from e
-    sentences: List[str] = []
-    owner: List[int] = []
-    for ci, sents in enumerate(descriptions.values()):
-        sentences.extend(str(s) for s in sents)
-        owner.extend([ci] * len(sents))
-    if n_attr < 1 or n_attr > len(sentences):
-        raise ValueError(f"n_attr={n_attr} clusters need between 1 and {len(sentences)} (the number of sentences)")
-    device = next(clip_model.parameters()).device
-    chunks = []
-    for i in range(0, len(sentences), batch_size):
-        ids = tokenizer(sentences[i:i + batch_size]).to(device)
-        chunks.append(F.normalize(clip_model.encode_text(ids).float(), dim=-1).cpu())
-    emb = torch.cat(chunks).numpy().astype(np.float64)
-    km = KMeans(n_clusters=n_attr, random_state=seed).fit(emb)
-    bank = torch.from_numpy(km.cluster_centers_.T.copy()).float()
-    owner_arr = np.asarray(owner)
-    membership = torch.zeros((len(descriptions), n_attr), dtype=torch.float32)
-    for c in range(n_attr):
-        members = owner_arr[km.labels_ == c]
-        membership[int(np.bincount(members, minlength=len(descriptions)).argmax()), c] = 1.0
-    return bank, membership
+# Files and clustering in .attributes, the run-directory cache and its command in .bank (python -m
+# stage1_cam.cams.bank); re-exported here.
+from .attributes import build_attribute_bank, load_attribute_bank, load_descriptions  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------------------------------
