@@ -10,7 +10,7 @@ import torch
 from mmengine.config import ConfigDict as Config
 
 from .cams import build_cam_source
-from .cams.excel import build_attribute_bank, load_attribute_bank, load_descriptions
+from .cams.bank import attribute_bank_for
 from .data.class_names import BACKGROUND_WORDS, PROMPT_NAMES, get_classes
 from .data.transforms import normalization
 from .heads import head_class
@@ -51,15 +51,8 @@ def build_cam_stack(cfg: Config, device: torch.device) -> Tuple[Any, Any, Any]:
         kwargs["attn_layers"] = min(backbone.num_blocks, head_class(cfg.head.type).attention_layers(cfg))
     if cfg.cam.source == "excel_svc":
         kwargs.update(parity=cfg.cam.parity, topk=cfg.cam.topk)
-        if cfg.cam.descriptors:
-
-            path = cfg.cam.descriptors
-            if str(path).endswith((".pth", ".pt")):
-                kwargs["attribute_bank"] = load_attribute_bank(path)
-            else:
-                bank, _ = build_attribute_bank(load_descriptions(path), clip_model, get_tokenizer(cfg.clip.model_name),
-                                               cfg.cam.num_attributes, seed=0)
-                kwargs["attribute_bank"] = bank
+        if cfg.cam.descriptors:  # TSE: the attribute bank, cached in the run directory (cams/bank.py)
+            kwargs["attribute_bank"] = attribute_bank_for(cfg, clip_model)
     cam_source = build_cam_source(cfg.cam.source, **kwargs)
     return clip_model, backbone, cam_source
 
