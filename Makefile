@@ -37,8 +37,8 @@ export PYTHONDONTWRITEBYTECODE := 1
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
 
-$(STAMP): setup.cfg pyproject.toml pipelines/setup_env.sh
-	VENV=$(VENV) bash pipelines/setup_env.sh
+$(STAMP): setup.cfg pyproject.toml tools/setup_env.sh
+	VENV=$(VENV) bash tools/setup_env.sh
 	@touch $@
 
 setup: $(STAMP)  ## create .venv and install the pinned stack (mmcv built once, wheel cached in ~/.cache/wsss-clip)
@@ -73,7 +73,7 @@ demo: $(STAMP) world  ## world CLIP, then initial CAMs + pseudo-labels + retrain
 	$(MAKE) --no-print-directory cams pseudo-labels retrain report DATASET=synthetic RUN=demo SCHEDULER=local
 
 bench: $(STAMP)  ## benchmarks: print and save JSON figures under bench/results/
-	$(PY) -m pipelines.bench --out bench/results
+	$(PY) -m tools.bench --out bench/results
 
 verify: $(STAMP)  ## check a run's shards against their sha256 (rebuilds a stale manifest; QUICK=1: changed files only)
 	$(PY) -m stage1_cam.io.verify $(RUN_DIR)/pseudo_masks $(if $(filter 1,$(QUICK)),--quick)

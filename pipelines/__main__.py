@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from typing import Any, List, Optional
 
 from stage1_cam.config import DictAction, config_hash, load_config
-from stage1_cam.utils.cli import exit_on_user_error
+from stage1_cam.utils.cli import add_config_args, config_overrides, exit_on_user_error
 from stage1_cam.utils.logging import setup_logging
 from stage1_cam.utils.run_dir import RunDir
 
@@ -21,17 +20,16 @@ from .stages import (Paths, StageError, checked_manifest, manifest_complete, mas
                      python_cmd, read_manifest, record_stage2_inputs, run_cmd, stage2_config, stage2_decision,
                      stage2_inputs)
 
-_logger = logging.getLogger("pipelines")
+_logger = logging.getLogger(__name__)
 
 
 def _resolve(args: argparse.Namespace, *, prepare: bool) -> tuple:
-    opts = dict(getattr(args, "cfg_options", None) or {})
-    opts["run.name"] = args.run
+    extra = {}
     if getattr(args, "shards", None):
-        opts["dump.num_shards"] = args.shards
+        extra["dump.num_shards"] = args.shards
     if getattr(args, "head", None):
-        opts["head.type"] = args.head
-    cfg = load_config(args.config, opts)
+        extra["head.type"] = args.head
+    cfg = load_config(args.config, config_overrides(args, extra))
     run = RunDir.from_config(cfg)
     if prepare:
         run.prepare(cfg, overwrite=args.overwrite, seed=cfg.run.seed)
@@ -202,13 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("pseudo-labels", "retrain", "report", "status", "cancel"):
         s = sub.add_parser(name)
-        s.add_argument("--config", required=True, help="stage-1 config (configs/stage1/...)")
-        s.add_argument("--run", default="default", help="run name: runs/<dataset>/<run>/")
+        add_config_args(s, positional=False, run_default="default", run_help="run name: runs/<dataset>/<run>/",
+                        cfg_options_help="stage-1 config overrides a.b=v (resolved once into the run directory)")
         s.add_argument("--scheduler", choices=("local", "slurm"), default="local")
         s.add_argument("--gpus", type=int, default=1)
-        s.add_argument("--overwrite", action="store_true", help="accept a changed config for an existing run")
-        s.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
-                       help="stage-1 config overrides a.b=v (resolved once into the run directory)")
         if name == "pseudo-labels":
             s.add_argument("--shards", type=int, default=None, help="number of shards (default: config)")
             s.add_argument("--head", default=None, help="refinement head (weclip | weakclip)")
@@ -233,5 +228,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return exit_on_user_error(e, _logger, extra=(StageError,))
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # as the package's module, whose logger is named after it (not "__main__")
+    from pipelines.__main__ import main as package_main
+
+    raise SystemExit(package_main())

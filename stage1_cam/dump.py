@@ -59,22 +59,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DumpCfg, DictAction, config_hash, load_config
+from .config import DumpCfg, config_hash, load_config
 from .constants import IGNORE_INDEX
 from .data.class_names import voc_palette
 from .io import ShardFormatError, ShardMeta, ShardReader, ShardWriter, assign_shards, \
     shard_filename, write_manifest
 from .io.shards import shard_inputs
 from .metrics import ConfusionMatrix, json_safe
-from .utils.cli import BadInputError, exit_on_user_error
+from .utils.cli import BadInputError, add_config_args, config_overrides, exit_on_user_error
 from .utils.files import DiskFullError, atomic_write_text, check_free_space, disk_full_error, is_disk_full
 from .utils.logging import EveryN, setup_logging, utc_timestamp
 from .utils.precision import autocast_dtype, precision_name
 from .utils.procs import worker_initializer
 from .utils.run_dir import RunDir, git_sha
 
-# Under ``python -m stage1_cam.dump`` the module is ``__main__``; keep its records in the package logger tree.
-_logger = logging.getLogger("stage1_cam.dump" if __name__ == "__main__" else __name__)
+_logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 METRICS_NAME = "metrics.json"
@@ -867,17 +866,15 @@ def _pct(x: Optional[float]) -> str:
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stage1_cam.dump", description=__doc__.splitlines()[0])
-    p.add_argument("config", help="stage-1 config file (configs/stage1/...)")
+    add_config_args(p, overwrite=False)
     p.add_argument("--checkpoint", help="stage-1 head checkpoint (default: the run's stage1/checkpoints/final.pth)")
     p.add_argument("--shard", help="shard index, or 'all' (default: all; with --evaluate alone: none)")
     p.add_argument("--num-shards", type=int, help="number of shards (default: dump.num_shards)")
-    p.add_argument("--run", help="run name (default: run.name in the config)")
     p.add_argument("--out", help="shard directory (default: the run's pseudo_masks/)")
     p.add_argument("--from-probs", help="re-run CRF/threshold from the stored probabilities in this shard dir")
     p.add_argument("--evaluate", action="store_true",
                    help="score the shards against ground truth (data.eval_split) and write metrics.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, default={}, help="override config keys: a.b=v")
     return p.parse_args(argv)
 
 
@@ -885,12 +882,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     out_dir: Optional[Path] = None
     try:
-        opts = dict(args.cfg_options)
-        if args.run:
-            opts["run.name"] = args.run
-        if args.num_shards is not None:
-            opts["dump.num_shards"] = args.num_shards
-        cfg = load_config(args.config, opts)
+        shards_opt = {} if args.num_shards is None else {"dump.num_shards": args.num_shards}
+        cfg = load_config(args.config, config_overrides(args, shards_opt))
         run_dir = RunDir.from_config(cfg)
         out_dir = Path(args.out) if args.out else run_dir.shard_dir
         num_shards = cfg["dump"]["num_shards"]
@@ -944,8 +937,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
         if isinstance(e, OSError) and not isinstance(e, DiskFullError) and is_disk_full(e):
             e = disk_full_error(out_dir or Path.cwd(), what="the dump's outputs")  # names the space needed
-        return exit_on_user_error(e, "stage1_cam")
+        return exit_on_user_error(e, _logger)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # as the package's module, whose logger is named after it (not "__main__")
+    from stage1_cam.dump import main as package_main
+
+    raise SystemExit(package_main())

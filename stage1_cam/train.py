@@ -23,11 +23,11 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Sampler
 
 from .build import build_stage1
-from .config import DictAction, config_hash, load_config
+from .config import config_hash, load_config
 from .data import TrainAugment, TrainCropDataset, build_dataset
 from .heads import TrainBatch
 from .metrics import ConfusionMatrix
-from .utils.cli import BadInputError, exit_on_user_error
+from .utils.cli import BadInputError, add_config_args, config_overrides, exit_on_user_error
 from .utils.cpu_malloc import retain_freed_memory
 from .utils.dist import DistInfo, device_for, init_distributed, peak_memory_mb, shutdown_distributed
 from .utils.logging import setup_logging
@@ -35,7 +35,7 @@ from .utils.files import atomic_write
 from .utils.precision import autocast_dtype, precision_name
 from .utils.run_dir import RunDir, RunDirError, git_sha, stage_hash
 
-_logger = logging.getLogger("stage1_cam.train")  # not __name__: it is "__main__" under -m
+_logger = logging.getLogger(__name__)
 CKPT_FORMAT = "wsss-stage1-head"
 
 
@@ -336,11 +336,8 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stage1_cam.train", description=__doc__.splitlines()[0])
-    p.add_argument("config", help="stage-1 config file (configs/stage1/...)")
-    p.add_argument("--run", help="run name (default: run.name in the config)")
+    add_config_args(p)
     p.add_argument("--resume", nargs="?", const="latest", help="resume from CKPT (default: the run's latest)")
-    p.add_argument("--overwrite", action="store_true", help="accept a config that differs from the run's saved one")
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, default={}, help="override config keys: a.b=v")
     return p.parse_args(argv)
 
 
@@ -349,10 +346,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     dist = init_distributed()
     ok = False  # a good run: every rank meets at the barrier before the process group goes
     try:
-        opts = dict(args.cfg_options)
-        if args.run:
-            opts["run.name"] = args.run
-        cfg = load_config(args.config, opts)
+        cfg = load_config(args.config, config_overrides(args))
         run_dir = RunDir.from_config(cfg)
         setup_logging(run_dir.path / "stage1" / "train.log", rank=dist.rank)
         if dist.is_main:
@@ -370,11 +364,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         ok = True
         return 0
     except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
-        return exit_on_user_error(e, "stage1_cam")
+        return exit_on_user_error(e, _logger)
     finally:
         if dist.enabled:
             shutdown_distributed(ok)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # as the package's module, whose logger is named after it (not "__main__")
+    from stage1_cam.train import main as package_main
+
+    raise SystemExit(package_main())

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import os.path as osp
-import sys
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -32,14 +31,14 @@ import torch
 
 from stage1_cam.data.datasets import check_label_values
 from stage1_cam.metrics import ConfusionMatrix, json_safe
-from stage1_cam.utils.cli import BadInputError, run_main
+from stage1_cam.utils.cli import BadInputError, add_cfg_options, run_main
 from stage1_cam.utils.files import atomic_write_text, file_sha256
 from stage1_cam.utils.logging import setup_logging, utc_timestamp
 
 from .checkpoint import safe_checkpoint_loading
 from .train import apply_data_root, check_override_keys, resolve_data_root
 
-_logger = logging.getLogger("stage2_seg.test")  # not __name__, which is "__main__" under `python -m`
+_logger = logging.getLogger(__name__)
 
 METRICS_FORMAT = "wsss-stage2-metrics"
 METRICS_VERSION = 1
@@ -143,8 +142,6 @@ def evaluate(model: Any, loader: Iterator[dict], predict: Callable[[Any, dict], 
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    from mmengine.config import DictAction
-
     p = argparse.ArgumentParser(prog="python -m stage2_seg.test", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="stage-2 config (configs/stage2/*.py)")
     p.add_argument("checkpoint", help="checkpoint written by stage2_seg.train (e.g. WORK_DIR/iter_20000.pth)")
@@ -153,7 +150,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--aug-test", action="store_true", help="also evaluate multi-scale + flip (tta_pipeline)")
     p.add_argument("--crf", action="store_true", help="dense CRF on the final probabilities (slow)")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, help="override config keys")
+    add_cfg_options(p, help="override config keys")
     return p.parse_args(argv)
 
 
@@ -236,5 +233,7 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # as the package's module, whose logger is named after it (not "__main__")
+    from stage2_seg.test import main as package_main
+
+    raise SystemExit(package_main())

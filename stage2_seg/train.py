@@ -22,12 +22,10 @@ import argparse
 import logging
 import os
 import os.path as osp
-import sys
 from typing import Any, Iterator, List, Optional
 
 from stage1_cam.constants import ENV_DATA_ROOT
-from stage1_cam.io.shards import ShardFormatError, user_message
-from stage1_cam.utils.cli import EXIT_BAD_INPUT, BadInputError, UnknownNameError, run_main
+from stage1_cam.utils.cli import BadInputError, UnknownNameError, add_cfg_options, run_main
 from stage1_cam.utils.dist import import_before_process_group, shutdown_distributed
 from stage1_cam.utils.logging import setup_logging
 
@@ -35,7 +33,7 @@ from .checkpoint import safe_checkpoint_loading
 from .datasets import require_manifest
 from .pretrained import check_pretrained_available, disable_pretrained
 
-_logger = logging.getLogger("stage2_seg.train")  # not __name__, which is "__main__" under `python -m`
+_logger = logging.getLogger(__name__)
 
 PSEUDO_DATASET_TYPES = ("PseudoMaskSegDataset",)
 _LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
@@ -114,8 +112,6 @@ def enable_amp(cfg: Any) -> None:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    from mmengine.config import DictAction
-
     p = argparse.ArgumentParser(prog="python -m stage2_seg.train", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="stage-2 config (configs/stage2/*.py)")
     p.add_argument("--shards", required=True, help="pseudo-mask directory with manifest.json (RUN/pseudo_masks)")
@@ -128,8 +124,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true", help="automatic mixed precision")
     p.add_argument("--no-pretrained", action="store_true",
                    help="random initialisation: drop model.pretrained and init_cfg Pretrained entries")
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None,
-                   help="override config keys, e.g. train_cfg.max_iters=1000 (existing keys only)")
+    add_cfg_options(p, help="override config keys, e.g. train_cfg.max_iters=1000 (existing keys only)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -232,11 +227,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         with safe_checkpoint_loading():
             runner = Runner.from_cfg(cfg)
-            try:
-                runner.train()
-            except ShardFormatError as e:  # a shard damaged while training (read by a DataLoader worker)
-                _logger.error("%s", user_message(e))
-                return EXIT_BAD_INPUT
+            runner.train()  # a shard damaged while training raises ShardFormatError: one line through run_main
         del runner  # its DDP-wrapped model holds the process group
         ok = True
     finally:
@@ -244,5 +235,7 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # as the package's module, whose logger is named after it (not "__main__")
+    from stage2_seg.train import main as package_main
+
+    raise SystemExit(package_main())

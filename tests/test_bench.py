@@ -3,11 +3,11 @@
 import numpy as np
 import torch
 
-from pipelines import bench, gpu_check
 from stage1_cam.build import build_stage1
 from stage1_cam.config import default_config
 from stage1_cam.utils.precision import native_bf16_cpu
 from tests.numerics import f32_tolerance, vit_block_terms
+from tools import bench, gpu_check
 
 
 def test_bench_train_reports_steps_and_peak_rss():

@@ -344,7 +344,7 @@ GATE_BF16_DUMP_MIOU_DELTA = 0.002  # dumped-mask mIoU, bf16 against float32 (0.2
 def test_world_clip_cpu_bf16_matches_float32(world_stage1, tmp_path):
     """``train.amp="auto"`` picks bf16 on CPUs with native bf16: on the world CLIP, the online pseudo labels keep
     >= 99.9% of their float32 pixels and the dumped masks' mIoU moves by <= 0.2 points (same head)."""
-    from pipelines.gpu_check import compare
+    from tools.gpu_check import compare
     from stage1_cam.config import load_config
     from stage1_cam.data import build_dataset
     from stage1_cam.dump import evaluate_shards, run_dump

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..build import build_cam_stack
-from ..config import DictAction, config_hash, load_config
+from ..config import config_hash, load_config
 from ..data import build_dataset
 from ..data.class_names import voc_palette
 from ..data.transforms import normalization, normalize
@@ -33,14 +33,14 @@ from ..io.shards import ShardMeta, ShardReader, ShardWriter, write_manifest
 from ..metrics import ConfusionMatrix
 from ..refine.affinity import attention_affinity, refine_cams
 from ..refine.sinkhorn import transition_matrix
-from ..utils.cli import exit_on_user_error
+from ..utils.cli import add_config_args, config_overrides, exit_on_user_error
 from ..utils.dist import device_for, init_distributed
 from ..utils.precision import autocast_dtype, precision_name
 from ..utils.logging import EveryN, setup_logging
 from ..utils.run_dir import RunDir, git_sha
 from .base import minmax_scale
 
-_logger = logging.getLogger("stage1_cam.cams")  # not __name__: it is "__main__" under -m
+_logger = logging.getLogger(__name__)
 
 BG_CONSTANTS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
 
@@ -151,17 +151,11 @@ def format_table(result: Dict[str, object]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m stage1_cam.cams", description=__doc__.splitlines()[0])
-    p.add_argument("config")
-    p.add_argument("--run", help="run name (default: run.name in the config)")
-    p.add_argument("--overwrite", action="store_true", help="accept a config that differs from the run's")
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, default={})
+    add_config_args(p)
     args = p.parse_args(argv)
     setup_logging()
     try:
-        opts = dict(args.cfg_options)
-        if args.run:
-            opts["run.name"] = args.run
-        cfg = load_config(args.config, opts)
+        cfg = load_config(args.config, config_overrides(args))
         run_dir = RunDir.from_config(cfg).prepare(cfg, overwrite=args.overwrite, seed=cfg.run.seed)
         device = device_for(init_distributed())
         torch.manual_seed(cfg.run.seed)
@@ -176,8 +170,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         _logger.info("CAMs in %s, metrics in %s", out, out / "metrics.json")
         return 0
     except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
-        return exit_on_user_error(e, "stage1_cam")
+        return exit_on_user_error(e, _logger)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # as the package's module, whose logger is named after it (not "__main__")
+    from stage1_cam.cams.__main__ import main as package_main
+
+    raise SystemExit(package_main())

@@ -21,7 +21,7 @@ from ..utils.logging import setup_logging
 from .datasets import DATASET_DIRS, SegDataset, available_splits, check_layout, resolve_root
 from .synthetic import generate_synthetic
 
-_logger = logging.getLogger("stage1_cam.data")
+_logger = logging.getLogger(__name__)
 
 
 def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -61,5 +61,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # as the package's module, whose logger is named after it (not "__main__")
+    from stage1_cam.data.__main__ import main as package_main
+
+    raise SystemExit(package_main())

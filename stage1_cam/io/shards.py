@@ -44,7 +44,7 @@ import h5py
 import numpy as np
 
 from ..constants import IGNORE_INDEX
-from ..utils.cli import UserError
+from ..utils.cli import UserError, describe_error
 from ..utils.files import atomic_write_text, file_sha256, fsync_dir
 from ..utils.locks import FileLock, LockedError
 
@@ -907,11 +907,7 @@ def _damaged_read(path: Path, name: str, what: str, err: object) -> str:
 
 def user_message(err: BaseException) -> str:
     """The message of a shard error, also when a DataLoader worker re-raised it with its traceback inside."""
-    text = str(err.args[0]) if err.args else str(err)
-    marker = f"{ShardFormatError.__name__}: "
-    if "Original Traceback" in text and marker in text:
-        text = text.rsplit(marker, 1)[1].strip()
-    return text
+    return describe_error(err)
 
 
 class ShardReader:

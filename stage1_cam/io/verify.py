@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from typing import List, Optional
 
+from ..utils.cli import exit_on_user_error
 from ..utils.logging import setup_logging
-from .shards import ShardFormatError, verify_shards
+from .shards import verify_shards
 
-_logger = logging.getLogger("stage1_cam.io.verify")  # not __name__, which is "__main__" under `python -m`
+_logger = logging.getLogger(__name__)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -30,9 +30,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging()
     try:
         m = verify_shards(args.shard_dir, args.num_shards, quick=args.quick)
-    except (FileNotFoundError, ShardFormatError) as e:
-        _logger.error("%s", e)
-        return 2
+    except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
+        return exit_on_user_error(e, _logger)
     _logger.info("%s: %d images in %d/%d finished shards, %s%s", args.shard_dir, m["num_images"], len(m["shards"]),
                  m["num_shards"], "checksums verified" if not args.quick else "changed shards verified",
                  "" if m["complete"] else f"; missing shards {m['missing_shards']}, unfinished "
@@ -40,5 +39,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # as the package's module, whose logger is named after it (not "__main__")
+    from stage1_cam.io.verify import main as package_main
+
+    raise SystemExit(package_main())

@@ -1,4 +1,8 @@
-"""One mapping from user errors to exit code 2, shared by every entry point's ``main()``.
+"""The command-line layer shared by every entry point: one argument layer and one mapping from user errors to exit 2.
+
+Arguments: :func:`add_config_args` adds the config file, ``--run``, ``--overwrite`` and ``--cfg-options`` the same
+way to every stage-1 command; :func:`config_overrides` turns them into the overrides ``load_config`` takes (this
+module imports nothing from the package, as ``config.py`` imports it, so the loading stays with the caller).
 
 Bad input (a config value, a missing or unreadable file, a full disk, a read-only folder) ends a
 command with exit code 2 and one log line that names the file or value and the fix; anything else
@@ -18,18 +22,22 @@ user can fix the cause.
 Usage::
 
     def main(argv=None) -> int:
-        try:
-            ...
-            return 0
-        except Exception as err:  # bad input -> exit 2 with one line; bugs keep their traceback
-            return exit_on_user_error(err, _logger)
+        return run_main(_main, argv, logger=_logger)  # or: try ... except Exception as err: exit_on_user_error
+
+    def _main(argv) -> int:
+        p = argparse.ArgumentParser(prog="python -m stage1_cam.NAME")
+        add_config_args(p)
+        args = p.parse_args(argv)
+        cfg = load_config(args.config, config_overrides(args))
+        ...
 """
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
-from typing import Any, Callable, Dict, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Type, Union
 
 EXIT_BAD_INPUT = 2
 
@@ -88,9 +96,17 @@ def is_user_error(err: BaseException, extra: Sequence[Type[BaseException]] = ())
 
 
 def describe_error(err: BaseException) -> str:
-    """One line for the user: the message, or for a system error the file, what went wrong and the fix."""
+    """One line for the user: the message, or for a system error the file, what went wrong and the fix.
+
+    A user error that a DataLoader worker raised comes back from torch with the worker's traceback in its
+    message; only the original message is kept.
+    """
     if isinstance(err, UserError):  # our own messages already name the file and the fix
-        return ValueError.__str__(err) if isinstance(err, KeyError) else str(err)
+        text = ValueError.__str__(err) if isinstance(err, KeyError) else str(err)
+        marker = f"{type(err).__name__}: "
+        if "Original Traceback" in text and marker in text:
+            text = text.rsplit(marker, 1)[1].strip()
+        return text
     if isinstance(err, OSError) and err.errno is not None:
         what = err.strerror or errno.errorcode.get(err.errno, str(err.errno))
         files = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
@@ -132,3 +148,44 @@ def run_main(body: Callable[..., int], *args: Any, logger: Union[str, logging.Lo
         return body(*args)
     except Exception as err:
         return exit_on_user_error(err, logger, extra=extra)
+
+
+# ------------------------------------------------------------------------------------------- the argument layer
+def add_cfg_options(parser: argparse.ArgumentParser, *, help: str = "override config keys: a.b=v") -> None:
+    """``--cfg-options a.b=v ...`` (mmengine's ``DictAction``): a dict of overrides, empty when absent."""
+    from mmengine.config import DictAction  # imported on use: this module stays free of heavy imports
+
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={}, help=help)
+
+
+def add_config_args(parser: argparse.ArgumentParser, *, positional: bool = True, overwrite: bool = True,
+                    run_default: Optional[str] = None, run_help: str = "run name (default: run.name in the config)",
+                    cfg_options_help: str = "override config keys: a.b=v") -> None:
+    """The arguments every stage-1 command shares: the config, ``--run``, ``--overwrite``, ``--cfg-options``.
+
+    Args:
+        positional: the config is the first positional argument (``CONFIG``); otherwise a required ``--config``.
+        overwrite: add ``--overwrite`` (accept a config that differs from the run's saved one).
+        run_default, run_help: ``--run``'s default and help.
+        cfg_options_help: ``--cfg-options``' help.
+    """
+    config_help = "stage-1 config file (configs/stage1/...)"
+    if positional:
+        parser.add_argument("config", help=config_help)
+    else:
+        parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--run", default=run_default, help=run_help)
+    if overwrite:
+        parser.add_argument("--overwrite", action="store_true",
+                            help="accept a config that differs from the run's saved one")
+    add_cfg_options(parser, help=cfg_options_help)
+
+
+def config_overrides(args: argparse.Namespace, extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The config overrides of a command line from :func:`add_config_args`: ``--cfg-options``, then ``--run`` as
+    ``run.name``, then ``extra`` (the command's own options, e.g. ``{"dump.num_shards": 4}``); for ``load_config``."""
+    opts = dict(getattr(args, "cfg_options", None) or {})
+    if getattr(args, "run", None):
+        opts["run.name"] = args.run
+    opts.update(extra or {})
+    return opts

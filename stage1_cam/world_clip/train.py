@@ -614,8 +614,7 @@ def _preset_from_stage1_config(path: str) -> Tuple[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m stage1_cam.world_clip``: train (or find cached) the synthetic world's CLIP; prints its path."""
-    from ..config import DictAction
-    from ..utils.cli import exit_on_user_error
+    from ..utils.cli import add_cfg_options, exit_on_user_error
     from ..utils.logging import setup_logging
 
     p = argparse.ArgumentParser(prog="python -m stage1_cam.world_clip", description=__doc__.split("\n\n")[0])
@@ -623,9 +622,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     src.add_argument("--config", help="stage-1 config whose clip.weights is 'world:<preset>' (checked against it)")
     src.add_argument("--preset", default=None, help=f"preset name (default: default; valid: "
                      f"{', '.join(sorted(WORLD_PRESETS))})")
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
-                   help="override preset fields, e.g. steps=100 (the result is cached under its own hash and is "
-                        "then used through clip.weights=<printed path>, not through the preset)")
+    add_cfg_options(p, help="override preset fields, e.g. steps=100 (the result is cached under its own hash and is "
+                    "then used through clip.weights=<printed path>, not through the preset)")
     p.add_argument("--cache", default=None, help=f"cache root (default ${ENV_CACHE} or ~/.cache/wsss-clip)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--force", action="store_true", help="retrain even if cached")
@@ -650,5 +648,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # as the package's module, whose logger is named after it (not "__main__")
+    from stage1_cam.world_clip.train import main as package_main
+
+    raise SystemExit(package_main())

@@ -1,4 +1,4 @@
-"""Same results on a GPU (or in CPU bf16): ``python -m pipelines.gpu_check [--device cpu] [--out bench/results]``.
+"""Same results on a GPU (or in CPU bf16): ``python -m tools.gpu_check [--device cpu] [--out bench/results]``.
 
 One WeCLIP training forward/backward and one dump-path prediction of the same ViT-B/16 head (random weights,
 VOC classes, RFM on, batch 4, 320x320 synthetic-world crops with their own labels) on the CPU in float32
@@ -14,6 +14,7 @@ where random weights give near-ties that any rounding flips). ``--device cpu`` c
 from __future__ import annotations
 
 import argparse
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -22,10 +23,12 @@ import numpy as np
 import torch
 
 from stage1_cam.heads import TrainBatch
-from stage1_cam.utils.precision import cpu_features
 from stage1_cam.utils.cli import run_main
+from stage1_cam.utils.precision import cpu_features
 
 from .bench import save_results
+
+_logger = logging.getLogger(__name__)
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -157,11 +160,11 @@ def compare(model: str, size: int, batch: int, device: torch.device, modes: Sequ
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; bad input (an unwritable --out, a missing weights file) exits with code 2 and one message."""
-    return run_main(_main, argv, logger="pipelines")
+    return run_main(_main, argv, logger=_logger)
 
 
 def _main(argv: Optional[List[str]]) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipelines.gpu_check", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tools.gpu_check", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--model", default="ViT-B-16")
     p.add_argument("--size", type=int, default=320)
@@ -182,5 +185,7 @@ def _main(argv: Optional[List[str]]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # as the package's module, whose logger is named after it (not "__main__")
+    from tools.gpu_check import main as package_main
+
+    raise SystemExit(package_main())

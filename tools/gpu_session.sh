@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Stage-1 figures on a CUDA machine, in one go (ViT-B/16 shapes, random weights; no data or weights needed):
 #   1. the training-step benchmark (s/iter, peak GPU memory) for bf16, fp16 and float32 autocast;
-#   2. GPU vs CPU results of the same head (pipelines.gpu_check); with WITH_WORLD=1 also on the trained
+#   2. GPU vs CPU results of the same head (tools.gpu_check); with WITH_WORLD=1 also on the trained
 #      synthetic-world CLIP, whose peaked CAMs are closer to real CLIP's than random weights' near-ties;
 #   3. a short real run of the VOC WeCLIP config (python -m stage1_cam.train, then stage1_cam.dump with the
 #      CRF and --evaluate) on a VOC-sized synthetic set: the entry points, logging, checkpoints and the
 #      dump's CRF workers on a GPU machine;
 #   4. the dump, GradCAM and WeakCLIP benchmarks.
-# Usage: bash pipelines/gpu_session.sh OUT_DIR [TRAIN_ITERS]   (a python with the requirements: $PYTHON or python3)
+# Usage: bash tools/gpu_session.sh OUT_DIR [TRAIN_ITERS]   (a python with the requirements: $PYTHON or python3)
 # Results: OUT_DIR/*.json (as `make bench` writes them) and OUT_DIR/gpu_run.tgz (the short run's logs and metrics).
 set -uo pipefail
 OUT=${1:?usage: gpu_session.sh OUT_DIR [TRAIN_ITERS]}
@@ -25,10 +25,10 @@ step() {  # run one step; a failure is reported and the later steps still run
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
-step "$PY" -m pipelines.bench --only train --steps 20 --out "$OUT"
-step "$PY" -m pipelines.gpu_check --out "$OUT"
+step "$PY" -m tools.bench --only train --steps 20 --out "$OUT"
+step "$PY" -m tools.gpu_check --out "$OUT"
 if [ -n "${WITH_WORLD:-}" ]; then  # the trained synthetic-world CLIP (`make world`; found via $WSSS_CACHE)
-    step "$PY" -m pipelines.gpu_check --model wsss-world-ViT-16 --size 160 --weights world:default \
+    step "$PY" -m tools.gpu_check --model wsss-world-ViT-16 --size 160 --weights world:default \
         --name gpu-consistency-world --out "$OUT"
 fi
 
@@ -44,7 +44,7 @@ step "$PY" -m stage1_cam.dump "$CFG" --run gpu --shard all --num-shards 2 --eval
     --cfg-options "${OPTS[@]}"
 tar czf "$OUT/gpu_run.tgz" -C "$WORK/runs" --exclude='*.pth' --exclude='*.h5' .
 
-step "$PY" -m pipelines.bench --only dump cam train_weakclip --steps 10 --repeats 10 --images 64 --out "$OUT"
+step "$PY" -m tools.bench --only dump cam train_weakclip --steps 10 --repeats 10 --images 64 --out "$OUT"
 rm -rf "$WORK"
 if [ ${#FAILED[@]} -gt 0 ]; then
     printf 'failed step: %s\n' "${FAILED[@]}"

@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): ``python -m pipelines.bench [--only NAME ...] [--out bench/results]``.
+"""Benchmarks (not tests): ``python -m tools.bench [--only NAME ...] [--out bench/results]``.
 
 Each benchmark prints its figures and saves them as JSON (``bench/results/<name>-<device>.json``), with the
 device, the CPU's capabilities (ATen kernel level, native bf16), torch version, settings, and the float32 GEMM rate
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import platform
 import statistics
 import subprocess
@@ -35,9 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from stage1_cam.heads import TrainBatch
+from stage1_cam.utils.cli import run_main
 from stage1_cam.utils.precision import autocast_dtype, cpu_features, native_bf16_cpu, precision_name
 
-from stage1_cam.utils.cli import run_main
+_logger = logging.getLogger(__name__)
 
 
 def _device() -> torch.device:
@@ -340,11 +342,11 @@ def _bench_weakclip(a: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; bad input (an unwritable --out, a missing weights file) exits with code 2 and one message."""
-    return run_main(_main, argv, logger="pipelines")
+    return run_main(_main, argv, logger=_logger)
 
 
 def _main(argv: Optional[List[str]]) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="+", choices=sorted(BENCHES), default=sorted(BENCHES))
     p.add_argument("--out", default="bench/results")
     p.add_argument("--model", default="ViT-B-16")
@@ -359,7 +361,7 @@ def _main(argv: Optional[List[str]]) -> int:
         # benchmark before, and allocator/thread-pool state stays comparable.
         rest = [f"--{k}={v}" for k, v in vars(args).items() if k != "only"]
         for name in args.only:
-            subprocess.run([sys.executable, "-m", "pipelines.bench", "--only", name, *rest], check=True)
+            subprocess.run([sys.executable, "-m", "tools.bench", "--only", name, *rest], check=True)
         return 0
     device = _device()
     out = Path(args.out)
@@ -378,5 +380,7 @@ def _main(argv: Optional[List[str]]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # as the package's module, whose logger is named after it (not "__main__")
+    from tools.bench import main as package_main
+
+    raise SystemExit(package_main())
