@@ -28,11 +28,12 @@ NEEDS_WORLD = $(if $(filter synthetic,$(DATASET)),world)
 PYTEST_ARGS ?=
 OPTIONS   ?=
 S2_OPTIONS ?=
+DESCRIPTIONS ?= $(RUN_DIR)/bank/descriptions.json
 COMMON     = --config $(CONFIG) --run $(RUN) --scheduler $(SCHEDULER) --gpus $(GPUS) $(if $(OPTIONS),--cfg-options $(OPTIONS)) $(if $(filter 1,$(OVERWRITE)),--overwrite)
 
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help setup test test-slow test-all data cams world demo pseudo-labels retrain report bench status cancel clean verify
+.PHONY: help setup test test-slow test-all data cams bank world demo pseudo-labels retrain report bench status cancel clean verify
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -56,6 +57,9 @@ data: $(STAMP)  ## generate (synthetic) or check (voc, coco) the dataset under $
 
 cams: $(STAMP) $(NEEDS_WORLD) data  ## initial CLIP CAMs for a split + their evaluation table
 	$(PY) -m stage1_cam.cams $(CONFIG) --run $(RUN)
+
+bank: $(STAMP) $(NEEDS_WORLD) data  ## ExCEL's attribute bank from DESCRIPTIONS={class: [sentences]}.json (synthetic: written from the generator)
+	$(PY) -m stage1_cam.cams.bank $(CONFIG) --run $(RUN) --descriptions $(DESCRIPTIONS) $(if $(filter synthetic,$(DATASET)),--write-synthetic) $(if $(OPTIONS),--cfg-options $(OPTIONS))
 
 world: $(STAMP)  ## tiny CLIP trained on the synthetic world, cached under $$WSSS_CACHE/world (default ~/.cache/wsss-clip)
 	$(PY) -m stage1_cam.world_clip --config $(CONFIG_world)

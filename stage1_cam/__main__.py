@@ -21,6 +21,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "train": ("stage1_cam.train", "train the refinement head (stage1/checkpoints/final.pth)"),
     "dump": ("stage1_cam.dump", "dump pseudo-masks into HDF5 shards; --evaluate scores them"),
     "cams": ("stage1_cam.cams.__main__", "initial CLIP CAMs for a split and their evaluation table"),
+    "bank": ("stage1_cam.cams.bank", "ExCEL's attribute bank (TSE) from class descriptions, cached in the run"),
     "data": ("stage1_cam.data.__main__", "generate (synthetic) or check (voc, coco) a dataset"),
     "world": ("stage1_cam.world_clip.train", "train (or find cached) the synthetic world's CLIP"),
     "export": ("stage1_cam.io.export", "export pseudo-mask shards to a folder of PNGs"),

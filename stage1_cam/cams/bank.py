@@ -38,17 +38,17 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 import torch.nn as nn
 
-from ..config import DictAction, config_hash, load_config
+from ..config import config_hash, load_config
 from ..data.class_names import get_classes
 from ..models.model_configs import model_config
-from ..utils.cli import BadInputError, run_main
+from ..utils.cli import BadInputError, add_config_args, config_overrides, run_main
 from ..utils.files import atomic_write, atomic_write_text
 from ..utils.logging import setup_logging
 from ..utils.run_dir import RunDir
 from .attributes import (BANK_SUFFIXES, KMEANS_SEED, build_attribute_bank, is_bank_file,  # noqa: F401 (re-exported)
                          load_attribute_bank, load_bank_file, load_descriptions, match_classes)
 
-_logger = logging.getLogger("stage1_cam.cams.bank")  # not __name__: it is "__main__" under -m
+_logger = logging.getLogger(__name__)
 
 BANK_VERSION = 1  # bump when the clustering changes: cached banks are then rebuilt under new names
 BANK_DIR = "bank"  # under the run directory
@@ -199,28 +199,24 @@ def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stage1_cam.cams.bank",
                                 description="ExCEL's attribute bank (TSE): cluster class descriptions with the "
                                             "run's CLIP (cached in the run directory), or check a released bank")
-    p.add_argument("config", help="stage-1 config (uses clip, cam.num_attributes, data.dataset, run)")
+    add_config_args(p, overwrite=False)  # uses clip, cam.num_attributes, data.dataset and run of the config
     p.add_argument("--descriptions", metavar="FILE",
                    help="class-descriptions JSON {class: [sentences]} or ExCEL's *_embedding_bank.pth "
                         "(default: cam.descriptors)")
-    p.add_argument("--run", help="run name (default: run.name in the config)")
     p.add_argument("-k", "--num-attributes", type=int, help="clusters (default: cam.num_attributes)")
     p.add_argument("--write-synthetic", action="store_true",
                    help="first write the synthetic world's descriptions to FILE (synthetic dataset only; an "
                         "existing different file is refused)")
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, default={})
     return p.parse_args(argv)
 
 
 def _main(args: argparse.Namespace) -> int:
-    opts = dict(args.cfg_options)
-    if args.run:
-        opts["run.name"] = args.run
+    extra: Dict[str, Any] = {}
     if args.num_attributes is not None:
-        opts["cam.num_attributes"] = args.num_attributes
+        extra["cam.num_attributes"] = args.num_attributes
     if args.descriptions:
-        opts["cam.descriptors"] = args.descriptions
-    cfg = load_config(args.config, opts)
+        extra["cam.descriptors"] = args.descriptions
+    cfg = load_config(args.config, config_overrides(args, extra))
     source = cfg.cam.descriptors
     if args.write_synthetic:
         if not source or is_bank_file(source):
@@ -254,5 +250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run_main(_main, args, logger=_logger)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # as the package's module, whose logger is named after it (not "__main__")
+    from stage1_cam.cams.bank import main as package_main
+
+    raise SystemExit(package_main())
