@@ -320,7 +320,12 @@ def validate_config(cfg: Config, source: str = "<config>") -> ConfigDict:
     out = validate_section(raw, Stage1Cfg, "", source)
     out["head"] = _validate_head(raw.get("head", {"type": "weclip"}), source)
     _check_values(out, source)
-    return ConfigDict(out)
+    cfg_out = ConfigDict(out)
+    try:
+        HEADS.get(out["head"]["type"]).check_config(cfg_out)  # rules between the head and the other sections
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg_out
 
 
 def default_config(options: Optional[Dict[str, Any]] = None) -> ConfigDict:

@@ -44,16 +44,18 @@ def radius_mask(h: int, w: int, radius: int, device: torch.device | None = None)
     return ((ys[:, None] - ys[None, :]).abs() <= radius) & ((xs[:, None] - xs[None, :]).abs() <= radius)
 
 
-def affinity_label(label: torch.Tensor, grid: tuple, radius: int, *,
-                   ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def affinity_label(label: torch.Tensor, grid: tuple, radius: int, *, ignore_index: int = IGNORE_INDEX,
+                   ignore_diagonal: bool = False) -> torch.Tensor:
     """Pairwise same-class labels on the patch grid (reference cams_to_affinity_label).
 
     Args:
         label: (B, H, W) int64 pseudo label.
         grid: (h, w) patch grid; the label is nearest-downsampled to it.
+        ignore_diagonal: also ignore each pixel's pair with itself (always "same"). WeCLIP's and ExCEL's code in
+            effect keep it (False); ExCEL's earlier, shadowed definition ignored it.
     Returns:
         (B, hw, hw) uint8 in {0, 1, ignore_index}: 1 same class, 0 different, ignore outside the radius
-        window or where either pixel is ignored.
+        window or where either pixel is ignored (and on the diagonal with ``ignore_diagonal``).
     """
     small = F.interpolate(label[:, None].float(), size=grid, mode="nearest")[:, 0].long().flatten(1)  # (B, hw)
     same = (small[:, :, None] == small[:, None, :]).to(torch.uint8)
@@ -61,6 +63,8 @@ def affinity_label(label: torch.Tensor, grid: tuple, radius: int, *,
                       torch.full_like(same, ignore_index))
     ign = (small == ignore_index)
     out[ign[:, :, None].expand_as(out) | ign[:, None, :].expand_as(out)] = ignore_index
+    if ignore_diagonal:
+        out.diagonal(dim1=1, dim2=2).fill_(ignore_index)
     return out
 
 

@@ -24,6 +24,12 @@ image features are normalised per channel across tokens (``norm(dim=1)`` of ``(B
 the class text rows as given. ``parity=False`` (documented behaviour) averages over heads, L2-normalises
 each token, and L2-normalises the class rows before TSE (equal up to rounding for unit-norm rows).
 
+Learnable visual calibration (LVC, 4.7): called with ``ex_feats`` (the detached fused decoder features ``F_u``,
+``(B, C, h, w)``), the SVC blocks add :func:`lvc_attention` of them to the patch block of their calibrated
+attention (:func:`svc_attention`) and the maps come from that calibrated pass. Only the calibrated path changes,
+so a call with ``reuse=`` (the plain pass's :class:`CamOutput` of the same images) recomputes just that path and
+returns the plain pass's attention and features (ExCEL refines with the first pass's attention).
+
 Optional text semantic enrichment (TSE, 4.4): :func:`enrich_text` with an attribute bank, loaded from
 ExCEL's released ``*_embedding_bank.pth`` or clustered from class descriptions and cached
 (:mod:`stage1_cam.cams.attributes`, cached by :mod:`stage1_cam.cams.bank`; needs scikit-learn).
@@ -47,6 +53,7 @@ import torch.nn.functional as F
 
 from ..models.clip_backbone import ClipFeatures, FrozenClipBackbone, block_mlp, merge_heads, qkv_heads, \
     softmax_attention
+from ..refine.affinity import centered_cosine
 from ..registry import CAM_SOURCES
 from .base import CamOutput, attention_without_cls, check_attn_layers, normalize_labels
 
@@ -117,6 +124,56 @@ def minmax_over_tokens(sim: torch.Tensor) -> torch.Tensor:
     return (sim - mn) / rng
 
 
+@torch.no_grad()
+def lvc_attention(ex_feats: torch.Tensor, *, batch_global: bool = False, scale: float = 3.0) -> torch.Tensor:
+    """LVC's extra attention from decoder features (ExCEL ``cure_attr_map``, spec 4.7).
+
+    ``s = scale (cos - mean)`` with ``cos`` the cosine self-similarity of the channel-normalised features and the
+    mean per image (default) or over the whole batch (``batch_global``: the reference, which couples the images);
+    ``s < 0`` is masked to ``-inf`` and each row soft-maxed, so every row sums to 1. The diagonal is never masked:
+    a token's cosine with itself is 1 >= the mean, so this only matters for a token whose features are all zero
+    (cosine 0 everywhere), whose row would otherwise be all ``-inf`` (NaN after the softmax); it attends to itself.
+
+    Args:
+        ex_feats: ``(B, C, h, w)`` or ``(B, C, hw)`` features (detached by the caller or here: no autograd).
+
+    Returns:
+        float32 ``(B, hw, hw)``, rows summing to 1.
+    """
+    s = scale * centered_cosine(ex_feats, batch_global=batch_global)
+    keep = (s >= 0) | torch.eye(s.shape[-1], dtype=torch.bool, device=s.device)
+    return torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
+
+
+def svc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, head_sum: bool,
+                  ex_attn: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SVC's intra-correlation attention, combined over heads, optionally with LVC's attention added.
+
+    ``A = [softmax(q q^T s) + softmax(k k^T s) + softmax(v v^T s)] / 3`` per head, then summed over the heads
+    (``head_sum``: the reference; rows sum to H) or averaged (rows sum to 1). ``ex_attn`` (rows summing to 1) is
+    added to the patch block ``A[:, :, 1:, 1:]`` with weight 1 when summing (the reference) and ``1 / H`` when
+    averaging, so the averaged attention is the summed one divided by H with or without LVC: the CLS row sums to
+    H (sum) / 1 (mean), the patch rows to H + 1 / 1 + 1/H.
+
+    Args:
+        q, k, v: ``(B, H, L, hd)``.
+        ex_attn: ``(B, L - 1, L - 1)`` from :func:`lvc_attention`, or None.
+
+    Returns:
+        float32 ``(B, 1, L, L)``, shared by every head.
+    """
+    a = (softmax_attention(q, q) + softmax_attention(k, k) + softmax_attention(v, v)) / 3.0
+    a = a.sum(dim=1, keepdim=True) if head_sum else a.mean(dim=1, keepdim=True)
+    if ex_attn is not None:
+        b, _, n, _ = a.shape
+        if ex_attn.shape != (b, n - 1, n - 1):
+            raise ValueError(f"ex_attn must be (B={b}, {n - 1}, {n - 1}) (the patch tokens), got "
+                             f"{tuple(ex_attn.shape)}: LVC features on another grid or batch than the images")
+        weight = 1.0 if head_sum else 1.0 / q.shape[1]
+        a[:, :, 1:, 1:] += weight * ex_attn.to(a.dtype)[:, None]
+    return a
+
+
 # ----------------------------------------------------------------------------------------------------
 # Attribute bank
 # ----------------------------------------------------------------------------------------------------
@@ -167,53 +224,73 @@ class ExcelSVC:
         self.num_classes = int(fg.shape[0])
         self.text = F.normalize(torch.cat([fg, bg_text.detach().float().to(fg.device)], dim=0), dim=-1)  # (T, E)
 
-    def image_features(self, images: torch.Tensor) -> Tuple[torch.Tensor, ClipFeatures, torch.Tensor]:
+    def image_features(self, images: torch.Tensor, *, ex_attn: Optional[torch.Tensor] = None,
+                       features: Optional[ClipFeatures] = None
+                       ) -> Tuple[torch.Tensor, ClipFeatures, Optional[torch.Tensor]]:
         """Dual-path forward.
 
         Args:
             images: ``(B, 3, H, W)`` normalised images.
+            ex_attn: LVC attention ``(B, h*w, h*w)`` (:func:`lvc_attention`) added in the SVC blocks, or None.
+            features: the original path of these images from an earlier call (all N blocks' tokens): only the
+                calibrated path is computed (it is the only part ``ex_attn`` changes), and no attention is returned.
 
         Returns:
             features ``I (B, 1 + h*w, E)`` float32 (normalised as described in the module docstring),
             :class:`ClipFeatures` of the original path (all N blocks, head-averaged attention), and the
-            attention ``(B, N, h*w, h*w)`` to return (head-summed in SVC blocks when ``parity``).
+            attention ``(B, N, h*w, h*w)`` to return (head-summed in SVC blocks when ``parity``; None when
+            ``features`` was given).
         """
         bb = self.backbone
         n_blocks = bb.num_blocks
         start = n_blocks - self.svc_blocks
+        reuse = features is not None
+        if reuse and len(features.tokens) != n_blocks:
+            raise ValueError(f"features must hold all {n_blocks} blocks' tokens, got {len(features.tokens)}")
         with torch.no_grad():
-            feats = bb(images, num_blocks=start)
-            tokens, attn_mean = list(feats.tokens), list(feats.attn)
-            attn_out = list(feats.attn)
-            x_ori = x_new = feats.tokens[-1]
+            if reuse:
+                tokens, grid = features.tokens, features.grid
+                x_ori = x_new = tokens[start - 1]
+            else:
+                feats = bb(images, num_blocks=start)
+                tokens, attn_mean, grid = list(feats.tokens), list(feats.attn), feats.grid
+                attn_out = list(feats.attn)
+                x_ori = x_new = feats.tokens[-1]
             for i in range(start, n_blocks):
                 blk = bb.blocks[i]
+                if reuse:
+                    x_ori = tokens[i - 1]  # the input of block i on the original path
                 q, k, v = qkv_heads(blk, blk.ln_1(x_ori))
-                a_ori = softmax_attention(q, k)  # (B, H, L, L)
-                a_svc = (softmax_attention(q, q) + softmax_attention(k, k) + softmax_attention(v, v)) / 3.0
-                a_svc = a_svc.sum(dim=1, keepdim=True) if self.parity else a_svc.mean(dim=1, keepdim=True)
+                a_svc = svc_attention(q, k, v, head_sum=self.parity, ex_attn=ex_attn)
                 x_new = x_new + blk.ls_1(merge_heads(blk, a_svc.to(v.dtype) @ v))  # calibrated path, no MLP
-                x_ori = block_mlp(blk, x_ori + blk.ls_1(merge_heads(blk, a_ori.to(v.dtype) @ v)))
-                tokens.append(x_ori)
-                attn_mean.append(a_ori.mean(dim=1))
-                attn_out.append(a_ori.sum(dim=1) if self.parity else a_ori.mean(dim=1))
-            x_new = torch.cat([x_ori[:, :1], x_new[:, 1:]], dim=1)
+                if not reuse:
+                    a_ori = softmax_attention(q, k)  # (B, H, L, L)
+                    x_ori = block_mlp(blk, x_ori + blk.ls_1(merge_heads(blk, a_ori.to(v.dtype) @ v)))
+                    tokens.append(x_ori)
+                    attn_mean.append(a_ori.mean(dim=1))
+                    attn_out.append(a_ori.sum(dim=1) if self.parity else a_ori.mean(dim=1))
+            cls = tokens[-1][:, :1]
+            x_new = torch.cat([cls, x_new[:, 1:]], dim=1)
             feat = (bb.visual.ln_post(x_new) @ bb.visual.proj).float()  # (B, L, E)
             if self.parity:
                 feat = feat / feat.norm(dim=1, keepdim=True)  # reference: per channel, across tokens
             else:
                 feat = F.normalize(feat, dim=-1)
-        features = ClipFeatures(tokens=tokens, attn=attn_mean, grid=feats.grid)
+        if reuse:
+            return feat, features, None
+        features = ClipFeatures(tokens=tokens, attn=attn_mean, grid=grid)
         return feat, features, attention_without_cls(attn_out)
 
-    def alignment_maps(self, images: torch.Tensor) -> Tuple[torch.Tensor, ClipFeatures, torch.Tensor]:
-        """Patch-text maps for every foreground class.
+    def alignment_maps(self, images: torch.Tensor, *, ex_attn: Optional[torch.Tensor] = None,
+                       features: Optional[ClipFeatures] = None
+                       ) -> Tuple[torch.Tensor, ClipFeatures, Optional[torch.Tensor]]:
+        """Patch-text maps for every foreground class (``ex_attn``, ``features``: as :meth:`image_features`).
 
         Returns:
             maps ``(B, h*w, C_fg)`` in ``[0, 1]``, the original-path :class:`ClipFeatures`, and the
-            attention ``(B, N, h*w, h*w)``.
+            attention ``(B, N, h*w, h*w)`` (None when ``features`` was given).
         """
-        feat, features, attn = self.image_features(images)
+        feat, features, attn = self.image_features(images, ex_attn=ex_attn, features=features)
         with torch.no_grad():
             if self.text.device != feat.device:
                 self.text = self.text.to(feat.device)
@@ -221,7 +298,8 @@ class ExcelSVC:
         return sim[:, 1:, : self.num_classes], features, attn
 
     def __call__(self, images: torch.Tensor, labels: Sequence[Sequence[int]], *,
-                 attn_layers: Optional[int] = None) -> CamOutput:
+                 attn_layers: Optional[int] = None, ex_feats: Optional[torch.Tensor] = None,
+                 ex_batch_global: bool = False, reuse: Optional[CamOutput] = None) -> CamOutput:
         """CAMs of the present classes of each image.
 
         Args:
@@ -229,12 +307,28 @@ class ExcelSVC:
             labels: per image, present foreground class ids (1-based).
             attn_layers: return only the last ``attn_layers`` attention maps (default: all blocks; the SVC
                 pass computes every map either way).
+            ex_feats: LVC: decoder features ``(B, C, h, w)`` on the patch grid (detached here); the maps come
+                from the calibrated pass with :func:`lvc_attention` of them added in the SVC blocks.
+            ex_batch_global: LVC's similarity mean over the whole batch (reference) instead of per image.
+            reuse: this source's output for the same ``images`` (a plain pass): its original path is reused
+                (only the calibrated path is recomputed) and its attention and features are returned.
 
         Returns:
             :class:`~stage1_cam.cams.CamOutput` (no autograd graph anywhere).
         """
         keys = normalize_labels(labels, batch_size=images.shape[0], num_classes=self.num_classes)
-        maps, features, attn = self.alignment_maps(images)
+        ex_attn = None
+        if ex_feats is not None:
+            if ex_feats.dim() != 4 or ex_feats.shape[0] != images.shape[0]:
+                raise ValueError(f"ex_feats must be (B={images.shape[0]}, C, h, w), got {tuple(ex_feats.shape)}")
+            ex_attn = lvc_attention(ex_feats.detach(), batch_global=ex_batch_global)
+        if reuse is not None:
+            if reuse.features.tokens[0].shape[0] != images.shape[0]:
+                raise ValueError("reuse holds another batch than images")
+            maps, features, _ = self.alignment_maps(images, ex_attn=ex_attn, features=reuse.features)
+            attn = reuse.attn
+        else:
+            maps, features, attn = self.alignment_maps(images, ex_attn=ex_attn)
         h, w = features.grid
         cams = []
         for b, k in enumerate(keys):

@@ -93,6 +93,12 @@ class Stage1Head(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Rules between the head and the other sections (e.g. the CAM source it needs), checked when the config is
+        validated, before anything is built or created; raise :class:`~stage1_cam.utils.schema.ConfigError` naming
+        the keys. Default: none."""
+
+    @classmethod
     def requires(cls, cfg: Any) -> Tuple[str, ...]:
         """Inputs that must exist before training (names in :data:`REQUIREMENTS`); ``pipelines`` makes them."""
         return ()

@@ -73,6 +73,51 @@ class PseudoLabelCfg:
     rfm_score: str = "signed"
 
 
+@torch.no_grad()
+def online_pseudo_labels(cams: Sequence[torch.Tensor], keys: Sequence[np.ndarray], attn: torch.Tensor,
+                         dec_aff: Optional[torch.Tensor], *, cfg: PseudoLabelCfg, par: Optional[PAR],
+                         images: torch.Tensor, out_size: Tuple[int, int],
+                         box_threshold: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CAMs -> online pseudo labels (reference_spec 1.6-1.7): attention affinity (the mean of the last
+    ``cfg.attn_layers`` maps, or with ``dec_aff`` the RFM-filtered mean of the last ``cfg.rfm_layers`` times it),
+    Sinkhorn transition, box-masked propagation, background ``(1 - max)^alpha``, PAR, argmax.
+
+    Args:
+        cams: per image (K_b, h, w) CAMs in [0, 1].
+        keys: per image sorted foreground class ids (K_b,).
+        attn: (B, n_blocks, hw, hw) attention, CLS removed.
+        dec_aff: (B, hw, hw) decoder affinity, or None for the plain attention mean.
+        cfg: the settings (box threshold, background exponent, layers, RFM score, parity).
+        par: PAR module, or None to skip it.
+        images: (B, 3, H', W') normalised images for PAR.
+        out_size: (H, W) of the labels.
+        box_threshold: overrides ``cfg.box_threshold`` (e.g. a validation threshold).
+
+    Returns:
+        labels (B, H, W) int64 and confidence (B, H, W) float32.
+    """
+    box = cfg.box_threshold if box_threshold is None else box_threshold
+    if dec_aff is not None:
+        m, _ = rfm_affinity(attn.float(), dec_aff.float(), last=cfg.rfm_layers, score=cfg.rfm_score)
+    else:
+        m = attention_affinity(attn.float(), last=cfg.attn_layers)
+    trans = transition_matrix(m)  # (B, hw, hw)
+    b = len(cams)
+    h, w = cams[0].shape[-2:]
+    kmax = max(len(k) for k in keys)
+    padded = attn.new_zeros((b, kmax, h, w))
+    padded_keys = torch.full((b, kmax), -1, dtype=torch.long, device=attn.device)
+    for i in range(b):
+        k = len(keys[i])
+        if k:
+            padded[i, :k] = refine_cams(cams[i].float(), trans[i], box_threshold=box, parity=cfg.parity)
+            padded_keys[i, :k] = torch.as_tensor(keys[i], device=attn.device)
+    use_par = par is not None and kmax > 0
+    labels, confs = cams_to_label_batch(padded, padded_keys, out_size=out_size, bg_exponent=cfg.bg_exponent,
+                                        images=images if use_par else None, par=par if use_par else None)
+    return labels.long(), confs.float()
+
+
 @register_head("weclip")
 class WeCLIPHead(Stage1Head):
     """Trainable decoder plus the (non-trainable) online pseudo-label generator.
@@ -139,7 +184,7 @@ class WeCLIPHead(Stage1Head):
     def pseudo_labels(self, images: torch.Tensor, cams: Sequence[torch.Tensor], keys: Sequence[np.ndarray],
                       attn: torch.Tensor, dec_aff: Optional[torch.Tensor], *, out_size: Tuple[int, int],
                       par_images: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Online pseudo labels.
+        """Online pseudo labels (:func:`online_pseudo_labels` with this head's settings).
 
         Args:
             images: (B, 3, H, W) normalised network input (for PAR unless ``par_images`` is given).
@@ -152,27 +197,8 @@ class WeCLIPHead(Stage1Head):
         Returns:
             labels (B, H, W) int64 and confidence (B, H, W) float32.
         """
-        par_src = images if par_images is None else par_images
-        if dec_aff is not None:
-            m, _ = rfm_affinity(attn.float(), dec_aff.float(), last=self.pseudo.rfm_layers, score=self.pseudo.rfm_score)
-        else:
-            m = attention_affinity(attn.float(), last=self.pseudo.attn_layers)
-        trans = transition_matrix(m)  # (B, hw, hw)
-        b = len(cams)
-        h, w = cams[0].shape[-2:]
-        kmax = max(len(k) for k in keys)
-        padded = attn.new_zeros((b, kmax, h, w))
-        padded_keys = torch.full((b, kmax), -1, dtype=torch.long, device=attn.device)
-        for i in range(b):
-            k = len(keys[i])
-            if k:
-                padded[i, :k] = refine_cams(cams[i].float(), trans[i], box_threshold=self.pseudo.box_threshold,
-                                            parity=self.pseudo.parity)
-                padded_keys[i, :k] = torch.as_tensor(keys[i], device=attn.device)
-        use_par = self.par is not None and kmax > 0
-        labels, confs = cams_to_label_batch(padded, padded_keys, out_size=out_size, bg_exponent=self.pseudo.bg_exponent,
-                                            images=par_src if use_par else None, par=self.par if use_par else None)
-        return labels.long(), confs.float()
+        return online_pseudo_labels(cams, keys, attn, dec_aff, cfg=self.pseudo, par=self.par,
+                                    images=images if par_images is None else par_images, out_size=out_size)
 
     # ------------------------------------------------------------------ training / inference
     def decode(self, features: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

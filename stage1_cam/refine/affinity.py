@@ -30,7 +30,8 @@ from stage1_cam.refine.boxes import box_mask
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["strip_cls", "attention_affinity", "rfm_affinity", "refine_cams", "RFM_SCORES"]
+__all__ = ["strip_cls", "attention_affinity", "rfm_affinity", "refine_cams", "centered_cosine",
+           "excel_decoder_affinity", "RFM_SCORES"]
 
 RFM_SCORES = ("signed", "abs")
 
@@ -108,6 +109,41 @@ def rfm_affinity(
     weights = keep.to(layers.dtype)[..., None, None]  # (..., last, 1, 1)
     m = (weights * layers).sum(dim=-3) / (weights.sum(dim=-3) + 1e-5)
     return m * decoder_aff.float(), keep
+
+
+def centered_cosine(feats: torch.Tensor, *, batch_global: bool = False) -> torch.Tensor:
+    """Cosine self-similarity of feature maps minus its mean (ExCEL's LVC and decoder affinity, spec 4.7).
+
+    ``F`` is L2-normalised over channels, ``C = F^T F`` and the result is ``C - mean(C)``: the mean over each
+    image's ``(hw, hw)`` matrix (default), or over the whole batch when ``batch_global`` (the reference, which
+    couples the images of a batch). Differentiable (the decoder affinity's loss trains through it); float32 even
+    under autocast.
+
+    Args:
+        feats: ``(B, C, h, w)`` or ``(B, C, hw)`` features.
+        batch_global: one mean over the batch instead of one per image.
+
+    Returns:
+        float32 ``(B, hw, hw)``.
+    """
+    if feats.dim() not in (3, 4):
+        raise ValueError(f"feats must have shape (B, C, h, w) or (B, C, hw), got {tuple(feats.shape)}")
+    # float32 even under autocast: LVC thresholds the result at 0, and the product is small ((B, hw, hw)).
+    with torch.autocast(device_type=feats.device.type, enabled=False):
+        f = torch.nn.functional.normalize(feats.float().flatten(2), dim=1)  # (B, C, hw); a zero vector stays zero
+        cos = f.transpose(1, 2) @ f
+        mean = cos.mean() if batch_global else cos.mean(dim=(1, 2), keepdim=True)
+        return cos - mean
+
+
+def excel_decoder_affinity(feats: torch.Tensor, *, batch_global: bool = False, scale: float = 3.0) -> torch.Tensor:
+    """ExCEL's decoder affinity ``sigmoid(scale (F^T F - mean))`` on channel-normalised ``F`` (spec 4.7; WeCLIP's
+    is ``sigmoid(F^T F)`` on raw ``F``). See :func:`centered_cosine` for the mean.
+
+    Returns:
+        float32 ``(B, hw, hw)`` in ``(0, 1)``, differentiable.
+    """
+    return torch.sigmoid(scale * centered_cosine(feats, batch_global=batch_global))
 
 
 @torch.no_grad()
