@@ -1,6 +1,7 @@
 """The benchmark and GPU-check helpers on the tiny CLIP (CPU): figures are produced and sane."""
 
 import numpy as np
+import pytest
 import torch
 
 from stage1_cam.build import build_stage1
@@ -10,8 +11,10 @@ from tests.numerics import f32_tolerance, vit_block_terms
 from tools import bench, gpu_check
 
 
-def test_bench_train_reports_steps_and_peak_rss():
-    res = bench.bench_train("wsss-tiny-ViT-16", 64, 2, 2)
+@pytest.mark.parametrize("head", sorted(bench.TRAIN_HEADS))
+def test_bench_train_reports_steps_and_peak_rss(head):
+    res = bench.bench_train("wsss-tiny-ViT-16", 64, 2, 2, head=head)
+    assert res["settings"]["head"] == head
     modes = ("bf16", "none") if native_bf16_cpu() else ("none",)  # bf16 timed only where the CPU has it natively
     assert res["settings"]["amp"] == modes[0] and set(res.get("per_amp_mode", {"none": 0})) == set(modes)
     assert len(res["seconds_per_iter_all"]) == 2 and all(t > 0 for t in res["seconds_per_iter_all"])

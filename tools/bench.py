@@ -10,6 +10,8 @@ runs with similar rates). ViT-B/16 runs with random weights (same shapes and cos
 - ``train``: WeCLIP stage-1 training seconds/iteration (median of steps after warm-up) and peak memory,
   batch 4, 320x320, 2 classes per image; for each autocast mode (CUDA: bf16, fp16, float32; a CPU with native
   bf16: bf16, float32).
+- ``train_excel``: the same figures for the ExCEL head on the same shapes (SVC maps, LVC and the RFM affinity on:
+  the costlier half of its training).
 - ``train_weakclip``: the same figures for the WeakCLIP head (320x320, batch 4; includes its CPU CRF loss).
 - ``dump``: pseudo-mask dump images/s for 500x375 images (long side 512, scales {1, 0.75} + flip),
   batched vs one image at a time; the backbone FLOPs per image against a measured float32 GEMM rate;
@@ -142,20 +144,28 @@ def _modes(device: torch.device) -> Tuple[str, ...]:
     return ("bf16", "none") if native_bf16_cpu() else ("none",)
 
 
-def bench_train(model: str, size: int, batch: int, steps: int) -> Dict[str, Any]:
-    """Seconds per training step and peak memory, once per autocast mode of :func:`_modes` (fp16 with its
-    gradient scaler, none = float32), each from a fresh head and optimizer."""
+# Config overrides per benchmarked head: the costlier regime of each (RFM, and ExCEL's LVC, from step 0).
+TRAIN_HEADS: Dict[str, Dict[str, Any]] = {
+    "weclip": {"head.rfm.start_step": 0},
+    "excel": {"head.type": "excel", "cam.source": "excel_svc", "cam.box_threshold": 0.79, "cam.attn_layers": 6,
+              "head.lvc_start_step": 0},
+}
+
+
+def bench_train(model: str, size: int, batch: int, steps: int, head: str = "weclip") -> Dict[str, Any]:
+    """Seconds per training step and peak memory of ``head`` (:data:`TRAIN_HEADS`), once per autocast mode of
+    :func:`_modes` (fp16 with its gradient scaler, none = float32), each from a fresh head and optimizer."""
     from stage1_cam.utils.cpu_malloc import retain_freed_memory
 
     device = _device()
     malloc_tuned = device.type == "cpu" and retain_freed_memory()  # as stage1_cam.train does on a CPU
-    cfg = _cfg(model, **{"data.crop_size": size, "train.batch_size": batch, "head.rfm.start_step": 0})
+    cfg = _cfg(model, **{"data.crop_size": size, "train.batch_size": batch, **TRAIN_HEADS[head]})
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     labels = [np.array([3, 12]) for _ in range(batch)]
     modes = _modes(device)
     per_mode = {amp: _train_steps(cfg, device, x, labels, steps, amp) for amp in modes}
-    res = {"settings": {"model": model, "size": size, "batch": batch, "present_classes": 2, "steps": steps,
-                        "rfm": True, "amp": modes[0], "malloc_tuned": malloc_tuned},
+    res = {"settings": {"model": model, "head": head, "size": size, "batch": batch, "present_classes": 2,
+                        "steps": steps, "rfm": True, "amp": modes[0], "malloc_tuned": malloc_tuned},
            **per_mode[modes[0]],
            "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"}
     if len(modes) > 1:
@@ -275,6 +285,7 @@ def bench_dump(model: str, images: int, batch: int) -> Dict[str, Any]:
 
 BENCHES = {"cam": lambda a: bench_cam(a.model, a.size, a.batch, a.repeats),
            "train": lambda a: bench_train(a.model, a.size, 4, a.steps),
+           "train_excel": lambda a: bench_train(a.model, a.size, 4, a.steps, head="excel"),
            "dump": lambda a: bench_dump(a.model, a.images, a.batch),
            "train_weakclip": lambda a: _bench_weakclip(a)}
 
