@@ -37,19 +37,27 @@ dump (no model); ``--evaluate`` scores the shards against ground truth (``data.e
 ``metrics.json`` into the shard directory. Under ``torchrun``, ``--shard all`` gives rank r the shards
 r, r + WORLD_SIZE, ...; a SLURM array runs one ``--shard I`` per task.
 
-Modules: :mod:`.tta` (sizes, test-time augmentation, the network pass: ``Predictor``, ``predict_probs``),
-:mod:`.postprocess` (argmax / dense CRF in worker processes, ``OrderedPostprocessor``), :mod:`.shard_loop` (the
-resumable per-shard loop and ``run_dump``), :mod:`.evaluate` (``evaluate_shards``), :mod:`.cli` (``main``).
+Training-free mode (``head.type="none"``, or ``--training-free``): no model; the refined initial CAMs -> background
++ PAR -> labels (CRF optional) are written into the same shards (:mod:`.training_free`).
+
+Modules: :mod:`.tta` (sizes, test-time augmentation, the network pass: ``Predictor``, ``predict_probs``; the
+``weclip`` and ``excel`` protocols), :mod:`.postprocess` (argmax / dense CRF in worker processes,
+``OrderedPostprocessor``), :mod:`.shard_loop` (the resumable per-shard loops), :mod:`.training_free`,
+:mod:`.runner` (``run_dump``), :mod:`.evaluate` (``evaluate_shards``), :mod:`.cli` (``main``).
 """
 
 from .cli import main, parse_args
 from .evaluate import METRICS_NAME, evaluate_shards
 from .postprocess import Job, OrderedPostprocessor, apply_ignore, decode_probs, make_crf_executor
-from .shard_loop import SUMMARY_NAME, dump_shard, rerun_from_probs, run_dump, shard_bytes_needed
-from .tta import Predictor, allowed_classes, build_predictor, logits_to_probs, msc_flip_logits, network_size, \
-    plan_batches, predict_probs, scaled_size, snap_to_patch
+from .runner import SUMMARY_NAME, run_dump, shard_bytes_needed
+from .shard_loop import dump_shard, rerun_from_probs
+from .training_free import TrainingFreeMaps, training_free_record, training_free_shard
+from .tta import Predictor, allowed_classes, batch_key, build_predictor, excel_logits, logits_to_probs, \
+    msc_flip_logits, network_size, plan_batches, predict_probs, scaled_size, snap_to_patch, square_size
 
-__all__ = ["METRICS_NAME", "SUMMARY_NAME", "Job", "OrderedPostprocessor", "Predictor", "allowed_classes",
-           "apply_ignore", "build_predictor", "decode_probs", "dump_shard", "evaluate_shards", "logits_to_probs",
-           "main", "make_crf_executor", "msc_flip_logits", "network_size", "parse_args", "plan_batches",
-           "predict_probs", "rerun_from_probs", "run_dump", "scaled_size", "shard_bytes_needed", "snap_to_patch"]
+__all__ = ["METRICS_NAME", "SUMMARY_NAME", "Job", "OrderedPostprocessor", "Predictor", "TrainingFreeMaps",
+           "allowed_classes", "apply_ignore", "batch_key", "build_predictor", "decode_probs", "dump_shard",
+           "evaluate_shards", "excel_logits", "logits_to_probs", "main", "make_crf_executor", "msc_flip_logits",
+           "network_size", "parse_args", "plan_batches", "predict_probs", "rerun_from_probs", "run_dump",
+           "scaled_size", "shard_bytes_needed", "snap_to_patch", "square_size", "training_free_record",
+           "training_free_shard"]

@@ -11,18 +11,20 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..config import DumpCfg, load_config
+from ..config import DumpCfg, load_config, with_head
 from ..data import build_dataset
+from ..heads import is_training_free
 from ..io import write_manifest
 from ..utils.cli import BadInputError, add_config_args, config_overrides, exit_on_user_error
 from ..utils.files import DiskFullError, disk_full_error, is_disk_full
 from ..utils.logging import setup_logging
 from ..utils.run_dir import RunDir
 from .evaluate import METRICS_NAME, evaluate_shards
-from .shard_loop import run_dump
+from .runner import run_dump
 
 _logger = logging.getLogger(__name__)
 
+TRAINING_FREE_DIR = "training_free"  # --training-free on a config with a trained head: the masks' default folder
 DESCRIPTION = ("Pseudo-mask dumping to HDF5 shards: python -m stage1_cam.dump CONFIG [--shard I|all] "
                "[--num-shards N] ...")
 
@@ -58,7 +60,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--checkpoint", help="stage-1 head checkpoint (default: the run's stage1/checkpoints/final.pth)")
     p.add_argument("--shard", help="shard index, or 'all' (default: all; with --evaluate alone: none)")
     p.add_argument("--num-shards", type=int, help="number of shards (default: dump.num_shards)")
-    p.add_argument("--out", help="shard directory (default: the run's pseudo_masks/)")
+    p.add_argument("--out", help="shard directory (default: the run's pseudo_masks/; with --training-free on a "
+                                 "config with a trained head: the run's training_free/)")
+    p.add_argument("--training-free", action="store_true",
+                   help="no model: write the refined initial CAMs -> background + PAR -> labels (CRF: dump.crf), as "
+                        "head.type=none does (the config's head section is replaced by dict(type='none'))")
     p.add_argument("--from-probs", help="re-run CRF/threshold from the stored probabilities in this shard dir")
     p.add_argument("--evaluate", action="store_true",
                    help="score the shards against ground truth (data.eval_split) and write metrics.json")
@@ -74,6 +80,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = load_config(args.config, config_overrides(args, shards_opt))
         run_dir = RunDir.from_config(cfg)
         out_dir = Path(args.out) if args.out else run_dir.shard_dir
+        if args.training_free and not is_training_free(cfg.head.type):
+            cfg = with_head(cfg, {"type": "none"}, source=args.config)
+            out_dir = Path(args.out) if args.out else run_dir.path / TRAINING_FREE_DIR
+        training_free = is_training_free(cfg.head.type)
         num_shards = cfg["dump"]["num_shards"]
         if num_shards < 1:
             raise BadInputError(f"dump.num_shards must be >= 1, got {num_shards}")
@@ -90,7 +100,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                                         f"spread the shards over the processes")
                 shards = shards[rank::world]
             device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-            if args.from_probs is None:
+            if training_free and args.checkpoint and args.from_probs is None:
+                raise BadInputError("--checkpoint does not apply to training-free masks (head.type='none' or "
+                                    "--training-free); drop one of them")
+            if args.from_probs is None and not training_free:
                 ckpt = Path(args.checkpoint) if args.checkpoint else run_dir.final_ckpt
                 if not ckpt.is_file():
                     raise FileNotFoundError(f"checkpoint {ckpt} not found; train the head first (python -m "

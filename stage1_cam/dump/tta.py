@@ -1,6 +1,17 @@
 """The dump's network side: input sizes, test-time augmentation (scales, flips) and the fused probabilities.
 
-WeCLIP's protocol (reference_spec 2.2) is described in the package docstring (:mod:`stage1_cam.dump`).
+Two protocols (``dump.protocol``):
+
+* ``weclip`` (default; reference_spec 2.2, described in the package docstring :mod:`stage1_cam.dump`): long side
+  resized to ``dump.long_side``, the other scales resized from that input, logits fused on the scale-1 logit grid,
+  then upsampled to the image size (:func:`msc_flip_logits`);
+* ``excel`` (ExCEL's ``tools/infer_seg_voc.py``, reference_spec 4.9): for every scale ``s`` the whole image is
+  resized to a square ``dump.square_size * s`` (snapped to the patch; exact for 320 x {0.7, 1.0, 1.2, 1.5} at patch
+  16), the flip is fused at every scale, each scale's logits are upsampled to the original (H, W) and the scales
+  averaged (:func:`excel_logits`). ``dump.parity_no_flip_at_1`` reproduces the reference quirk of using only the
+  un-flipped logits at s = 1.0 (the flipped pass is then skipped: the output is the same).
+
+Both then restrict to the allowed classes, softmax and round to float16 (:func:`predict_probs`).
 """
 
 from __future__ import annotations
@@ -81,6 +92,20 @@ def plan_batches(items: Iterable[Tuple[Hashable, T]], *, batch_size: int, max_pe
         yield [p for _, p in buckets[key]]
 
 
+def square_size(scale: float, side: int, patch: int) -> Tuple[int, int]:
+    """ExCEL protocol input size at ``scale``: the square ``side * scale``, snapped to ``patch``."""
+    n = snap_to_patch(side * scale, patch)
+    return n, n
+
+
+def batch_key(height: int, width: int, settings: DumpCfg, patch: int) -> Tuple[int, int]:
+    """The size that decides which images share a batch: the scale-1 network size (``weclip``), or the square
+    of the ExCEL protocol (every image: they are all resized to the same squares)."""
+    if settings.protocol == "excel":
+        return square_size(1.0, settings.square_size, patch)
+    return network_size(height, width, long_side=settings.long_side, patch=patch)
+
+
 # -------------------------------------------------------------------------------------------- inference
 @dataclass
 class Predictor:
@@ -155,6 +180,46 @@ def msc_flip_logits(predict: Callable[[torch.Tensor], torch.Tensor], images: tor
     return total / len(scales)
 
 
+@torch.no_grad()
+def excel_logits(predict: Callable[[torch.Tensor], torch.Tensor], images: Sequence[torch.Tensor], *,
+                 scales: Sequence[float], flip: bool, side: int, patch_size: int, no_flip_at_1: bool = False,
+                 keys: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
+    """ExCEL's multi-scale + flip inference (reference_spec 4.9), batched over images of any size.
+
+    Args:
+        predict: ``(N, 3, h, w)`` -> ``(N, C, h // patch, w // patch)`` logits.
+        images: B normalised images (3, H_b, W_b) at their original size.
+        scales: test-time scales; the input at scale ``s`` is the whole image resized (bilinear,
+            ``align_corners=False``) to the square :func:`square_size` ``(s, side)``.
+        flip: fuse each scale with its horizontally flipped input (one batch of 2B).
+        side: the scale-1 square side (``dump.square_size``, 320 in ExCEL).
+        patch_size: backbone patch size.
+        no_flip_at_1: the reference quirk: at s = 1.0 only the un-flipped logits are used.
+        keys: per image the channels to keep (selected before the upsampling, which acts per channel, so the
+            result equals selecting afterwards, up to float rounding, while using less memory); None keeps all C.
+
+    Returns:
+        Per image (K_b or C, H_b, W_b) float32: the mean over scales of the flip-fused logits, each scale upsampled
+        (bilinear, ``align_corners=False``) to the original size first.
+    """
+    b = len(images)
+    totals: List[Optional[torch.Tensor]] = [None] * b
+    for s in scales:
+        size = square_size(float(s), side, patch_size)
+        x = torch.stack([F.interpolate(im[None], size=size, mode="bilinear", align_corners=False)[0]
+                         for im in images])
+        fuse = flip and not (no_flip_at_1 and float(s) == 1.0)
+        if fuse:
+            x = torch.cat([x, x.flip(-1)])
+        out = predict(x).float()  # (B or 2B, C, size // patch)
+        out = (out[:b] + out[b:].flip(-1)) / 2 if fuse else out
+        for i, im in enumerate(images):
+            o = out[i] if keys is None else out[i].index_select(0, keys[i])
+            up = F.interpolate(o[None], size=tuple(im.shape[-2:]), mode="bilinear", align_corners=False)[0]
+            totals[i] = up if totals[i] is None else totals[i] + up
+    return [t / len(scales) for t in totals]  # type: ignore[operator]
+
+
 def logits_to_probs(logits: torch.Tensor, out_size: Tuple[int, int], keys: torch.Tensor) -> torch.Tensor:
     """Restrict to the allowed channels, upsample bilinearly to the image size and softmax.
 
@@ -188,17 +253,23 @@ def predict_probs(predictor: Predictor, images: Sequence[np.ndarray], keys: Sequ
 
     Args:
         predictor: the network.
-        images: B images (H_b, W_b, 3) uint8 RGB whose :func:`network_size` is identical.
+        images: B images (H_b, W_b, 3) uint8 RGB whose :func:`batch_key` is identical.
         keys: per image (K_b,) allowed class ids.
-        settings: long side, scales and flip.
+        settings: protocol, sizes, scales and flip.
 
     Returns:
         Per image (K_b, H_b, W_b) float16 probabilities (NumPy).
     """
     p = predictor.patch_size
-    sizes = {network_size(*im.shape[:2], long_side=settings.long_side, patch=p) for im in images}
+    sizes = {batch_key(*im.shape[:2], settings, p) for im in images}
     if len(sizes) != 1:
         raise ValueError(f"a batch must share one network size, got {sorted(sizes)}")
+    if settings.protocol == "excel":
+        ks = [torch.as_tensor(k, dtype=torch.long, device=predictor.device) for k in keys]
+        fused = excel_logits(predictor, [predictor.prepare(im, im.shape[:2]) for im in images], scales=settings.scales,
+                             flip=settings.flip, side=settings.square_size, patch_size=p,
+                             no_flip_at_1=settings.parity_no_flip_at_1, keys=ks)
+        return [f.softmax(dim=0).to(torch.float16).cpu().numpy() for f in fused]
     size = sizes.pop()
     x = torch.stack([predictor.prepare(im, size) for im in images])
     logits = msc_flip_logits(predictor, x, scales=settings.scales, flip=settings.flip, patch_size=p)
