@@ -3,6 +3,11 @@
 Each command resolves the stage-1 config once (with RUN/SHARDS/HEAD overrides) into the run
 directory (``runs/<dataset>/<run>/config.py``); every later stage reads that resolved file, so all
 stages of a run see the same configuration and the config hash guards against silent changes.
+
+``--head X`` (``HEAD=X``) sets ``head.type=X`` on the config; for a training-free head (``none``: the refined
+initial CAMs are the pseudo-masks, no training) it replaces the whole ``head`` section with ``dict(type=X)``,
+since the config's head keys belong to another head's schema. A training-free run skips training and the
+initial-CAM step, and its dump writes the training-free masks (``python -m stage1_cam.dump`` on the run's config).
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ import argparse
 import logging
 from typing import Any, List, Optional
 
-from stage1_cam.config import DictAction, config_hash, load_config
+from stage1_cam.config import DictAction, config_hash, load_config, with_head
+from stage1_cam.heads import HEADS, is_training_free
 from stage1_cam.utils.cli import add_config_args, config_overrides, exit_on_user_error
 from stage1_cam.utils.logging import setup_logging
 from stage1_cam.utils.run_dir import RunDir
@@ -27,9 +33,13 @@ def _resolve(args: argparse.Namespace, *, prepare: bool) -> tuple:
     extra = {}
     if getattr(args, "shards", None):
         extra["dump.num_shards"] = args.shards
-    if getattr(args, "head", None):
-        extra["head.type"] = args.head
+    head = getattr(args, "head", None)
+    replace_head = bool(head) and head in HEADS.list_names() and is_training_free(head)  # no head keys of its own
+    if head and not replace_head:
+        extra["head.type"] = head
     cfg = load_config(args.config, config_overrides(args, extra))
+    if replace_head and cfg.head.type != head:
+        cfg = with_head(cfg, {"type": head}, source=f"{args.config} with --head {head}")
     run = RunDir.from_config(cfg)
     if prepare:
         run.prepare(cfg, overwrite=args.overwrite, seed=cfg.run.seed)
@@ -91,6 +101,14 @@ def cmd_pseudo_labels(args: argparse.Namespace) -> None:
         submit_pseudo_labels(cfg, run, gpus=args.gpus)
         return
     run_cmd(python_cmd("stage1_cam.data", "--config", conf))
+    if is_training_free(cfg.head.type):  # no training: the dump writes the refined initial CAMs
+        if manifest_complete(paths, cfg):
+            _logger.info("%s is complete: training-free pseudo-masks skipped", paths.manifest)
+        else:
+            run_cmd(python_cmd("stage1_cam.dump", conf, "--shard", "all", "--num-shards", str(cfg.dump.num_shards)),
+                    record=paths.costs, name="training-free pseudo-masks")
+        _evaluate_masks(paths, conf)
+        return
     if needs_initial_cams(cfg, run):  # heads that train on existing masks, by default the run's initial CAMs
         run_cmd(python_cmd("stage1_cam.cams", conf), record=paths.costs, name="initial CAMs")
     from stage1_cam.train import trained_for
@@ -104,9 +122,13 @@ def cmd_pseudo_labels(args: argparse.Namespace) -> None:
     else:
         run_cmd(python_cmd("stage1_cam.dump", conf, "--checkpoint", str(run.final_ckpt), "--shard", "all",
                            "--num-shards", str(cfg.dump.num_shards)), record=paths.costs, name="pseudo-mask dump")
+    _evaluate_masks(paths, conf)
+
+
+def _evaluate_masks(paths: Paths, conf: str) -> None:
     if not mask_metrics_current(paths):  # none yet, or computed from shards that were re-dumped since
         run_cmd(python_cmd("stage1_cam.dump", conf, "--evaluate"))
-    _logger.info("pseudo-masks: %s (metrics %s)", run.shard_dir, paths.mask_metrics)
+    _logger.info("pseudo-masks: %s (metrics %s)", paths.run.shard_dir, paths.mask_metrics)
 
 
 def cmd_retrain(args: argparse.Namespace) -> None:
@@ -206,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--gpus", type=int, default=1)
         if name == "pseudo-labels":
             s.add_argument("--shards", type=int, default=None, help="number of shards (default: config)")
-            s.add_argument("--head", default=None, help="refinement head (weclip | weakclip)")
+            s.add_argument("--head", default=None,
+                           help="refinement head (weclip | weakclip | none: training-free, the refined initial CAMs)")
         if name == "retrain":
             s.add_argument("--model", default=None, help="stage-2 model name or config path")
             s.add_argument("--s2-options", nargs="+", action=DictAction, default={},

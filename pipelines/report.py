@@ -274,10 +274,19 @@ def _quality_rows(m: Dict[str, Any]) -> List[List[str]]:
     prov = m.get("provenance") or {}
     stale = {k: " (STALE: inputs changed, see Provenance)" if (v or {}).get("stale") else "" for k, v in prov.items()}
     pm = m.get("pseudo_masks") or {}
-    crf_on = (pm.get("dump_settings") or {}).get("crf") is not None  # None when the dump ran without CRF
-    for key, label in (("no_crf", "dumped masks, msc+flip, before CRF"),
-                       ("final", f"dumped masks as written (msc+flip{'+CRF' if crf_on else ''})"),
-                       ("final_confident", "dumped masks, confident pixels only")):
+    settings = pm.get("dump_settings") or {}
+    crf_on = settings.get("crf") is not None  # None when the dump ran without CRF
+    if settings.get("training_free"):  # head.type="none": the refined initial CAMs, no model (dump/training_free.py)
+        cam = settings.get("cam") or {}
+        how = f"{cam.get('source', '?')}{'+PAR' if cam.get('par') else ''}"
+        labels = (("no_crf", f"training-free pseudo-masks ({how}), before CRF"),
+                  ("final", f"training-free pseudo-masks as written ({how}{'+CRF' if crf_on else ''})"),
+                  ("final_confident", "training-free pseudo-masks, confident pixels only"))
+    else:
+        labels = (("no_crf", "dumped masks, msc+flip, before CRF"),
+                  ("final", f"dumped masks as written (msc+flip{'+CRF' if crf_on else ''})"),
+                  ("final_confident", "dumped masks, confident pixels only"))
+    for key, label in labels:
         if isinstance(pm.get(key), dict):
             r = pm[key]
             rows.append([label + stale.get("pseudo_masks", ""), pm.get("split", "?"), _fmt(r.get("miou")),

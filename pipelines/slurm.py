@@ -7,6 +7,9 @@
                       └─ afterok ─► pseudo-labels (python -m pipelines pseudo-labels --scheduler local:
                                      skips finished stages, writes the manifest and the mask metrics)
 
+A training-free run (``head.type="none"``) has no train job: the dump array (``training_free.sbatch``) writes
+the training-free masks shard by shard, then the pseudo-labels job.
+
 ``make retrain`` submits one job (``python -m pipelines retrain --scheduler local``) that depends on the
 pseudo-labels job while that is pending or running, and ``make report`` one that depends on the retrain
 (or pseudo-labels) job likewise. Each job runs the same ``--scheduler local`` code path, from the
@@ -48,6 +51,7 @@ from pathlib import Path
 from string import Template
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from stage1_cam.heads import is_training_free
 from stage1_cam.utils.cli import BadInputError, UnknownNameError
 from stage1_cam.utils.files import atomic_write_text
 from stage1_cam.utils.locks import FileLock
@@ -492,10 +496,13 @@ def _submit_pseudo_labels(cfg: Any, run: RunDir, *, gpus: int = 1, env: Optional
     run_cmd(python_cmd("stage1_cam.data", "--config", conf))
     from stage1_cam.train import trained_for
 
-    trained = trained_for(run.final_ckpt, cfg)
+    training_free = is_training_free(cfg.head.type)
+    trained = training_free or trained_for(run.final_ckpt, cfg)
     name = cfg.run.name
     specs: List[Tuple[JobSpec, Sequence[str]]] = []
-    if trained:
+    if training_free:
+        _logger.info("head %r is training-free: no training job", cfg.head.type)
+    elif trained:
         _logger.info("stage-1 checkpoint %s exists for this config: no training job", run.final_ckpt)
     else:
         if needs_initial_cams(cfg, run):  # heads that train on existing masks, by default the run's initial CAMs
@@ -507,11 +514,15 @@ def _submit_pseudo_labels(cfg: Any, run: RunDir, *, gpus: int = 1, env: Optional
                               description=f"stage-1 head training for {run.path}"), ("cams",)))
     if not done_manifest:
         n = int(cfg["dump"]["num_shards"])
-        values = {"config": shlex.quote(conf), "checkpoint": shlex.quote(str(run.final_ckpt)),
-                  "num_shards": str(n), "last_shard": str(n - 1)}
-        specs.append((JobSpec(stage="dump", template="dump.sbatch", values=values, array=f"0-{n - 1}",
-                              requeue=True, description=f"pseudo-mask dump, one task per shard, for {run.path}"),
-                      ("train",)))
+        values = {"config": shlex.quote(conf), "num_shards": str(n), "last_shard": str(n - 1)}
+        if training_free:
+            spec = JobSpec(stage="dump", template="training_free.sbatch", values=values, array=f"0-{n - 1}",
+                           requeue=True, description=f"training-free pseudo-masks, one task per shard, for {run.path}")
+        else:
+            spec = JobSpec(stage="dump", template="dump.sbatch", array=f"0-{n - 1}", requeue=True,
+                           values={**values, "checkpoint": shlex.quote(str(run.final_ckpt))},
+                           description=f"pseudo-mask dump, one task per shard, for {run.path}")
+        specs.append((spec, ("train",)))
     cmd = python_cmd("pipelines", "pseudo-labels", "--config", conf, "--run", name, "--scheduler", "local",
                      "--gpus", str(options.job_gpus("pseudo-labels")))
     specs.append((JobSpec(stage="pseudo-labels", template="job.sbatch", values={"command": shlex.join(cmd)},

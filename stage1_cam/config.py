@@ -138,6 +138,12 @@ class TrainCfg(SectionSchema):
         "val_interval": COUNT0, "val_max_images": COUNT0}
 
 
+# CLIP-ES's pseudo-mask CRF (eval_cam_with_crf.py, reference_spec 3.9), which ExCEL's inference reuses (4.9):
+# DenseCRF(10, 1, 3, 67, 3, 4) = 10 iterations, Gaussian pos_xy_std 1 / pos_w 3, bilateral bi_xy_std 67 /
+# bi_rgb_std 3 / bi_w 4 (CrfCfg's defaults are WeCLIP's: 3, 3, 64, 5, 4). As a config: dump=dict(crf=CLIP_ES_CRF).
+CLIP_ES_CRF: Dict[str, Any] = dict(iterations=10, pos_xy_std=1.0, pos_w=3.0, bi_xy_std=67.0, bi_rgb_std=3.0, bi_w=4.0)
+
+
 @dataclass
 class CrfCfg(DenseCrfParams):
     enabled: bool = True  # dense CRF on dumped masks
@@ -157,18 +163,28 @@ class DumpCfg(SectionSchema):
     ignore_threshold: float = 0.0  # pixels with confidence below this -> 255 (0 = off)
     save_probs: bool = False  # store float16 present-class probabilities (for --from-probs)
     num_shards: int = 4  # shards the split is divided into
+    # Test-time protocol (dump/tta.py): "weclip" (long side, scales relative to it, fused on the logit grid) or
+    # "excel" (ExCEL's infer_seg_voc: whole image resized to squares square_size * s, flip fused, each scale
+    # upsampled to the image size, averaged; ExCEL uses scales (0.7, 1.0, 1.2, 1.5) and, with its optional CRF,
+    # CLIP-ES's parameters: CLIP_ES_CRF below).
+    protocol: str = "weclip"
+    square_size: int = 320  # excel: side of the scale-1 square input (snapped to the patch)
+    parity_no_flip_at_1: bool = False  # excel: reference quirk, only the un-flipped logits at scale 1.0
     crf: CrfCfg = field(default_factory=CrfCfg)
 
     PREFIX: ClassVar[str] = "dump"
     RANGES: ClassVar[Dict[str, Range]] = {
         "long_side": COUNT, "scales": POSITIVE, "batch_size": COUNT, "ignore_threshold": UNIT,
-        "num_shards": Range(1, 99999), "crf.workers": COUNT0,
+        "num_shards": Range(1, 99999), "square_size": COUNT, "crf.workers": COUNT0,
         **{f"crf.{k}": r for k, r in DenseCrfParams.RANGES.items()}}
+    PROTOCOLS: ClassVar[Tuple[str, ...]] = ("weclip", "excel")
 
     def check(self) -> None:
         if not self.scales:
             raise ConfigError("dump.scales is empty; give at least one test-time scale, e.g. (1.0,)")
         self.scales = tuple(float(s) for s in self.scales)
+        if self.protocol not in self.PROTOCOLS:
+            raise ConfigError(f"dump.protocol={self.protocol!r} is not valid; valid: {', '.join(self.PROTOCOLS)}")
 
     @classmethod
     def from_config(cls, cfg: Any) -> "DumpCfg":
@@ -192,10 +208,14 @@ class DumpCfg(SectionSchema):
 
     def record(self) -> Dict[str, Any]:
         """The output-relevant settings, for the shard metadata (``ShardMeta.extra``)."""
-        return {"long_side": self.long_side, "scales": list(self.scales), "flip": self.flip,
-                "label_constrained": self.label_constrained, "ignore_threshold": self.ignore_threshold,
-                "save_probs": self.save_probs, "crf": self.crf_params, "ignore_index": self.ignore_index,
-                "probs_dtype": "float16"}
+        out = {"long_side": self.long_side, "scales": list(self.scales), "flip": self.flip,
+               "label_constrained": self.label_constrained, "ignore_threshold": self.ignore_threshold,
+               "save_probs": self.save_probs, "crf": self.crf_params, "ignore_index": self.ignore_index,
+               "probs_dtype": "float16"}
+        if self.protocol != "weclip":  # recorded only when not the default: earlier WeCLIP shards keep matching
+            out.update(protocol=self.protocol, square_size=self.square_size,
+                       parity_no_flip_at_1=self.parity_no_flip_at_1)
+        return out
 
 
 @dataclass
@@ -211,6 +231,10 @@ class Stage1Cfg:
 
 
 SECTIONS: Dict[str, type] = {f: type(getattr(Stage1Cfg(), f)) for f in ("run", "data", "clip", "cam", "train", "dump")}
+
+# Keys added after runs existed, hashed only when they differ from these values (their behaviour before they
+# existed), so that earlier runs, checkpoints and shards keep their hashes. Never change these values.
+_HASH_IF_NOT = {"dump.protocol": "weclip", "dump.square_size": 320, "dump.parity_no_flip_at_1": False}
 
 # Keys that do not change any produced artifact; excluded from the config hash.
 _HASH_EXCLUDE = {"run.name", "run.root", "data.num_workers", "train.log_interval", "dump.crf.workers",
@@ -328,6 +352,17 @@ def validate_config(cfg: Config, source: str = "<config>") -> ConfigDict:
     return cfg_out
 
 
+def with_head(cfg: ConfigDict, head: Dict[str, Any], source: str = "<config>") -> ConfigDict:
+    """``cfg`` with its whole ``head`` section replaced by ``head`` (validated against that head's schema).
+
+    ``head.type=X`` as an override keeps the other head's keys, which head ``X``'s schema may not have: this is how
+    ``--head none`` (``pipelines``) and ``python -m stage1_cam.dump --training-free`` switch a config to a head.
+    """
+    raw = cfg.to_dict()
+    raw["head"] = dict(head)
+    return validate_config(Config(raw), source)
+
+
 def default_config(options: Optional[Dict[str, Any]] = None) -> ConfigDict:
     """The schema defaults, with optional dotted-key overrides (validated)."""
     cfg = Config({})
@@ -370,7 +405,8 @@ def config_hash(cfg: ConfigDict, sections: Optional[Sequence[str]] = None) -> st
         sections: restrict to these top-level sections (e.g. ``("data", "clip", "cam")`` for CAM files).
     """
     flat = flatten(cfg.to_dict())
-    flat = {k: v for k, v in flat.items() if k not in _HASH_EXCLUDE and k != "_base_"}
+    flat = {k: v for k, v in flat.items() if k not in _HASH_EXCLUDE and k != "_base_"
+            and not (k in _HASH_IF_NOT and v == _HASH_IF_NOT[k])}
     # The hash layout of configs before per-head schemas, which always held an (empty, for WeCLIP) head.options:
     # kept, so that runs and checkpoints made before keep their hashes.
     flat.setdefault("head.options", {})

@@ -64,7 +64,7 @@ def test_out_of_range_value_is_a_config_error_naming_key_value_and_range(key, va
     assert str(all_ranges("weclip")[key]) in msg
 
 
-BAD_NAMES = [("head.type", "nonexistent", "excel, weakclip, weclip"),
+BAD_NAMES = [("head.type", "nonexistent", "excel, none, weakclip, weclip"),
              ("cam.source", "nope", "clip_es_gradcam, excel_svc"),
              ("data.dataset", "pascal", "coco, synthetic, voc"), ("train.amp", "fp8", "auto, bf16, fp16, none"),
              ("clip.precision", "fp64", "fp32, fp16, bf16"), ("data.normalization", "none", "imagenet, clip"),
@@ -140,7 +140,7 @@ def test_pipelines_head_nonexistent_lists_the_heads_before_anything_is_built(tmp
                "--cfg-options", f"run.root={runs}"])
     assert rc == 2 and not runs.exists()
     (msg,) = _errors(caplog, capfd)
-    assert "head.type='nonexistent'" in msg and "excel, weakclip, weclip" in msg
+    assert "head.type='nonexistent'" in msg and "excel, none, weakclip, weclip" in msg
 
 
 # --------------------------------------------------------------------------------------------------- case 2

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from stage1_cam import dump as dump_mod
 from stage1_cam.config import CrfCfg, DumpCfg, load_config
 from stage1_cam.data import build_dataset, normalize
+from stage1_cam.dump import runner
 from stage1_cam.io import ShardReader, ShardWriter, shard_filename
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs/stage1/weclip_tiny-clip_synthetic-160x160_300i.py")
@@ -119,7 +120,7 @@ def test_msc_flip_matches_per_image_reference(trained):
     stack.head.load_trainable_state(torch.load(trained["ckpt"], weights_only=True)["head"])
     stack.head.eval()
     torch.manual_seed(123)  # the dump's build must not depend on the global RNG state
-    predictor = dump_mod._build_predictor(cfg, trained["ckpt"], torch.device("cpu"))
+    predictor = dump_mod.build_predictor(cfg, trained["ckpt"], torch.device("cpu"))
     assert (predictor.patch_size, predictor.num_classes) == (16, 21)
     settings = DumpCfg(long_side=64, scales=(1.0, 0.75, 0.5), flip=True, crf=CrfCfg(enabled=False))
     ds = build_dataset("synthetic", cfg.data.root, "train_aug")
@@ -214,7 +215,7 @@ def test_interrupted_shard_resumes_to_identical_content(trained, dumped, tmp_pat
 def test_finished_shard_is_not_rewritten(trained, dumped, monkeypatch):
     path = dumped / shard_filename(0, 2)
     before = (path.stat().st_mtime_ns, path.stat().st_ino)
-    monkeypatch.setattr(dump_mod, "_build_predictor", lambda *a, **k: pytest.fail("model built for a done shard"))
+    monkeypatch.setattr(runner, "build_predictor", lambda *a, **k: pytest.fail("model built for a done shard"))
     assert dump_mod.main([CONFIG, "--shard", "0", "--no-progress"] + _argv(trained["opts"])) == 0
     assert (path.stat().st_mtime_ns, path.stat().st_ino) == before
     # Other settings never overwrite or mix with it: a clear error (exit 2).

@@ -22,55 +22,23 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..build import build_cam_stack
 from ..config import config_hash, load_config
 from ..data import build_dataset
 from ..data.class_names import voc_palette
-from ..data.transforms import normalization, normalize
 from ..io.shards import ShardMeta, ShardReader, ShardWriter, write_manifest
 from ..metrics import ConfusionMatrix
-from ..refine.affinity import attention_affinity, refine_cams
-from ..refine.sinkhorn import transition_matrix
 from ..utils.cli import add_config_args, config_overrides, exit_on_user_error
 from ..utils.dist import device_for, init_distributed
 from ..utils.precision import autocast_dtype, precision_name
 from ..utils.logging import EveryN, setup_logging
 from ..utils.run_dir import RunDir, git_sha
-from .base import minmax_scale
+# network_size, refined_cams: re-exported (callers of this module used them from here)
+from .initial import InitialCams, labels_from_cams, network_size, refined_cams, with_background  # noqa: F401
 
 _logger = logging.getLogger(__name__)
 
 BG_CONSTANTS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
-
-
-def network_size(h: int, w: int, patch: int) -> tuple:
-    """CLIP-ES input size: each side rounded up to a multiple of the patch size."""
-    return (int(np.ceil(h / patch)) * patch, int(np.ceil(w / patch)) * patch)
-
-
-@torch.no_grad()
-def refined_cams(cams: torch.Tensor, attn: torch.Tensor, *, out_size: tuple, attn_layers: int,
-                 box_threshold: float, parity: bool) -> torch.Tensor:
-    """(K, h, w) CAMs + (n_blocks, hw, hw) attention -> (K, H, W) refined, min-max scaled, resized maps."""
-    if cams.shape[0] == 0:
-        return cams.new_zeros((0, *out_size))
-    t = transition_matrix(attention_affinity(attn.float(), last=attn_layers))
-    r = minmax_scale(refine_cams(cams.float(), t, box_threshold=box_threshold, parity=parity))
-    return F.interpolate(r[None], size=out_size, mode="bilinear", align_corners=False)[0].clamp_(0, 1)
-
-
-def labels_from_cams(cams: np.ndarray, keys: np.ndarray, *, bg: str, value: float) -> np.ndarray:
-    """(K, H, W) maps -> label ids with background ``(1 - max)^value`` (bg='exp') or constant ``value``."""
-    if cams.shape[0] == 0:
-        return np.zeros(cams.shape[1:], np.uint8)
-    cams = cams.astype(np.float32)
-    b = (1.0 - cams.max(0, keepdims=True)) ** value if bg == "exp" else np.full((1, *cams.shape[1:]), value,
-                                                                                   np.float32)
-    full = np.concatenate([b, cams], 0)
-    lut = np.concatenate([[0], keys]).astype(np.uint8)
-    return lut[full.argmax(0)]
 
 
 def evaluate_cams(shard_dir: Path, dataset) -> Dict[str, object]:
@@ -105,10 +73,7 @@ def run_cams(cfg, run_dir: RunDir, device: torch.device) -> Path:
                      palette=voc_palette(256), config_hash=config_hash(cfg, ("data", "clip", "cam")),
                      git_sha=git_sha(), extra={"kind": "initial-cam", "cam_source": cfg.cam.source,
                                                "precision": precision_name(autocast_dtype(cfg.train.amp, device))})
-    mean, std = normalization(cfg)
-    _, backbone, cam_source = build_cam_stack(cfg, device)
-    amp = autocast_dtype(cfg.train.amp, device)
-    patch = backbone.patch_size
+    initial = InitialCams.from_config(cfg, device)
     with ShardWriter(out, 0, 1, meta=meta) as writer:
         todo = [n for n in ds.names if n not in writer.done_ids]
         skipped, t0, every = 0, time.time(), EveryN(seconds=30)
@@ -119,18 +84,9 @@ def run_cams(cfg, run_dir: RunDir, device: torch.device) -> Path:
             if len(labels) == 0:
                 skipped += 1
                 continue
-            image = ds.load_image(name)
-            h, w = image.shape[:2]
-            x = torch.from_numpy(normalize(image, mean, std)).permute(2, 0, 1)[None].to(device)
-            x = F.interpolate(x, size=network_size(h, w, patch), mode="bicubic", align_corners=False)
-            with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                out_cam = cam_source(x, [labels])
-            maps = refined_cams(out_cam.cams[0], out_cam.attn[0], out_size=(h, w),
-                                attn_layers=cfg.cam.attn_layers, box_threshold=cfg.cam.box_threshold,
-                                parity=cfg.cam.parity).cpu().numpy()
-            keys = out_cam.keys[0]
+            maps, keys = initial(ds.load_image(name), labels)
             label = labels_from_cams(maps, keys, bg="exp", value=cfg.cam.bg_exponent)
-            full = np.concatenate([(1 - maps.max(0, keepdims=True)) ** cfg.cam.bg_exponent, maps], 0)
+            full = with_background(maps, cfg.cam.bg_exponent)
             conf = full.max(0) / np.maximum(full.sum(0), 1e-7)
             writer.write(name, label=label, confidence=conf, image_labels=keys.tolist(),
                          probs=maps.astype(np.float16), prob_keys=keys.tolist())

@@ -7,6 +7,9 @@ outside the head's module knows its internals: ``train.py`` calls :meth:`~Stage1
 :meth:`~Stage1Head.trainable_state`, and ``pipelines`` produces what :meth:`~Stage1Head.requires` names before
 training. A new head is a module with one subclass; ``tests/test_head_contract.py`` trains, dumps and evaluates
 one defined in the test file.
+
+A head class with :attr:`Stage1Head.training_free` set (the registered ``none``, :mod:`.training_free`) has nothing
+to train: ``pipelines`` skips training and the dump writes the refined initial maps instead of running a model.
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ class Stage1Head(nn.Module):
     config_class: ClassVar[type] = HeadConfig  # the schema of the config's ``head`` section
     # Validation figure name -> what it is (the report's row label); validation_figures returns these keys.
     FIGURES: ClassVar[Dict[str, str]] = {}
+    # No trainable part: no training; the dump writes the refined initial CAMs (stage1_cam.dump.training_free).
+    training_free: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
