@@ -18,8 +18,10 @@ head = dict(
 # The reference ran in float32 throughout: amp="none" for parity.
 train = dict(max_iters=30000, batch_size=4, lr=1e-3, weight_decay=0.01, warmup_iters=50, power=1.0, amp="auto",
              log_interval=50, ckpt_interval=2000, val_interval=2000, val_max_images=0)
-# The dump as WeCLIP's (ExCEL's own protocol, square multi-scale without CRF, is not built yet).
-dump = dict(long_side=512, scales=(1.0, 0.75), flip=True, batch_size=8, label_constrained=True,
-            ignore_threshold=0.0, save_probs=False, num_shards=16,
-            crf=dict(enabled=True, iterations=10, pos_xy_std=3.0, pos_w=3.0, bi_xy_std=64.0, bi_rgb_std=5.0,
-                     bi_w=4.0, workers=0))
+# ExCEL's inference (infer_seg_voc): the whole image resized to squares 320 s, s in {0.7, 1.0, 1.2, 1.5}, flip fused at
+# every scale (parity_no_flip_at_1=True: the reference's un-flipped scale 1.0), each upsampled to the image and
+# averaged; then the dense CRF with CLIP-ES's parameters.
+dump = dict(protocol="excel", square_size=320, parity_no_flip_at_1=False, scales=(0.7, 1.0, 1.2, 1.5), flip=True,
+            batch_size=8, label_constrained=True, ignore_threshold=0.0, save_probs=False, num_shards=16,
+            crf=dict(enabled=True, iterations=10, pos_xy_std=1.0, pos_w=3.0, bi_xy_std=67.0, bi_rgb_std=3.0, bi_w=4.0,
+                     workers=0))
