@@ -38,7 +38,7 @@ scale changes values by a fraction of ``scale``).
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -120,3 +120,11 @@ def vit_block_terms(width: int, tokens: int) -> int:
     ``12 width + 2 tokens``. ``n`` blocks in a row accumulate ``n`` times that on the residual stream.
     """
     return 12 * width + 2 * tokens
+
+
+def one_torch_thread() -> Iterator[None]:
+    """Generator for a fixture: torch runs one intra-op thread inside it (restored after)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

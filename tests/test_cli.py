@@ -137,23 +137,25 @@ def test_every_logger_is_named_after_its_module():
             for node in _calls(stmt, "getLogger") if isinstance(stmt, (ast.Assign, ast.AnnAssign)) else ():
                 if not (len(node.args) == 1 and isinstance(node.args[0], ast.Name) and node.args[0].id == "__name__"):
                     wrong.add(f"{where(node)}: {ast.unparse(node)}")
-        for name in ("exit_on_user_error", "run_main"):
+        for name in ("exit_on_user_error", "run_main", "parse_and_run"):
             for node in _calls(tree, name):
-                given = [k.value for k in node.keywords if k.arg == "logger"] + node.args[1:2] * (name != "run_main")
+                positional = node.args[1:2] if name == "exit_on_user_error" else []
+                given = [k.value for k in node.keywords if k.arg == "logger"] + positional
                 if any(isinstance(g, ast.Constant) for g in given):
                     wrong.add(f"{where(node)}: {ast.unparse(node)}")
     assert not wrong, "loggers not named __name__:\n" + "\n".join(sorted(wrong))
 
 
 def test_every_main_maps_errors_through_utils_cli():
-    """Each module with a ``main`` uses ``exit_on_user_error``/``run_main``; none returns exit code 2 by itself."""
+    """Each module with a ``main`` uses ``exit_on_user_error``/``run_main`` (or ``parse_and_run``, which calls it);
+    none returns exit code 2 by itself."""
     dispatcher = REPO / "stage1_cam" / "__main__.py"  # hands over to a module's main before anything can fail
     wrong = []
     for path in _modules():
         tree = ast.parse(path.read_text(), str(path))
         if path == dispatcher or not any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body):
             continue
-        if not any(True for name in ("exit_on_user_error", "run_main") for _ in _calls(tree, name)):
+        if not any(True for name in ("exit_on_user_error", "run_main", "parse_and_run") for _ in _calls(tree, name)):
             wrong.append(f"{path.relative_to(REPO)}: main() without exit_on_user_error/run_main")
         for node in ast.walk(tree):
             if isinstance(node, ast.Return) and isinstance(node.value, ast.Constant) and node.value.value == 2:

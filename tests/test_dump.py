@@ -20,18 +20,15 @@ from stage1_cam import dump as dump_mod
 from stage1_cam.config import CrfCfg, DumpCfg, load_config
 from stage1_cam.data import build_dataset, normalize
 from stage1_cam.dump import runner
-from stage1_cam.io import ShardReader, ShardWriter, shard_filename
+from stage1_cam.io import ShardReader, shard_filename
+from tests.numerics import one_torch_thread
+from tests.shard_data import interrupt_then_resume
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs/stage1/weclip_tiny-clip_synthetic-160x160_300i.py")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the tiny model is latency-bound, and the CRF worker needs the other core."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# One intra-op thread: the tiny model is latency-bound, and the CRF worker needs the other core.
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 def _opts(root: Path, runs: Path, **extra: object) -> dict:
@@ -105,9 +102,8 @@ def test_plan_batches_groups_equal_sizes_deterministically():
         list(dump_mod.plan_batches(items, batch_size=4, max_pending=2))
 
 
-def test_msc_flip_matches_per_image_reference(trained):
-    """Batched multi-scale + flip inference equals a plain per-image loop (reference_spec 2.2) on the network
-    training used (the tiny CLIP is random: the dump must rebuild it from the run's seed)."""
+def trained_stack(trained):
+    """The stage-1 stack with the trained head, built as training built it (seeded with run.seed), in eval mode."""
     import random
 
     from stage1_cam.build import build_stage1
@@ -119,6 +115,14 @@ def test_msc_flip_matches_per_image_reference(trained):
     stack = build_stage1(cfg, torch.device("cpu"))
     stack.head.load_trainable_state(torch.load(trained["ckpt"], weights_only=True)["head"])
     stack.head.eval()
+    return stack
+
+
+def test_msc_flip_matches_per_image_reference(trained):
+    """Batched multi-scale + flip inference equals a plain per-image loop (reference_spec 2.2) on the network
+    training used (the tiny CLIP is random: the dump must rebuild it from the run's seed)."""
+    cfg = trained["cfg"]
+    stack = trained_stack(trained)
     torch.manual_seed(123)  # the dump's build must not depend on the global RNG state
     predictor = dump_mod.build_predictor(cfg, trained["ckpt"], torch.device("cpu"))
     assert (predictor.patch_size, predictor.num_classes) == (16, 21)
@@ -191,21 +195,8 @@ def test_dump_writes_constrained_masks_and_manifest(dumped, trained):
 def test_interrupted_shard_resumes_to_identical_content(trained, dumped, tmp_path, monkeypatch):
     out = tmp_path / "masks"
     argv = [CONFIG, "--shard", "0", "--out", str(out), "--no-progress"] + _argv(trained["opts"])
-    real_write, calls = ShardWriter.write, []
-
-    def failing_write(self, name, **kw):
-        if len(calls) == 4:  # the 5th image: mid-way through the second batch of 3
-            raise RuntimeError("simulated kill")
-        calls.append(name)
-        return real_write(self, name, **kw)
-
-    monkeypatch.setattr(ShardWriter, "write", failing_write)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        dump_mod.main(argv)
-    monkeypatch.setattr(ShardWriter, "write", real_write)
-    assert (out / (shard_filename(0, 2) + ".partial")).is_file() and not (out / shard_filename(0, 2)).exists()
-
-    assert dump_mod.main(argv) == 0
+    # Killed at the 5th image, mid-way through the second batch of 3; the rerun resumes the partial shard.
+    interrupt_then_resume(dump_mod.main, argv, out, monkeypatch, after=4, shard=shard_filename(0, 2))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["missing_shards"] == [1] and not manifest["complete"]
     reference = {k: v for k, v in _contents(dumped).items() if k in manifest["shards"][0]["ids"]}

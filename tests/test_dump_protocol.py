@@ -18,7 +18,7 @@ from stage1_cam import dump as dump_mod
 from stage1_cam.config import ConfigError, CrfCfg, DumpCfg, config_hash, load_config
 from stage1_cam.data import build_dataset, normalize
 from stage1_cam.io import ShardReader
-from tests.test_dump import CONFIG, _argv, _one_thread, trained  # noqa: F401  (module fixtures, trained once here)
+from tests.test_dump import CONFIG, _argv, _one_thread, trained, trained_stack  # noqa: F401  (module fixtures, trained once here)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,17 +113,8 @@ def test_excel_logits_match_a_per_image_reference(parity):
 def test_excel_protocol_matches_per_image_reference_on_the_trained_head(trained):  # noqa: F811
     """predict_probs under dump.protocol="excel", batched over images of different sizes, equals a per-image loop
     over the head the dump loads (as test_msc_flip_matches_per_image_reference does for WeCLIP's protocol)."""
-    from stage1_cam.build import build_stage1
-
-    import random
-
     cfg = trained["cfg"]
-    random.seed(cfg.run.seed)
-    np.random.seed(cfg.run.seed)
-    torch.manual_seed(cfg.run.seed)  # as stage1_cam.train seeds before building
-    stack = build_stage1(cfg, torch.device("cpu"))
-    stack.head.load_trainable_state(torch.load(trained["ckpt"], weights_only=True)["head"])
-    stack.head.eval()
+    stack = trained_stack(trained)
     predictor = dump_mod.build_predictor(cfg, trained["ckpt"], torch.device("cpu"))
     ds = build_dataset("synthetic", cfg.data.root, "train_aug")
     full = ds.load_image(ds.names[0])

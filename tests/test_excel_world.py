@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from stage1_cam.world_clip import train as world
+from tests.world_gate import gate_cam_table, world_gate_run
 
 CONFIG = "configs/stage1/excel_world-clip_synthetic-160x160_300i.py"
 GATE_CAM = 0.55  # measured 61.2
@@ -33,27 +33,16 @@ GATE_ORACLE_GAIN = 0.01  # LVC with oracle features - plain; measured +1.9
 
 @pytest.fixture(scope="module")
 def excel_world(tmp_path_factory):
-    from stage1_cam.config import load_config
-    from stage1_cam.data.synthetic import generate_synthetic
-
-    world.train_world_clip(world.WORLD_PRESETS["default"])  # the `make world` cache; trains if missing
-    syn = load_config(CONFIG).data.synthetic
-    tmp = tmp_path_factory.mktemp("excel-world")
-    root = generate_synthetic(tmp / "synthetic", num_train=syn.num_train, num_val=syn.num_val,
-                              image_size=tuple(syn.image_size), max_objects=syn.max_objects, seed=syn.seed)
-    opts = [f"data.root={root}", f"run.root={tmp / 'runs'}", "data.eval_split=val", "data.dump_split=val"]
-    return tmp / "runs" / "synthetic" / "gate", opts
+    return world_gate_run(CONFIG, tmp_path_factory.mktemp("excel-world"))
 
 
 @pytest.mark.slow
 def test_excel_world_quality_gates(excel_world):
-    from stage1_cam.cams.__main__ import main as cams_main
     from stage1_cam.dump import main as dump_main
     from stage1_cam.train import main as train_main
 
     run, opts = excel_world
-    assert cams_main([CONFIG, "--run", "gate", "--cfg-options", *opts]) == 0
-    cam = json.loads((run / "cams" / "metrics.json").read_text())["table"]["bg=(1-max)^1"]
+    cam = gate_cam_table(CONFIG, run, opts)["bg=(1-max)^1"]
     assert cam >= GATE_CAM, cam
     assert train_main([CONFIG, "--run", "gate", "--cfg-options", *opts]) == 0
     val = [json.loads(line) for line in (run / "stage1" / "val_metrics.jsonl").read_text().splitlines()]

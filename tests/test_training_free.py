@@ -10,23 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from stage1_cam import dump as dump_mod
 from stage1_cam.cams.initial import with_background
 from stage1_cam.config import ConfigError, load_config, with_head
-from stage1_cam.io import ShardReader, ShardWriter, shard_filename
+from stage1_cam.io import ShardReader, shard_filename
+from tests.numerics import one_torch_thread
+from tests.shard_data import interrupt_then_resume
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/stage1/weclip_tiny-clip_synthetic-160x160_300i.py")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)  # the CRF worker needs the other core
 
 
 def _opts(root: Path, runs: Path, **extra) -> list:
@@ -106,20 +102,7 @@ def test_interrupted_shard_resumes_to_identical_content(free, tmp_path, monkeypa
     out = tmp_path / "masks"
     argv = [TINY, "--training-free", "--shard", "0", "--out", str(out), "--no-progress"]
     argv += _opts(free["root"], free["runs"])
-    real_write, calls = ShardWriter.write, []
-
-    def failing_write(self, name, **kw):
-        if len(calls) == 4:
-            raise RuntimeError("simulated kill")
-        calls.append(name)
-        return real_write(self, name, **kw)
-
-    monkeypatch.setattr(ShardWriter, "write", failing_write)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        dump_mod.main(argv)
-    monkeypatch.setattr(ShardWriter, "write", real_write)
-    assert (out / (shard_filename(0, 2) + ".partial")).is_file() and not (out / shard_filename(0, 2)).exists()
-    assert dump_mod.main(argv) == 0
+    interrupt_then_resume(dump_mod.main, argv, out, monkeypatch, after=4, shard=shard_filename(0, 2))
     reference = _contents(free["dir"])
     got = _contents(out)
     assert len(got) == 8

@@ -16,6 +16,7 @@ from stage1_cam.data.class_names import BACKGROUND_WORDS, PROMPT_NAMES
 from stage1_cam.data.synthetic import BACKGROUND_STYLES, STUFF_WORDS, render_sample
 from stage1_cam.models.clip_backbone import FrozenClipBackbone
 from stage1_cam.models.pretrained import load_clip, resolve_clip_weights
+from tests.world_gate import gate_cam_table, world_gate_run
 from tests.numerics import assert_close_f32, vit_block_terms
 
 WORLD_CONFIG = "configs/stage1/weclip_world-clip_synthetic-160x160_300i.py"
@@ -269,25 +270,12 @@ GATE_S2_CONFIG = "configs/stage2/fcn_r18-c16-d8_1xb8-800i_synthetic-pseudo-128x1
 
 @pytest.fixture(scope="module")
 def world_stage1(tmp_path_factory):
-    from stage1_cam.config import load_config
-    from stage1_cam.data.synthetic import generate_synthetic
-
-    world.train_world_clip(world.WORLD_PRESETS["default"])  # the `make world` cache; trains if missing
-    syn = load_config(WORLD_CONFIG).data.synthetic
-    tmp = tmp_path_factory.mktemp("world-gate")
-    root = generate_synthetic(tmp / "synthetic", num_train=syn.num_train, num_val=syn.num_val,
-                              image_size=tuple(syn.image_size), max_objects=syn.max_objects, seed=syn.seed)
-    opts = [f"data.root={root}", f"run.root={tmp / 'runs'}", "data.eval_split=val", "data.dump_split=val"]
-    return tmp / "runs" / "synthetic" / "gate", opts
+    return world_gate_run(WORLD_CONFIG, tmp_path_factory.mktemp("world-gate"))
 
 
 @pytest.mark.slow
 def test_world_clip_initial_cams_quality_gate(world_stage1):
-    from stage1_cam.cams.__main__ import main as cams_main
-
-    run, opts = world_stage1
-    assert cams_main([WORLD_CONFIG, "--run", "gate", "--cfg-options", *opts]) == 0
-    table = json.loads((run / "cams" / "metrics.json").read_text())["table"]
+    table = gate_cam_table(WORLD_CONFIG, *world_stage1)
     assert table["bg=(1-max)^1"] >= GATE_CAM, table
 
 

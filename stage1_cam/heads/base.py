@@ -173,6 +173,26 @@ class Stage1Head(nn.Module):
         raise NotImplementedError
 
 
+class BlockDecoderHead(Stage1Head):
+    """A head whose trainable part is ``self.decoder`` over the tokens of the first ``self.num_inputs`` frozen
+    blocks, with ``decode(features) -> (logits, ...)`` (WeCLIP, ExCEL): the dump path runs just those blocks."""
+
+    num_inputs: int
+    decoder: nn.Module
+
+    def decode(self, features: Any) -> Tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def trainable_module(self) -> nn.Module:
+        return self.decoder
+
+    @torch.no_grad()
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Decoder-only inference (the dump path): (B, 3, H, W) -> logits (B, C, H//p, W//p)."""
+        feats = self.backbone(images, num_blocks=self.num_inputs, with_attn=False)
+        return self.decode(feats)[0].float()
+
+
 def head_class(name: str) -> type:
     """The registered :class:`Stage1Head` subclass ``name`` (importing this package registers the built-in heads).
 
@@ -195,5 +215,5 @@ def register_head(name: str) -> Callable[[type], type]:
     return deco
 
 
-__all__ = ["DecoderHeadConfig", "HeadConfig", "INITIAL_CAMS", "REQUIREMENTS", "Stage1Head", "TrainBatch", "head_class",
+__all__ = ["BlockDecoderHead", "DecoderHeadConfig", "HeadConfig", "INITIAL_CAMS", "REQUIREMENTS", "Stage1Head", "TrainBatch", "head_class",
            "register_head"]

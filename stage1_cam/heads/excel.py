@@ -46,7 +46,7 @@ from ..losses import affinity_label, affinity_loss, balanced_seg_loss
 from ..refine.affinity import RFM_SCORES, excel_decoder_affinity
 from ..refine.par import PAR
 from ..utils.schema import COUNT, COUNT0, NONNEG, UNIT, ConfigError, Range
-from .base import DecoderHeadConfig, Stage1Head, TrainBatch, register_head
+from .base import BlockDecoderHead, DecoderHeadConfig, TrainBatch, register_head
 from .decoder import WeCLIPDecoder
 from .weclip import PseudoLabelCfg, online_pseudo_labels
 
@@ -83,7 +83,7 @@ class ExcelHeadCfg(DecoderHeadConfig):
 
 
 @register_head("excel")
-class ExcelHead(Stage1Head):
+class ExcelHead(BlockDecoderHead):
     """Trainable decoder plus the (non-trainable) ExCEL online pseudo-label generator.
 
     Only ``self.decoder`` holds parameters; the backbone and CAM source are held by reference.
@@ -145,9 +145,6 @@ class ExcelHead(Stage1Head):
                    aff_weight=h.aff_loss_weight, aff_radius=h.aff_radius, lvc_start_step=h.lvc_start_step,
                    aff_label_switch_step=h.aff_label_switch_step, batch_global_mean=h.batch_global_mean,
                    aff_ignore_diagonal=h.aff_ignore_diagonal, val_box_threshold=h.val_box_threshold, pseudo=pseudo)
-
-    def trainable_module(self) -> nn.Module:
-        return self.decoder
 
     # ------------------------------------------------------------------ switches
     def use_lvc(self, step: Optional[int]) -> bool:
@@ -214,12 +211,6 @@ class ExcelHead(Stage1Head):
         aff_l = affinity_loss(res["aff"].float(), target)
         return {"loss": seg + self.aff_weight * aff_l, "loss_seg": seg.detach(), "loss_aff": aff_l.detach(),
                 "pseudo_label": pseudo, "aff_label_source": torch.tensor(int(from_decoder))}
-
-    @torch.no_grad()
-    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Decoder-only inference (the dump path): (B, 3, H, W) -> logits (B, C, H//p, W//p)."""
-        feats = self.backbone(images, num_blocks=self.num_inputs, with_attn=False)
-        return self.decode(feats)[0].float()
 
     @torch.no_grad()
     def validation_figures(self, images: torch.Tensor, labels: Sequence[np.ndarray], *, out_size: Tuple[int, int],

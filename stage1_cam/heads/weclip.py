@@ -25,7 +25,7 @@ from ..refine.labels import cams_to_label_batch
 from ..refine.par import PAR
 from ..refine.sinkhorn import transition_matrix
 from ..utils.schema import COUNT, COUNT0, NONNEG, ConfigError, Range
-from .base import DecoderHeadConfig, Stage1Head, TrainBatch, register_head
+from .base import BlockDecoderHead, DecoderHeadConfig, TrainBatch, register_head
 from .decoder import WeCLIPDecoder
 
 _logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def online_pseudo_labels(cams: Sequence[torch.Tensor], keys: Sequence[np.ndarray
 
 
 @register_head("weclip")
-class WeCLIPHead(Stage1Head):
+class WeCLIPHead(BlockDecoderHead):
     """Trainable decoder plus the (non-trainable) online pseudo-label generator.
 
     Only ``self.decoder`` holds parameters; the backbone and CAM source are held by reference (not
@@ -171,9 +171,6 @@ class WeCLIPHead(Stage1Head):
     def attention_layers(cls, cfg: Any) -> int:
         """The plain affinity's last ``cam.attn_layers`` maps and the RFM filter's last ``head.rfm.layers``."""
         return max(int(cfg.cam.attn_layers), int(cfg.head.rfm.layers))
-
-    def trainable_module(self) -> nn.Module:
-        return self.decoder
 
     # ------------------------------------------------------------------ pseudo labels
     def use_rfm(self, step: Optional[int]) -> bool:
@@ -230,12 +227,6 @@ class WeCLIPHead(Stage1Head):
         return losses
 
     @torch.no_grad()
-    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Decoder-only inference (the dump path): (B, 3, H, W) -> logits (B, C, H//p, W//p)."""
-        feats = self.backbone(images, num_blocks=self.num_inputs, with_attn=False)
-        return self.decode(feats)[0].float()
-
-    @torch.no_grad()
     def validation_figures(self, images: torch.Tensor, labels: Sequence[np.ndarray], *, out_size: Tuple[int, int],
                            full_images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Online pseudo labels (CAM -> RFM -> PAR at full resolution), the decoder's argmax, and with RFM on the
@@ -251,4 +242,3 @@ class WeCLIPHead(Stage1Head):
             out["pseudo_no_rfm"] = self.pseudo_labels(images, cam_out.cams, cam_out.keys, cam_out.attn, None,
                                                       out_size=out_size, par_images=full_images)[0]
         return out
-

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..utils.cli import exit_on_user_error
+from ..utils.cli import parse_and_run
 from ..utils.files import atomic_write
 from .shards import ShardReader
 
@@ -101,18 +101,15 @@ def export_png(shard_dir: str | os.PathLike, out_dir: str | os.PathLike, *, colo
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
-    from ..utils.logging import setup_logging
-
     parser = argparse.ArgumentParser(prog="python -m stage1_cam.io.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("shard_dir", type=Path, help="directory with the pseudo-mask shards and manifest.json")
     parser.add_argument("out_dir", type=Path, help="folder to write <image id>.png files into")
     parser.add_argument("--color", action="store_true", help="palette-mode PNGs with the dataset palette")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        n = export_png(args.shard_dir, args.out_dir, color=args.color)
-    except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
-        return exit_on_user_error(e, _logger)
+    return parse_and_run(parser, _export, argv, logger=_logger)
+
+
+def _export(args: argparse.Namespace) -> int:
+    n = export_png(args.shard_dir, args.out_dir, color=args.color)
     _logger.info("done: %d images", n)
     return 0
 

@@ -13,8 +13,7 @@ import argparse
 import logging
 from typing import List, Optional
 
-from ..utils.cli import exit_on_user_error
-from ..utils.logging import setup_logging
+from ..utils.cli import parse_and_run
 from .shards import verify_shards
 
 _logger = logging.getLogger(__name__)
@@ -26,12 +25,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("shard_dir", help="pseudo-mask directory (runs/<dataset>/<run>/pseudo_masks)")
     p.add_argument("--num-shards", type=int, default=None, help="number of shards (default: the manifest's)")
     p.add_argument("--quick", action="store_true", help="hash only shards whose size or mtime changed")
-    args = p.parse_args(argv)
-    setup_logging()
-    try:
-        m = verify_shards(args.shard_dir, args.num_shards, quick=args.quick)
-    except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
-        return exit_on_user_error(e, _logger)
+    return parse_and_run(p, _verify, argv, logger=_logger)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    m = verify_shards(args.shard_dir, args.num_shards, quick=args.quick)
     _logger.info("%s: %d images in %d/%d finished shards, %s%s", args.shard_dir, m["num_images"], len(m["shards"]),
                  m["num_shards"], "checksums verified" if not args.quick else "changed shards verified",
                  "" if m["complete"] else f"; missing shards {m['missing_shards']}, unfinished "

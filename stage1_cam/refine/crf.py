@@ -111,12 +111,7 @@ def crf_labels(
     *,
     conf_threshold: float = 0.0,
     ignore_index: int = IGNORE_INDEX,
-    iterations: int = 10,
-    pos_xy_std: float = 3,
-    pos_w: float = 3,
-    bi_xy_std: float = 64,
-    bi_rgb_std: float = 5,
-    bi_w: float = 4,
+    **crf_params: float,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Label-constrained CRF decoding: CRF over the given channels, argmax mapped to their label ids.
 
@@ -127,8 +122,8 @@ def crf_labels(
         conf_threshold: When > 0, pixels whose CRF marginal maximum is below it become ``ignore_index``
             (CLIP-ES uses 0.95).
         ignore_index: Label value of ignored pixels.
-        iterations, pos_xy_std, pos_w, bi_xy_std, bi_rgb_std, bi_w: CRF parameters, see :func:`dense_crf`
-            (defaults: the WeCLIP set; ``CRF_PRESETS`` holds the named sets).
+        crf_params: ``iterations``, ``pos_xy_std``, ``pos_w``, ``bi_xy_std``, ``bi_rgb_std``, ``bi_w``: see
+            :func:`dense_crf` (defaults: the WeCLIP set; ``CRF_PRESETS`` holds the named sets).
 
     Returns:
         ``(label, confidence)``: uint8 ``(H, W)`` label ids taken from ``keys`` (plus ``ignore_index``), and float32
@@ -147,16 +142,7 @@ def crf_labels(
         raise ValueError(f"keys contain duplicates: {keys_np.tolist()}")
     if not 0.0 <= conf_threshold <= 1.0:
         raise ValueError(f"conf_threshold must be in [0, 1], got {conf_threshold}")
-    q = dense_crf(
-        image,
-        probs,
-        iterations=iterations,
-        pos_xy_std=pos_xy_std,
-        pos_w=pos_w,
-        bi_xy_std=bi_xy_std,
-        bi_rgb_std=bi_rgb_std,
-        bi_w=bi_w,
-    )
+    q = dense_crf(image, probs, **crf_params)
     label = keys_np.astype(np.uint8)[q.argmax(axis=0)]
     confidence = q.max(axis=0)
     if conf_threshold > 0:

@@ -150,6 +150,17 @@ def run_main(body: Callable[..., int], *args: Any, logger: Union[str, logging.Lo
         return exit_on_user_error(err, logger, extra=extra)
 
 
+def parse_and_run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int],
+                  argv: Optional[Sequence[str]], *, logger: logging.Logger) -> int:
+    """The tail of a small entry point: parse ``argv``, configure logging, run ``body(args)`` through
+    :func:`run_main` (bad input -> exit 2 with one line)."""
+    from .logging import setup_logging
+
+    args = parser.parse_args(argv)
+    setup_logging()
+    return run_main(body, args, logger=logger)
+
+
 # ------------------------------------------------------------------------------------------- the argument layer
 def add_cfg_options(parser: argparse.ArgumentParser, *, help: str = "override config keys: a.b=v") -> None:
     """``--cfg-options a.b=v ...`` (mmengine's ``DictAction``): a dict of overrides, empty when absent."""
