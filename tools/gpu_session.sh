@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage-1 figures on a CUDA machine, in one go (ViT-B/16 shapes, random weights; no data or weights needed):
-#   1. the training-step benchmark (s/iter, peak GPU memory) for bf16, fp16 and float32 autocast;
+#   1. the training-step benchmarks of WeCLIP and ExCEL (s/iter, peak GPU memory) for bf16, fp16 and float32 autocast;
 #   2. GPU vs CPU results of the same head (tools.gpu_check); with WITH_WORLD=1 also on the trained
 #      synthetic-world CLIP, whose peaked CAMs are closer to real CLIP's than random weights' near-ties;
 #   3. a short real run of the VOC WeCLIP config (python -m stage1_cam.train, then stage1_cam.dump with the
@@ -25,7 +25,7 @@ step() {  # run one step; a failure is reported and the later steps still run
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
-step "$PY" -m tools.bench --only train --steps 20 --out "$OUT"
+step "$PY" -m tools.bench --only train train_excel --steps 20 --out "$OUT"
 step "$PY" -m tools.gpu_check --out "$OUT"
 if [ -n "${WITH_WORLD:-}" ]; then  # the trained synthetic-world CLIP (`make world`; found via $WSSS_CACHE)
     step "$PY" -m tools.gpu_check --model wsss-world-ViT-16 --size 160 --weights world:default \
