@@ -418,7 +418,7 @@ def _states(jobs: Mapping[str, Mapping[str, Any]], stages: Sequence[str]) -> Dic
 
 
 def submit_jobs(specs: Sequence[Tuple[JobSpec, Sequence[str]]], *, run: RunDir, options: SbatchOptions,
-            env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+                env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     """Render and submit ``(spec, dependencies)`` in order, recording each in jobs.json as it goes.
 
     The caller holds the run's :class:`SubmitLock` (the ``submit_*`` functions take it).
@@ -623,6 +623,7 @@ def submit_report(cfg: Any, run: RunDir, *, env: Optional[Mapping[str, str]] = N
         return _submit_report(cfg, run, env=env)
 
 
-__all__ = ["SubmitLock", "SbatchOptions", "JobSpec", "SlurmError", "render_script", "job_name", "load_jobs", "record_jobs",
+__all__ = ["SubmitLock", "SbatchOptions", "JobSpec", "SlurmError", "render_script", "job_name", "load_jobs",
+           "record_jobs",
            "parse_scontrol", "summarize", "job_states", "cancel_jobs", "submit_pseudo_labels", "submit_retrain",
            "submit_report"]

@@ -336,8 +336,8 @@ def validate_config(cfg: Config, source: str = "<config>") -> ConfigDict:
 
     Raises:
         ConfigError: an unknown key, a wrong type, a value out of its range (the sections' and the head schema's
-            ``RANGES``, :func:`all_ranges`) or an unknown name (dataset, head type, CAM source, ...); the message names the key, the
-            value and what is valid.
+            ``RANGES``, :func:`all_ranges`) or an unknown name (dataset, head type, CAM source, ...); the message
+            names the key, the value and what is valid.
     """
     raw = cfg.to_dict()
     raw.pop("_base_", None)

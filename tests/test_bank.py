@@ -215,6 +215,6 @@ def test_too_few_sentences_and_missing_file_exit_2(tmp_path, desc_file, caplog, 
 def test_package_import_leaves_the_command_module_alone():
     """``python -m stage1_cam.cams.bank`` would warn if importing the package had imported it already."""
     code = ("import sys, stage1_cam.cams; assert 'stage1_cam.cams.bank' not in sys.modules; "
-            "from stage1_cam.cams.excel import build_attribute_bank, load_attribute_bank, load_descriptions; "
+            "from stage1_cam.cams.attributes import build_attribute_bank, load_attribute_bank, load_descriptions; "
             "from stage1_cam.cams import bank; assert bank.load_descriptions is load_descriptions")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from stage1_cam.cams import CAM_SOURCES, CamOutput, attention_without_cls, build_cam_source, minmax_scale
-from stage1_cam.cams.excel import (ExcelSVC, build_attribute_bank, enrich_text, feature_surgery,
-                                   load_attribute_bank, minmax_over_tokens)
+from stage1_cam.cams.attributes import build_attribute_bank, load_attribute_bank
+from stage1_cam.cams.excel import ExcelSVC, enrich_text, feature_surgery, minmax_over_tokens
 from stage1_cam.cams.gradcam import ClipESGradCAM, gradcam_from_weights, gradcam_scale
 from stage1_cam.models.clip_backbone import FrozenClipBackbone
 from stage1_cam.models.text import build_dataset_text_embeddings, get_tokenizer

@@ -18,7 +18,8 @@ Registered sources:
 from ..registry import CAM_SOURCES
 from .base import (CamOutput, attention_without_cls, build_cam_source, check_attn_layers, minmax_scale,
                    normalize_labels)
-from .excel import ExcelSVC, build_attribute_bank, enrich_text  # registers 'excel_svc'
+from .attributes import build_attribute_bank
+from .excel import ExcelSVC, enrich_text  # registers 'excel_svc'
 from .gradcam import ClipESGradCAM  # registers 'clip_es_gradcam'
 
 __all__ = ["CAM_SOURCES", "CamOutput", "ClipESGradCAM", "ExcelSVC", "attention_without_cls", "build_attribute_bank",

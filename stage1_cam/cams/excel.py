@@ -41,14 +41,10 @@ includes the CLS token, so a CAM's maximum can be below 1).
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
-import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.clip_backbone import ClipFeatures, FrozenClipBackbone, block_mlp, merge_heads, qkv_heads, \
@@ -181,7 +177,6 @@ def svc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, head_sum
 
 # Files and clustering in .attributes, the run-directory cache and its command in .bank (python -m
 # stage1_cam.cams.bank); re-exported here.
-from .attributes import build_attribute_bank, load_attribute_bank, load_descriptions  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------------------------------

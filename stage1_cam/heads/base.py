@@ -215,5 +215,6 @@ def register_head(name: str) -> Callable[[type], type]:
     return deco
 
 
-__all__ = ["BlockDecoderHead", "DecoderHeadConfig", "HeadConfig", "INITIAL_CAMS", "REQUIREMENTS", "Stage1Head", "TrainBatch", "head_class",
+__all__ = ["BlockDecoderHead", "DecoderHeadConfig", "HeadConfig", "INITIAL_CAMS", "REQUIREMENTS", "Stage1Head",
+           "TrainBatch", "head_class",
            "register_head"]

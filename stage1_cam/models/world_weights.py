@@ -205,5 +205,3 @@ def resolve_world_weights(spec: str, model_name: str, *, root: Union[str, Path, 
             f"Run `make world` (python -m stage1_cam.world_clip --preset {name}; a few minutes on 2 CPU cores), "
             f"or set ${ENV_CACHE} to the cache that holds it.")
     return str(entry / WEIGHTS_FILE)
-
-
