@@ -186,7 +186,9 @@ def validate(stack: Any, cfg: Any, device: torch.device, *, max_images: int = 0)
     # _miou: MMSegmentation's definition; _miou_gt: WeCLIP's (classes with ground truth only; stage1_cam.metrics)
     return {**{f"{key}_miou": r["miou"] for key, r in scores.items()},
             **{f"{key}_miou_gt": r["miou_gt"] for key, r in scores.items()}, "images": n,
-            "figures": {key: head.FIGURES.get(key, key) for key in scores}}
+            # in the head's order (the report's row order), then any figure the head did not describe
+            "figures": {**{k: v for k, v in head.FIGURES.items() if k in scores},
+                        **{k: k for k in scores if k not in head.FIGURES}}}
 
 
 def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Optional[DistInfo] = None) -> Path:

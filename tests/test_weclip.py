@@ -176,7 +176,7 @@ def test_validation_scores_the_rfm_ablation_on_the_same_decoder(synthetic_root):
     both = validate(stack, cfg, torch.device("cpu"), max_images=3)
     assert set(both) == {"pseudo_miou", "pseudo_no_rfm_miou", "decoder_miou", "images", "pseudo_miou_gt",
                          "pseudo_no_rfm_miou_gt", "decoder_miou_gt", "figures"}
-    assert set(both["figures"]) == {"pseudo", "pseudo_no_rfm", "decoder"}  # each with the head's own label
+    assert list(both["figures"]) == ["pseudo", "pseudo_no_rfm", "decoder"]  # the head's labels, in its order
     assert stack.head.training  # validation puts the head back in training mode
     # The ablation figure is what the same head scores with RFM switched off.
     stack.head.pseudo = dataclasses.replace(stack.head.pseudo, rfm_enabled=False)
