@@ -22,6 +22,7 @@ from mmengine.config import Config, ConfigDict, DictAction  # noqa: F401  (DictA
 
 from .constants import IGNORE_INDEX
 from .registry import HEADS
+from .utils.files import file_sha256
 from .utils.schema import (COUNT, COUNT0, NONNEG, POSITIVE, UNIT, ConfigError, DenseCrfParams, Range, SectionSchema,
                            flatten, validate_section)
 
@@ -399,7 +400,9 @@ def config_hash(cfg: ConfigDict, sections: Optional[Sequence[str]] = None) -> st
     ``clip.weights = "world:<preset>"`` names weights that ``make world`` trains; the config alone does not
     say which, so the preset's training hash (:func:`stage1_cam.models.world_weights.world_hash`, the key of its cache
     entry) is hashed with it as ``clip.weights_identity``. It is computed from the preset's settings, so
-    the world does not have to be trained (or present) for the hash to be known.
+    the world does not have to be trained (or present) for the hash to be known. Likewise ``cam.descriptors`` (TSE)
+    names a file whose content decides the CAMs: its sha256 is hashed as ``cam.descriptors_sha256`` (so a file
+    edited in place makes the CAMs and everything after them stale, not silently current).
 
     Args:
         sections: restrict to these top-level sections (e.g. ``("data", "clip", "cam")`` for CAM files).
@@ -419,6 +422,10 @@ def config_hash(cfg: ConfigDict, sections: Optional[Sequence[str]] = None) -> st
                 world_weights.get_preset(weights[len("world:"):] or "default"))
         except KeyError:  # unknown preset: loading the weights names the valid ones
             flat["clip.weights_identity"] = None
+    descriptors = flat.get("cam.descriptors")
+    if isinstance(descriptors, str):
+        path = Path(descriptors)
+        flat["cam.descriptors_sha256"] = file_sha256(path) if path.is_file() else None  # missing: loading says so
     if sections is not None:
         flat = {k: v for k, v in flat.items() if k.split(".")[0] in sections}
     blob = json.dumps(flat, sort_keys=True, default=list)

@@ -74,3 +74,20 @@ def test_defaults_filled_and_inheritance(tmp_path):
     leaf.write_text("_base_ = ['./base.py']\ntrain = dict(batch_size=2)\n")
     cfg = load_config(leaf)
     assert (cfg.train.max_iters, cfg.train.batch_size, cfg.train.lr) == (10, 2, 2e-3)
+
+
+def test_hash_follows_the_content_of_the_tse_descriptions_file(tmp_path):
+    """cam.descriptors names a file whose content decides the CAMs: editing it in place changes the CAM stage's
+    hash (outputs made with the old text are stale), moving it unchanged does not."""
+    from stage1_cam.config import config_hash
+    from stage1_cam.utils.run_dir import stage_hash
+
+    desc = tmp_path / "d.json"
+    desc.write_text('{"aeroplane": ["a clean origami aeroplane. It has wings."]}')
+    cfg = load_config("configs/stage1/weclip_tiny-clip_synthetic-160x160_300i.py",
+                      {"cam.source": "excel_svc", "cam.descriptors": str(desc)})
+    before = (config_hash(cfg), stage_hash(cfg, "cams"))
+    assert (config_hash(cfg), stage_hash(cfg, "cams")) == before  # deterministic
+    desc.write_text('{"aeroplane": ["a clean origami aeroplane. It is grey."]}')
+    after = (config_hash(cfg), stage_hash(cfg, "cams"))
+    assert after[0] != before[0] and after[1] != before[1]
