@@ -463,13 +463,6 @@ class SubmitLock(FileLock):
         super().__init__(run.path / "slurm" / "submit.lock", run, error=SlurmError,
                          holder_hint="another `make ... SCHEDULER=slurm` is submitting jobs of this run")
 
-    def __enter__(self) -> "SubmitLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
 
 def _already_queued(run: RunDir, stages: Sequence[str]) -> Optional[str]:
     jobs = load_jobs(jobs_file(run))

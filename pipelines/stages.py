@@ -54,10 +54,11 @@ def needs_initial_cams(cfg: Any, run: RunDir) -> bool:
     """Whether the head requires the run's initial CAM shards (``Stage1Head.requires``) and they are not there."""
     from stage1_cam.heads import INITIAL_CAMS, head_class  # lazy for cost: the heads load torch
 
-    unknown = [r for r in head_class(cfg.head.type).requires(cfg) if r != INITIAL_CAMS]
+    required = head_class(cfg.head.type).requires(cfg)
+    unknown = [r for r in required if r != INITIAL_CAMS]
     if unknown:
         raise StageError(f"head {cfg.head.type!r} requires {', '.join(unknown)}, which the pipeline cannot make")
-    return INITIAL_CAMS in head_class(cfg.head.type).requires(cfg) and not (run.cams_dir / "manifest.json").is_file()
+    return INITIAL_CAMS in required and not (run.cams_dir / "manifest.json").is_file()
 
 
 @dataclass

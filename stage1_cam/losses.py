@@ -76,17 +76,22 @@ def affinity_loss(aff: torch.Tensor, aff_label: torch.Tensor) -> torch.Tensor:
 
 
 def weclip_loss(logits: torch.Tensor, aff: torch.Tensor, label: torch.Tensor, *, grid: tuple, radius: int,
-                aff_weight: float) -> Dict[str, torch.Tensor]:
-    """Total WeCLIP loss: seg CE on upsampled logits + ``aff_weight`` x affinity loss.
+                aff_weight: float, aff_from_prediction: bool = False,
+                ignore_diagonal: bool = False) -> Dict[str, torch.Tensor]:
+    """Total WeCLIP loss: seg CE on upsampled logits + ``aff_weight`` x affinity loss (ExCEL's too).
 
     Args:
         logits: (B, C, h, w) decoder logits at the patch grid.
         aff: (B, hw, hw) decoder affinity.
         label: (B, H, W) pseudo label.
+        aff_from_prediction: take the affinity labels from the decoder's own argmax (of the upsampled logits)
+            instead of ``label`` (ExCEL after its switch step).
+        ignore_diagonal: ignore each pixel's pair with itself in the affinity labels (:func:`affinity_label`).
     """
     # Channels-last in, channels-last out: the loss then reads the upsampled logits class-last without a copy.
     up = F.interpolate(logits.contiguous(memory_format=torch.channels_last), size=label.shape[-2:], mode="bilinear",
                        align_corners=False)
     seg = balanced_seg_loss(up, label)
-    aff_l = affinity_loss(aff, affinity_label(label, grid, radius))
+    source = up.detach().argmax(1) if aff_from_prediction else label
+    aff_l = affinity_loss(aff, affinity_label(source, grid, radius, ignore_diagonal=ignore_diagonal))
     return {"loss": seg + aff_weight * aff_l, "loss_seg": seg.detach(), "loss_aff": aff_l.detach()}

@@ -18,6 +18,7 @@ from stage1_cam import dump as dump_mod
 from stage1_cam.config import ConfigError, CrfCfg, DumpCfg, config_hash, load_config
 from stage1_cam.data import build_dataset, normalize
 from stage1_cam.io import ShardReader
+from tests.numerics import assert_close_f32
 from tests.test_dump import CONFIG, _argv, _one_thread, trained, trained_stack  # noqa: F401  (module fixtures, trained once here)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +108,9 @@ def test_excel_logits_match_a_per_image_reference(parity):
     sel = dump_mod.excel_logits(_toy_predict, images, scales=scales, flip=True, side=320, patch_size=16,
                                 no_flip_at_1=parity, keys=keys)
     for s, full, k in zip(sel, got, keys):
-        torch.testing.assert_close(s, full[k], rtol=0, atol=1e-6)
+        # The same arithmetic on fewer channels (another kernel path): the roundings after the network, each at the
+        # scale of the fused logits: flip average 2, upsampling 4 taps, mean over the 4 scales.
+        assert_close_f32(s, full[k], terms=2 + 4 + len(scales), scale=full.abs().max())
 
 
 def test_excel_protocol_matches_per_image_reference_on_the_trained_head(trained):  # noqa: F811

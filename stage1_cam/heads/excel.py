@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..losses import affinity_label, affinity_loss, balanced_seg_loss
+from ..losses import weclip_loss
 from ..refine.affinity import RFM_SCORES, excel_decoder_affinity
 from ..refine.par import PAR
 from ..utils.schema import COUNT, COUNT0, NONNEG, UNIT, ConfigError, Range
@@ -198,19 +198,12 @@ class ExcelHead(BlockDecoderHead):
             ``loss``, ``loss_seg``, ``loss_aff``, the online ``pseudo_label`` (B, S, S) and ``aff_label_source``
             (0: the online labels, 1: the decoder's argmax).
         """
-        images = batch.images
-        res = self.online_labels(images, batch.labels, lvc=self.use_lvc(step))
-        pseudo, logits = res["pseudo"], res["logits"]
-        # Channels-last: the loss reads the upsampled logits class-last without a copy (losses.weclip_loss).
-        up = F.interpolate(logits.float().contiguous(memory_format=torch.channels_last), size=pseudo.shape[-2:],
-                           mode="bilinear", align_corners=False)
-        seg = balanced_seg_loss(up, pseudo)
+        res = self.online_labels(batch.images, batch.labels, lvc=self.use_lvc(step))
         from_decoder = self.decoder_affinity_labels(step)
-        source = up.detach().argmax(1) if from_decoder else pseudo
-        target = affinity_label(source, res["cam"].grid, self.aff_radius, ignore_diagonal=self.aff_ignore_diagonal)
-        aff_l = affinity_loss(res["aff"].float(), target)
-        return {"loss": seg + self.aff_weight * aff_l, "loss_seg": seg.detach(), "loss_aff": aff_l.detach(),
-                "pseudo_label": pseudo, "aff_label_source": torch.tensor(int(from_decoder))}
+        losses = weclip_loss(res["logits"].float(), res["aff"].float(), res["pseudo"], grid=res["cam"].grid,
+                             radius=self.aff_radius, aff_weight=self.aff_weight, aff_from_prediction=from_decoder,
+                             ignore_diagonal=self.aff_ignore_diagonal)
+        return {**losses, "pseudo_label": res["pseudo"], "aff_label_source": torch.tensor(int(from_decoder))}
 
     @torch.no_grad()
     def validation_figures(self, images: torch.Tensor, labels: Sequence[np.ndarray], *, out_size: Tuple[int, int],

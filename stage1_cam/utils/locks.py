@@ -143,6 +143,13 @@ class FileLock:
         raise self.error(f"could not acquire {self.path}: the lock keeps changing hands; is more than one "
                          f"process running for it?")
 
+    def __enter__(self) -> "FileLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
     @property
     def acquired(self) -> bool:
         """Whether this object created the lock file (and will remove it on :meth:`release`)."""
