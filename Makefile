@@ -5,11 +5,12 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 DATASET   ?= synthetic
-RUN       ?= default
+HEAD      ?=
+# Each head gets its own run directory unless RUN is given (a WeCLIP run and an ExCEL run never collide).
+RUN       ?= $(or $(HEAD),default)
 SCHEDULER ?= local
 GPUS      ?= 1
 SHARDS    ?=
-HEAD      ?=
 MODEL     ?=
 CONFIG_voc       := configs/stage1/weclip_vit-b16_voc12aug-320x320_30k.py
 CONFIG_coco      := configs/stage1/weclip_vit-b16_coco14-320x320_80k.py

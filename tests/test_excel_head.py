@@ -173,6 +173,16 @@ def test_excel_svc_lvc_pass(svc_setup):
     # Without ex_feats, reuse gives the plain maps.
     for a, b in zip(src(x, labels, reuse=plain).cams, plain.cams):
         assert torch.equal(a, b)
+    # The LVC step's first pass: the original path only (no plain maps), its SVC q, k, v kept for the LVC pass,
+    # which then gives the same maps (q, k, v are the same products of the same inputs).
+    orig = src(x, labels, attn_layers=6, maps=False)
+    assert orig.cams == [] and len(orig.cache["svc_qkv"]) == src.svc_blocks and "svc_qkv" not in plain.cache
+    assert torch.equal(orig.attn, plain.attn)
+    assert all(torch.equal(a, b) for a, b in zip(orig.features.tokens, plain.features.tokens))
+    for a, b in zip(src(x, labels, ex_feats=ex, reuse=orig).cams, full.cams):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="maps=False"):
+        src(x, labels, reuse=orig, maps=False)
     with pytest.raises(ValueError, match="ex_feats"):
         src(x, labels, ex_feats=ex[:1])
     with pytest.raises(ValueError, match="patch tokens"):
@@ -222,9 +232,10 @@ def test_gradients_reach_only_the_decoder_and_lvc_runs_from_its_step(synthetic_r
         label = out["pseudo_label"]
         assert label.shape == (2, 64, 64) and label.dtype == torch.int64
         assert set(label[0].unique().tolist()) <= {0, 3} and set(label[1].unique().tolist()) <= {0, 5, 7}
-        plain = {"attn_layers": 6}
+        plain = {"attn_layers": 6, "maps": True, "keep_qkv": False}
+        original_path = {"attn_layers": 6, "maps": False, "keep_qkv": True}  # plain maps unused with LVC
         lvc = {"ex_feats": True, "ex_batch_global": False, "reuse": True}
-        assert calls == ([plain] if step < 3 else [plain, lvc]), (step, calls)
+        assert calls == ([plain] if step < 3 else [original_path, lvc]), (step, calls)
         head.zero_grad()
 
 

@@ -5,8 +5,8 @@ See the package docstring (``stage1_cam.cams``) for the CAM-source contract.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, List, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,6 +30,8 @@ class CamOutput:
         features: the backbone features of the same pass (tokens of every block), so heads need not
             re-run CLIP.
         grid: the patch grid ``(h, w)``.
+        cache: source-specific tensors of the pass that a later call of the same source on the same images may
+            reuse (ExCEL: the SVC blocks' q, k, v for the LVC pass); empty for most sources.
     """
 
     cams: List[torch.Tensor]
@@ -37,6 +39,7 @@ class CamOutput:
     attn: torch.Tensor
     features: ClipFeatures
     grid: Tuple[int, int]
+    cache: Dict[str, Any] = field(default_factory=dict)
 
 
 def build_cam_source(name: str, **kwargs: Any) -> Any:

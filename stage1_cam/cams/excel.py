@@ -42,7 +42,7 @@ includes the CLS token, so a CAM's maximum can be below 1).
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,8 @@ from ..registry import CAM_SOURCES
 from .base import CamOutput, attention_without_cls, check_attn_layers, normalize_labels
 
 _logger = logging.getLogger(__name__)
+
+QKV = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # per-head (B, H, L, hd) queries, keys, values of a block
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,8 +222,9 @@ class ExcelSVC:
         self.text = F.normalize(torch.cat([fg, bg_text.detach().float().to(fg.device)], dim=0), dim=-1)  # (T, E)
 
     def image_features(self, images: torch.Tensor, *, ex_attn: Optional[torch.Tensor] = None,
-                       features: Optional[ClipFeatures] = None
-                       ) -> Tuple[torch.Tensor, ClipFeatures, Optional[torch.Tensor]]:
+                       features: Optional[ClipFeatures] = None, calibrated: bool = True,
+                       qkv_cache: Optional[List[QKV]] = None
+                       ) -> Tuple[Optional[torch.Tensor], ClipFeatures, Optional[torch.Tensor]]:
         """Dual-path forward.
 
         Args:
@@ -229,11 +232,16 @@ class ExcelSVC:
             ex_attn: LVC attention ``(B, h*w, h*w)`` (:func:`lvc_attention`) added in the SVC blocks, or None.
             features: the original path of these images from an earlier call (all N blocks' tokens): only the
                 calibrated path is computed (it is the only part ``ex_attn`` changes), and no attention is returned.
+            calibrated: compute the calibrated path (False: the original path only, e.g. when an LVC pass with
+                ``features=`` follows and the plain maps are not needed; the returned features are None).
+            qkv_cache: with ``features``: the SVC blocks' ``(q, k, v)`` of the earlier call (they depend on the
+                original path only), so they are not projected again; without ``features``: a list this call
+                appends them to.
 
         Returns:
-            features ``I (B, 1 + h*w, E)`` float32 (normalised as described in the module docstring),
-            :class:`ClipFeatures` of the original path (all N blocks, head-averaged attention), and the
-            attention ``(B, N, h*w, h*w)`` to return (head-summed in SVC blocks when ``parity``; None when
+            features ``I (B, 1 + h*w, E)`` float32 (normalised as described in the module docstring; None when not
+            ``calibrated``), :class:`ClipFeatures` of the original path (all N blocks, head-averaged attention), and
+            the attention ``(B, N, h*w, h*w)`` to return (head-summed in SVC blocks when ``parity``; None when
             ``features`` was given).
         """
         bb = self.backbone
@@ -242,6 +250,9 @@ class ExcelSVC:
         reuse = features is not None
         if reuse and len(features.tokens) != n_blocks:
             raise ValueError(f"features must hold all {n_blocks} blocks' tokens, got {len(features.tokens)}")
+        if reuse and not calibrated:
+            raise ValueError("features= recomputes only the calibrated path; calibrated=False leaves nothing to do")
+        cached = reuse and qkv_cache is not None and len(qkv_cache) == self.svc_blocks
         with torch.no_grad():
             if reuse:
                 tokens, grid = features.tokens, features.grid
@@ -255,37 +266,49 @@ class ExcelSVC:
                 blk = bb.blocks[i]
                 if reuse:
                     x_ori = tokens[i - 1]  # the input of block i on the original path
-                q, k, v = qkv_heads(blk, blk.ln_1(x_ori))
-                a_svc = svc_attention(q, k, v, head_sum=self.parity, ex_attn=ex_attn)
-                x_new = x_new + blk.ls_1(merge_heads(blk, a_svc.to(v.dtype) @ v))  # calibrated path, no MLP
+                if cached:
+                    q, k, v = qkv_cache[i - start]  # type: ignore[index]
+                else:
+                    q, k, v = qkv_heads(blk, blk.ln_1(x_ori))
+                    if not reuse and qkv_cache is not None:
+                        qkv_cache.append((q, k, v))
+                if calibrated:
+                    a_svc = svc_attention(q, k, v, head_sum=self.parity, ex_attn=ex_attn)
+                    x_new = x_new + blk.ls_1(merge_heads(blk, a_svc.to(v.dtype) @ v))  # calibrated path, no MLP
                 if not reuse:
                     a_ori = softmax_attention(q, k)  # (B, H, L, L)
                     x_ori = block_mlp(blk, x_ori + blk.ls_1(merge_heads(blk, a_ori.to(v.dtype) @ v)))
                     tokens.append(x_ori)
                     attn_mean.append(a_ori.mean(dim=1))
                     attn_out.append(a_ori.sum(dim=1) if self.parity else a_ori.mean(dim=1))
-            cls = tokens[-1][:, :1]
-            x_new = torch.cat([cls, x_new[:, 1:]], dim=1)
-            feat = (bb.visual.ln_post(x_new) @ bb.visual.proj).float()  # (B, L, E)
-            if self.parity:
-                feat = feat / feat.norm(dim=1, keepdim=True)  # reference: per channel, across tokens
-            else:
-                feat = F.normalize(feat, dim=-1)
+            feat = None
+            if calibrated:
+                cls = tokens[-1][:, :1]
+                x_new = torch.cat([cls, x_new[:, 1:]], dim=1)
+                feat = (bb.visual.ln_post(x_new) @ bb.visual.proj).float()  # (B, L, E)
+                if self.parity:
+                    feat = feat / feat.norm(dim=1, keepdim=True)  # reference: per channel, across tokens
+                else:
+                    feat = F.normalize(feat, dim=-1)
         if reuse:
             return feat, features, None
         features = ClipFeatures(tokens=tokens, attn=attn_mean, grid=grid)
         return feat, features, attention_without_cls(attn_out)
 
     def alignment_maps(self, images: torch.Tensor, *, ex_attn: Optional[torch.Tensor] = None,
-                       features: Optional[ClipFeatures] = None
-                       ) -> Tuple[torch.Tensor, ClipFeatures, Optional[torch.Tensor]]:
-        """Patch-text maps for every foreground class (``ex_attn``, ``features``: as :meth:`image_features`).
+                       features: Optional[ClipFeatures] = None, calibrated: bool = True,
+                       qkv_cache: Optional[List[QKV]] = None
+                       ) -> Tuple[Optional[torch.Tensor], ClipFeatures, Optional[torch.Tensor]]:
+        """Patch-text maps for every foreground class (the arguments as :meth:`image_features`).
 
         Returns:
-            maps ``(B, h*w, C_fg)`` in ``[0, 1]``, the original-path :class:`ClipFeatures`, and the
-            attention ``(B, N, h*w, h*w)`` (None when ``features`` was given).
+            maps ``(B, h*w, C_fg)`` in ``[0, 1]`` (None when not ``calibrated``), the original-path
+            :class:`ClipFeatures`, and the attention ``(B, N, h*w, h*w)`` (None when ``features`` was given).
         """
-        feat, features, attn = self.image_features(images, ex_attn=ex_attn, features=features)
+        feat, features, attn = self.image_features(images, ex_attn=ex_attn, features=features, calibrated=calibrated,
+                                                   qkv_cache=qkv_cache)
+        if feat is None:
+            return None, features, attn
         with torch.no_grad():
             if self.text.device != feat.device:
                 self.text = self.text.to(feat.device)
@@ -294,7 +317,8 @@ class ExcelSVC:
 
     def __call__(self, images: torch.Tensor, labels: Sequence[Sequence[int]], *,
                  attn_layers: Optional[int] = None, ex_feats: Optional[torch.Tensor] = None,
-                 ex_batch_global: bool = False, reuse: Optional[CamOutput] = None) -> CamOutput:
+                 ex_batch_global: bool = False, reuse: Optional[CamOutput] = None, maps: bool = True,
+                 keep_qkv: bool = False) -> CamOutput:
         """CAMs of the present classes of each image.
 
         Args:
@@ -306,7 +330,12 @@ class ExcelSVC:
                 from the calibrated pass with :func:`lvc_attention` of them added in the SVC blocks.
             ex_batch_global: LVC's similarity mean over the whole batch (reference) instead of per image.
             reuse: this source's output for the same ``images`` (a plain pass): its original path is reused
-                (only the calibrated path is recomputed) and its attention and features are returned.
+                (only the calibrated path is recomputed, with the SVC blocks' q, k, v the plain pass kept) and its
+                attention and features are returned.
+            maps: compute the plain maps; False runs the original path only (its features and attention, and the
+                SVC blocks' q, k, v for a ``reuse=`` call): ``cams`` is then empty. For an LVC step, where only
+                the calibrated maps are used.
+            keep_qkv: keep the SVC blocks' q, k, v in ``cache`` for a ``reuse=`` call (always with ``maps=False``).
 
         Returns:
             :class:`~stage1_cam.cams.CamOutput` (no autograd graph anywhere).
@@ -317,18 +346,25 @@ class ExcelSVC:
             if ex_feats.dim() != 4 or ex_feats.shape[0] != images.shape[0]:
                 raise ValueError(f"ex_feats must be (B={images.shape[0]}, C, h, w), got {tuple(ex_feats.shape)}")
             ex_attn = lvc_attention(ex_feats.detach(), batch_global=ex_batch_global)
+        cache: dict = {}
         if reuse is not None:
+            if not maps:
+                raise ValueError("reuse= recomputes the maps; maps=False leaves nothing to do")
             if reuse.features.tokens[0].shape[0] != images.shape[0]:
                 raise ValueError("reuse holds another batch than images")
-            maps, features, _ = self.alignment_maps(images, ex_attn=ex_attn, features=reuse.features)
+            sims, features, _ = self.alignment_maps(images, ex_attn=ex_attn, features=reuse.features,
+                                                    qkv_cache=reuse.cache.get("svc_qkv"))
             attn = reuse.attn
         else:
-            maps, features, attn = self.alignment_maps(images, ex_attn=ex_attn)
+            qkv: Optional[List[QKV]] = [] if keep_qkv or not maps else None
+            sims, features, attn = self.alignment_maps(images, ex_attn=ex_attn, calibrated=maps, qkv_cache=qkv)
+            if qkv is not None:
+                cache["svc_qkv"] = qkv
         h, w = features.grid
         cams = []
-        for b, k in enumerate(keys):
-            idx = torch.from_numpy(k - 1).to(maps.device)
-            cams.append(maps[b][:, idx].t().reshape(len(k), h, w).contiguous())
+        for b, k in enumerate(keys if sims is not None else []):
+            idx = torch.from_numpy(k - 1).to(sims.device)
+            cams.append(sims[b][:, idx].t().reshape(len(k), h, w).contiguous())
         if attn_layers is not None:
             attn = attn[:, attn.shape[1] - check_attn_layers(attn_layers, attn.shape[1]):]
-        return CamOutput(cams=cams, keys=keys, attn=attn, features=features, grid=(h, w))
+        return CamOutput(cams=cams, keys=keys, attn=attn, features=features, grid=(h, w), cache=cache)

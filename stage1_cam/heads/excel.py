@@ -10,7 +10,8 @@ Per training step, with the CAM source ``excel_svc`` (:class:`~stage1_cam.cams.e
    (:func:`~stage1_cam.refine.affinity.excel_decoder_affinity`) is trained with WeCLIP's affinity loss;
 3. from ``lvc_start_step`` on, LVC: the detached ``F_u`` go back into the SVC blocks for a second, calibrated pass
    (only the calibrated path is recomputed) whose maps replace the plain ones, and the refinement uses the RFM
-   affinity with the decoder affinity; the attention stays the first pass's;
+   affinity with the decoder affinity; the attention stays the first pass's. The first pass then runs the original
+   path only (the plain maps would go unused) and keeps the SVC blocks' q, k, v for the second;
 4. the maps -> Sinkhorn transition -> box masks (``cam.box_threshold``, 0.79) -> background ``(1 - max)^alpha`` ->
    PAR -> argmax, as WeCLIP (:func:`~stage1_cam.heads.weclip.online_pseudo_labels`);
 5. loss: WeCLIP's balanced segmentation CE on the online labels plus ``aff_loss_weight`` (0.1) times the affinity
@@ -167,18 +168,22 @@ class ExcelHead(BlockDecoderHead):
         """The SVC pass, the decoder and the online pseudo labels (with LVC when ``lvc``).
 
         Returns:
-            ``logits``, ``fu`` and ``aff`` of the decoder, ``cam`` (the plain :class:`CamOutput`), ``cams`` (the maps
+            ``logits``, ``fu`` and ``aff`` of the decoder, ``cam`` (the plain :class:`CamOutput`; with ``lvc`` and not
+            ``plain_too`` its ``cams`` are empty: the plain maps are not computed), ``cams`` (the maps
             the labels were made from: calibrated with LVC), ``pseudo`` (B, H, W) int64, and with ``plain_too`` (and
             ``lvc``) ``pseudo_no_lvc``: the labels of the plain maps and attention mean.
         """
         out_size = tuple(images.shape[-2:]) if out_size is None else tuple(out_size)
         par_src = images if par_images is None else par_images
-        cam_out = self.cam_source(images, labels, attn_layers=self.pseudo.attn_layers)
+        # With LVC the plain maps are needed only for the ablation (plain_too): skip their calibrated path then.
+        cam_out = self.cam_source(images, labels, attn_layers=self.pseudo.attn_layers, maps=not lvc or plain_too,
+                                  keep_qkv=lvc)
         logits, fu, aff = self.decode(cam_out.features)
         cams, dec_aff = cam_out.cams, None
         if lvc:
             cams = self.cam_source(images, labels, ex_feats=fu.detach(), ex_batch_global=self.batch_global_mean,
                                    reuse=cam_out).cams
+            cam_out.cache.clear()  # the SVC q, k, v: free them before the labels
             dec_aff = aff.detach()
         res: Dict[str, Any] = {"logits": logits, "fu": fu, "aff": aff, "cam": cam_out, "cams": cams}
         res["pseudo"] = online_pseudo_labels(cams, cam_out.keys, cam_out.attn, dec_aff, cfg=self.pseudo,
