@@ -62,7 +62,7 @@ def affinity_label(label: torch.Tensor, grid: tuple, radius: int, *, ignore_inde
     out = torch.where(radius_mask(*grid, radius, device=label.device)[None], same,
                       torch.full_like(same, ignore_index))
     ign = (small == ignore_index)
-    out[ign[:, :, None].expand_as(out) | ign[:, None, :].expand_as(out)] = ignore_index
+    out = out.masked_fill(ign[:, :, None] | ign[:, None, :], ignore_index)  # not mask indexing: no host sync
     if ignore_diagonal:
         out.diagonal(dim1=1, dim2=2).fill_(ignore_index)
     return out

@@ -90,6 +90,45 @@ def labels_from_multi_hot(cls_label: torch.Tensor) -> List[np.ndarray]:
     return [np.flatnonzero(row.cpu().numpy() > 0.5).astype(np.int64) + 1 for row in cls_label]
 
 
+class LossHistory:
+    """Step losses kept on the device and read on the host only at :meth:`flush` (no synchronisation per step).
+
+    The training loop flushes at every log line, before validation, before every checkpoint and at the end, so a
+    non-finite loss still stops training with a :class:`FloatingPointError` naming its (first) step and images,
+    and no checkpoint is written after it.
+
+    Attributes:
+        values: the flushed losses as floats, in step order.
+    """
+
+    def __init__(self) -> None:
+        self.values: List[float] = []
+        self._pending: List[torch.Tensor] = []
+        self._where: List[tuple] = []
+
+    def record(self, step: int, loss: torch.Tensor, names: Any) -> None:
+        """Keep ``loss`` (a 0-d tensor of step ``step`` on the images ``names``) without reading it."""
+        self._pending.append(loss.detach().float().reshape(()))
+        self._where.append((step, names))
+
+    def flush(self) -> None:
+        """Read the pending losses (one device-to-host copy); raise on the first non-finite one."""
+        if not self._pending:
+            return
+        vals = torch.stack(self._pending).cpu()  # the one synchronisation per flush
+        pending = self._where
+        self._pending, self._where = [], []
+        bad = (~torch.isfinite(vals)).nonzero()
+        if len(bad):
+            i = int(bad[0, 0])
+            step, names = pending[i]
+            raise FloatingPointError(f"non-finite loss {vals[i].item()} at step {step} (images {names})")
+        self.values.extend(vals.tolist())
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
 def _rng_state() -> Dict[str, Any]:
     np_state = np.random.get_state()
     state = {
@@ -260,6 +299,7 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
                                pin_memory=device.type == "cuda", persistent_workers=False))
 
     def checkpoint(path: Path, metrics: Optional[Dict[str, Any]] = None) -> None:
+        losses.flush()  # a non-finite loss raises here: never saved in a checkpoint
         rng = [_rng_state()]
         if dist.enabled:
             gathered: List[Any] = [None] * dist.world_size
@@ -278,7 +318,8 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
         _logger.info("saved checkpoint %s", path)
 
     it = make_loader()
-    t0, t_last, history, curve = time.time(), time.time(), [], []
+    t0, t_last, losses, curve = time.time(), time.time(), LossHistory(), []
+    history = losses.values  # flushed step losses (floats)
     val_log = run_dir.path / "stage1" / "val_metrics.jsonl"
     _logger.info("training %s for %d iterations (batch %d x %d process(es), %d steps/epoch) on %s in %s",
                  cfg.head.type, tc.max_iters, tc.batch_size, dist.world_size, steps_per_epoch, device,
@@ -297,16 +338,15 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
         with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
             out = head.forward_train(tb, step)
         loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} (images {batch['name']})")
+        losses.record(step, loss, batch["name"])  # checked at the next flush (log line, validation, checkpoint)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         step, pos = step + 1, pos + 1
-        history.append(float(loss.detach()))
         if step % tc.log_interval == 0 or step == tc.max_iters:
+            losses.flush()
             dt = (time.time() - t_last) / max(1, min(tc.log_interval, len(history)))
             t_last = time.time()
             curve.append([step, float(np.mean(history[-tc.log_interval:]))])
@@ -318,6 +358,7 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
                          time.strftime("%H:%M:%S", time.gmtime(dt * (tc.max_iters - step))),
                          peak_memory_mb(device))
         if tc.val_interval and step % tc.val_interval == 0 and dist.is_main:
+            losses.flush()
             metrics = validate(stack, cfg, device, max_images=tc.val_max_images)
             _logger.info("validation at step %d: %s", step, metrics)
             val_log.parent.mkdir(parents=True, exist_ok=True)
@@ -326,6 +367,7 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
         if step % tc.ckpt_interval == 0 and step < tc.max_iters:
             checkpoint(ckpt_dir / f"iter_{step:06d}.pth")
 
+    losses.flush()
     final = run_dir.final_ckpt
     summary = {"steps": step, "seconds": time.time() - t0, "peak_memory_mib": peak_memory_mb(device),
                "device": str(device), "precision": precision_name(amp_dtype),

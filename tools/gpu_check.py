@@ -9,6 +9,9 @@ online pseudo label agrees with the CPU's, and the dump logits' relative error a
 ``--weights world:default`` runs the same on the trained synthetic-world CLIP (peaked CAMs, like real CLIP's,
 where random weights give near-ties that any rounding flips). ``--device cpu`` compares the CPU's bf16 autocast
 (``train.amp="auto"`` on a CPU with native bf16) against its float32 the same way.
+``--sync-check`` instead counts the host<->device synchronisations of WeCLIP training steps on the GPU with
+``torch.cuda.set_sync_debug_mode("warn")`` (forward, backward, AdamW step and the loop's loss bookkeeping, after
+one warm-up step; RFM on) and saves ``<name>-syncs-cuda.json``; the expected count is 0 (issue 20).
 """
 
 from __future__ import annotations
@@ -158,6 +161,56 @@ def compare(model: str, size: int, batch: int, device: torch.device, modes: Sequ
     return res
 
 
+def sync_check(model: str, size: int, batch: int, steps: int = 3, amp: Optional[str] = "bf16") -> Dict[str, Any]:
+    """Synchronisations per WeCLIP training step on CUDA (``torch.cuda.set_sync_debug_mode``), see the module doc."""
+    import warnings
+
+    from stage1_cam.build import build_stage1
+    from stage1_cam.config import default_config
+    from stage1_cam.train import LossHistory
+
+    device = torch.device("cuda")
+    cfg = default_config({"clip.model_name": model, "clip.pretrained": None, "data.dataset": "voc",
+                          "data.crop_size": size, "head.rfm.start_step": 0})
+    torch.manual_seed(0)
+    stack = build_stage1(cfg, device)
+    head = stack.head
+    head.train()
+    x, keys = _crops(size, batch, stack.mean, stack.std)
+    x = x.pin_memory()
+    optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=1e-4)
+    history = LossHistory()
+    dtype = MODES[amp] if amp else None
+
+    def step(i: int) -> None:
+        tb = TrainBatch(images=x.to(device, non_blocking=True), labels=keys)
+        with torch.autocast(device_type="cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = head.forward_train(tb, i)
+        history.record(i, out["loss"], ["crop"])
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+
+    step(0)  # warm-up: lazy initialisation (cuBLAS handles, caches) may synchronise once
+    torch.cuda.synchronize()
+    per_step = []
+    for i in range(1, steps + 1):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step(i)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+        per_step.append({"step": i, "syncs": len(syncs), "messages": syncs[:20]})
+    history.flush()
+    return {"settings": {"model": model, "size": size, "batch": batch, "amp": amp, "rfm": True,
+                         "labels": [k.tolist() for k in keys]},
+            "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+            "syncs_per_step": [s["syncs"] for s in per_step], "steps": per_step, "losses": history.values}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; bad input (an unwritable --out, a missing weights file) exits with code 2 and one message."""
     return run_main(_main, argv, logger=_logger)
@@ -175,7 +228,16 @@ def _main(argv: Optional[List[str]]) -> int:
                    help="cpu: the CPU's bf16 autocast against its own float32")
     p.add_argument("--modes", nargs="+", choices=sorted(MODES), default=None,
                    help="autocast modes to compare (default: all on cuda, bf16 on cpu)")
+    p.add_argument("--sync-check", action="store_true",
+                   help="count host<->device synchronisations per WeCLIP training step instead (CUDA only)")
     args = p.parse_args(argv)
+    if args.sync_check:
+        if not torch.cuda.is_available():
+            p.error("--sync-check needs a CUDA device (on the CPU: tests/test_step_syncs.py)")
+        res = sync_check(args.model, args.size, args.batch)
+        _logger.info("syncs per step: %s", res["syncs_per_step"])
+        save_results(res, Path(args.out) / f"{args.name}-syncs-cuda.json")
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device: this check compares GPU results against the CPU (--device cpu checks CPU bf16)")
     modes = args.modes or (tuple(MODES) if args.device == "cuda" else ("bf16",))

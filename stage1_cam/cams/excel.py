@@ -44,6 +44,7 @@ from __future__ import annotations
 import logging
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -361,10 +362,14 @@ class ExcelSVC:
             if qkv is not None:
                 cache["svc_qkv"] = qkv
         h, w = features.grid
-        cams = []
-        for b, k in enumerate(keys if sims is not None else []):
-            idx = torch.from_numpy(k - 1).to(sims.device)
-            cams.append(sims[b][:, idx].t().reshape(len(k), h, w).contiguous())
+        cams: List[torch.Tensor] = []
+        if sims is not None:
+            # (image, class column) of every present class, laid out on the host: one non-blocking copy, one gather.
+            sizes = [len(k) for k in keys]
+            where = np.stack([np.repeat(np.arange(len(keys)), sizes), np.concatenate([k - 1 for k in keys])])
+            idx = torch.from_numpy(where.astype(np.int64)).to(sims.device, non_blocking=True)
+            picked = sims[idx[0], :, idx[1]].reshape(-1, h, w)  # (sum K_b, h, w)
+            cams = [c.contiguous() for c in picked.split(sizes)]
         if attn_layers is not None:
             attn = attn[:, attn.shape[1] - check_attn_layers(attn_layers, attn.shape[1]):]
         return CamOutput(cams=cams, keys=keys, attn=attn, features=features, grid=(h, w), cache=cache)

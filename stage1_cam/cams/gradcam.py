@@ -194,9 +194,14 @@ class ClipESGradCAM:
         if slots == 0:
             tokens, attn = self._last_block_no_grad(x)
             return [torch.empty((0, *grid), dtype=torch.float32, device=x.device) for _ in keys], tokens, attn
-        present = torch.zeros((b_size, fg.shape[0]), dtype=torch.bool, device=x.device)
+        # The class masks are laid out on the host (the keys are host arrays) and cross in one non-blocking copy:
+        # present[b, c] (class c + 1 is in image b) and select[j, b, c] (slot j of image b is class c + 1).
+        host = np.zeros((slots + 1, b_size, fg.shape[0] + bg.shape[0]), dtype=np.float32)
         for b, ids in enumerate(keys):
-            present[b, torch.from_numpy(ids - 1).to(x.device)] = True
+            host[0, b, ids - 1] = 1.0
+            host[1 + np.arange(len(ids)), b, ids - 1] = 1.0
+        masks = torch.from_numpy(host).to(x.device, non_blocking=True)  # pageable source: staged before returning
+        present, selects = masks[0, :, :fg.shape[0]] > 0, masks[1:]
         blk = bb.blocks[bb.num_blocks - 1]
         with torch.no_grad():
             normed = blk.ln_1(x)
@@ -215,11 +220,8 @@ class ClipESGradCAM:
             prob = torch.softmax(torch.cat([logits_fg, self.logit_scale * img @ bg.t()], dim=1), dim=-1)
             grads = []
             for j in range(slots):
-                select = torch.zeros_like(prob)
-                for b, k_ids in enumerate(keys):
-                    if j < len(k_ids):
-                        select[b, int(k_ids[j]) - 1] = 1.0
-                grads.append(torch.autograd.grad(prob, o, grad_outputs=select, retain_graph=j < slots - 1)[0])
+                grads.append(torch.autograd.grad(prob, o, grad_outputs=selects[j].to(prob.dtype),
+                                                 retain_graph=j < slots - 1)[0])
         with torch.no_grad():
             means = attention_qkv_grad_means(att, q, k, v, torch.stack(grads))  # 3 x (slots, B, H, hd)
             per_slot = [gradcam_from_weights(normed, qkv_mean_grads_to_input(blk, [m[j] for m in means]), grid)

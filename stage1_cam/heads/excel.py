@@ -164,8 +164,10 @@ class ExcelHead(BlockDecoderHead):
 
     def online_labels(self, images: torch.Tensor, labels: Sequence[np.ndarray], *, lvc: bool,
                       out_size: Optional[Tuple[int, int]] = None, par_images: Optional[torch.Tensor] = None,
-                      box_threshold: Optional[float] = None, plain_too: bool = False) -> Dict[str, Any]:
-        """The SVC pass, the decoder and the online pseudo labels (with LVC when ``lvc``).
+                      box_threshold: Optional[float] = None, plain_too: bool = False,
+                      exact_boxes: bool = True) -> Dict[str, Any]:
+        """The SVC pass, the decoder and the online pseudo labels (with LVC when ``lvc``; ``exact_boxes`` as
+        :func:`~stage1_cam.heads.weclip.online_pseudo_labels`: the training step passes False).
 
         Returns:
             ``logits``, ``fu`` and ``aff`` of the decoder, ``cam`` (the plain :class:`CamOutput`; with ``lvc`` and not
@@ -188,7 +190,7 @@ class ExcelHead(BlockDecoderHead):
         res: Dict[str, Any] = {"logits": logits, "fu": fu, "aff": aff, "cam": cam_out, "cams": cams}
         res["pseudo"] = online_pseudo_labels(cams, cam_out.keys, cam_out.attn, dec_aff, cfg=self.pseudo,
                                              par=self.par, images=par_src, out_size=out_size,
-                                             box_threshold=box_threshold)[0]
+                                             box_threshold=box_threshold, exact_boxes=exact_boxes)[0]
         if plain_too and lvc:
             res["pseudo_no_lvc"] = online_pseudo_labels(cam_out.cams, cam_out.keys, cam_out.attn, None,
                                                         cfg=self.pseudo, par=self.par, images=par_src,
@@ -203,7 +205,7 @@ class ExcelHead(BlockDecoderHead):
             ``loss``, ``loss_seg``, ``loss_aff``, the online ``pseudo_label`` (B, S, S) and ``aff_label_source``
             (0: the online labels, 1: the decoder's argmax).
         """
-        res = self.online_labels(batch.images, batch.labels, lvc=self.use_lvc(step))
+        res = self.online_labels(batch.images, batch.labels, lvc=self.use_lvc(step), exact_boxes=False)
         from_decoder = self.decoder_affinity_labels(step)
         losses = weclip_loss(res["logits"].float(), res["aff"].float(), res["pseudo"], grid=res["cam"].grid,
                              radius=self.aff_radius, aff_weight=self.aff_weight, aff_from_prediction=from_decoder,

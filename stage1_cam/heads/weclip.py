@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..constants import IGNORE_INDEX
 from ..losses import weclip_loss
 from ..refine.affinity import RFM_SCORES, attention_affinity, refine_cams, rfm_affinity
 from ..refine.labels import cams_to_label_batch
@@ -73,11 +74,54 @@ class PseudoLabelCfg:
     rfm_score: str = "signed"
 
 
+def pad_cams(cams: Sequence[torch.Tensor], keys: Sequence[np.ndarray], *,
+             device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-image CAMs -> one padded ``(B, Kmax, h, w)`` float32 tensor and ``(B, Kmax)`` keys (``-1`` = padding).
+
+    The keys are checked and laid out on the host (they come from the CPU batch); the keys and the destination
+    rows travel to the device in one non-blocking copy, and the CAMs are placed with one ``index_copy_``: no host
+    synchronisation.
+
+    Args:
+        cams: per image ``(K_b, h, w)`` maps on ``device``.
+        keys: per image the ``K_b`` foreground class ids (host arrays).
+        device: the CAMs' device.
+
+    Returns:
+        ``(padded, padded_keys)``.
+    """
+    if len(cams) != len(keys) or not cams:
+        raise ValueError(f"need one CAM tensor per key array and at least one image, got {len(cams)} and {len(keys)}")
+    b = len(cams)
+    h, w = cams[0].shape[-2:]
+    host_keys = [np.asarray(k, dtype=np.int64).reshape(-1) for k in keys]
+    for i, (c, k) in enumerate(zip(cams, host_keys)):
+        if c.shape[0] != k.size:
+            raise ValueError(f"image {i}: {c.shape[0]} CAMs for {k.size} keys")
+        if k.size and (k.min() < 1 or (k == IGNORE_INDEX).any() or np.unique(k).size != k.size):
+            raise ValueError(f"image {i}: keys must be distinct foreground label ids (not 0 = background, not "
+                             f"ignore_index={IGNORE_INDEX}), got {k.tolist()}")
+    kmax = max(k.size for k in host_keys)
+    table = np.full((b, kmax), -1, dtype=np.int64)
+    rows = []
+    for i, k in enumerate(host_keys):  # host-side layout only (numpy)
+        table[i, :k.size] = k
+        rows.extend(range(i * kmax, i * kmax + k.size))
+    both = torch.from_numpy(np.concatenate([table.ravel(), np.asarray(rows, dtype=np.int64)]))
+    both = both.to(device, non_blocking=True)  # one copy; pageable source memory: staged before returning
+    padded_keys, rows_t = both[:b * kmax].view(b, kmax), both[b * kmax:]
+    padded = torch.zeros((b * kmax, h, w), dtype=torch.float32, device=device)
+    if rows:
+        padded.index_copy_(0, rows_t, torch.cat([c.float() for c in cams]))
+    return padded.view(b, kmax, h, w), padded_keys
+
+
 @torch.no_grad()
 def online_pseudo_labels(cams: Sequence[torch.Tensor], keys: Sequence[np.ndarray], attn: torch.Tensor,
                          dec_aff: Optional[torch.Tensor], *, cfg: PseudoLabelCfg, par: Optional[PAR],
                          images: torch.Tensor, out_size: Tuple[int, int],
-                         box_threshold: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                         box_threshold: Optional[float] = None,
+                         exact_boxes: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """CAMs -> online pseudo labels (reference_spec 1.6-1.7): attention affinity (the mean of the last
     ``cfg.attn_layers`` maps, or with ``dec_aff`` the RFM-filtered mean of the last ``cfg.rfm_layers`` times it),
     Sinkhorn transition, box-masked propagation, background ``(1 - max)^alpha``, PAR, argmax.
@@ -92,6 +136,9 @@ def online_pseudo_labels(cams: Sequence[torch.Tensor], keys: Sequence[np.ndarray
         images: (B, 3, H', W') normalised images for PAR.
         out_size: (H, W) of the labels.
         box_threshold: overrides ``cfg.box_threshold`` (e.g. a validation threshold).
+        exact_boxes: verify that the device box masks converged (one host synchronisation per call: validation,
+            the dump); False, as the training step passes, runs a fixed number of rounds and never synchronises
+            (:func:`~stage1_cam.refine.boxes.box_masks`).
 
     Returns:
         labels (B, H, W) int64 and confidence (B, H, W) float32.
@@ -102,19 +149,14 @@ def online_pseudo_labels(cams: Sequence[torch.Tensor], keys: Sequence[np.ndarray
     else:
         m = attention_affinity(attn.float(), last=cfg.attn_layers)
     trans = transition_matrix(m)  # (B, hw, hw)
-    b = len(cams)
-    h, w = cams[0].shape[-2:]
-    kmax = max(len(k) for k in keys)
-    padded = attn.new_zeros((b, kmax, h, w))
-    padded_keys = torch.full((b, kmax), -1, dtype=torch.long, device=attn.device)
-    for i in range(b):
-        k = len(keys[i])
-        if k:
-            padded[i, :k] = refine_cams(cams[i].float(), trans[i], box_threshold=box, parity=cfg.parity)
-            padded_keys[i, :k] = torch.as_tensor(keys[i], device=attn.device)
+    padded, padded_keys = pad_cams(cams, keys, device=attn.device)
+    kmax = padded.shape[1]
+    padded = refine_cams(padded, trans, box_threshold=box, parity=cfg.parity, valid=padded_keys >= 0,
+                         exact_boxes=exact_boxes)
     use_par = par is not None and kmax > 0
     labels, confs = cams_to_label_batch(padded, padded_keys, out_size=out_size, bg_exponent=cfg.bg_exponent,
-                                        images=images if use_par else None, par=par if use_par else None)
+                                        images=images if use_par else None, par=par if use_par else None,
+                                        check_keys=False)  # pad_cams checked them on the host
     return labels.long(), confs.float()
 
 
@@ -180,7 +222,8 @@ class WeCLIPHead(BlockDecoderHead):
     @torch.no_grad()
     def pseudo_labels(self, images: torch.Tensor, cams: Sequence[torch.Tensor], keys: Sequence[np.ndarray],
                       attn: torch.Tensor, dec_aff: Optional[torch.Tensor], *, out_size: Tuple[int, int],
-                      par_images: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                      par_images: Optional[torch.Tensor] = None, exact_boxes: bool = True
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Online pseudo labels (:func:`online_pseudo_labels` with this head's settings).
 
         Args:
@@ -190,12 +233,14 @@ class WeCLIPHead(BlockDecoderHead):
             attn: (B, n_blocks, hw, hw) head-averaged attention, CLS removed.
             dec_aff: (B, hw, hw) decoder affinity, or None to disable RFM.
             out_size: (H, W) of the labels.
+            exact_boxes: see :func:`online_pseudo_labels` (the training step passes False: no synchronisation).
 
         Returns:
             labels (B, H, W) int64 and confidence (B, H, W) float32.
         """
         return online_pseudo_labels(cams, keys, attn, dec_aff, cfg=self.pseudo, par=self.par,
-                                    images=images if par_images is None else par_images, out_size=out_size)
+                                    images=images if par_images is None else par_images, out_size=out_size,
+                                    exact_boxes=exact_boxes)
 
     # ------------------------------------------------------------------ training / inference
     def decode(self, features: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -220,7 +265,7 @@ class WeCLIPHead(BlockDecoderHead):
         logits, _, aff = self.decode(cam_out.features)
         dec_aff = aff.detach() if rfm else None
         pseudo, _ = self.pseudo_labels(images, cam_out.cams, cam_out.keys, cam_out.attn, dec_aff,
-                                       out_size=tuple(images.shape[-2:]))
+                                       out_size=tuple(images.shape[-2:]), exact_boxes=False)
         losses = weclip_loss(logits.float(), aff.float(), pseudo, grid=cam_out.grid, radius=self.aff_radius,
                              aff_weight=self.aff_weight)
         losses["pseudo_label"] = pseudo

@@ -16,17 +16,18 @@ Deliberate deviations:
     * The layer scores are accumulated in float64 so that the ``<=`` comparison is not decided by float32
       summation order; everything else is float32.
     * Batched inputs (leading dimensions) are accepted, and all classes of an image are propagated with a single
-      matrix product.
+      matrix product; :func:`refine_cams` takes a padded batch ``(B, K, h, w)`` and computes its box masks on the
+      device (:func:`~stage1_cam.refine.boxes.box_masks`, equal to the cv2 reference bit for bit).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from stage1_cam.refine.boxes import box_mask
+from stage1_cam.refine.boxes import box_masks
 
 _logger = logging.getLogger(__name__)
 
@@ -148,30 +149,47 @@ def excel_decoder_affinity(feats: torch.Tensor, *, batch_global: bool = False, s
 
 @torch.no_grad()
 def refine_cams(
-    cams: torch.Tensor, T: torch.Tensor, *, box_threshold: float, parity: bool = True
+    cams: torch.Tensor,
+    T: torch.Tensor,
+    *,
+    box_threshold: float,
+    parity: bool = True,
+    valid: Optional[torch.Tensor] = None,
+    exact_boxes: bool = True,
 ) -> torch.Tensor:
     """Propagate each class map with the transition matrix, restricted to sources inside its CAM boxes.
 
-    ``refined_k[i] = sum_j T[i, j] * m_k[j] * cam_k[j]`` where ``m_k`` is :func:`~stage1_cam.refine.boxes.box_mask`
-    of ``cam_k`` (flattened row-major).
+    ``refined_k[i] = sum_j T[i, j] * m_k[j] * cam_k[j]`` where ``m_k`` is the box mask of ``cam_k``
+    (:func:`~stage1_cam.refine.boxes.box_masks`, equal to :func:`~stage1_cam.refine.boxes.box_mask`; flattened
+    row-major). Everything stays on ``cams``' device; a batch is one batched matrix product.
 
     Args:
-        cams: Class maps ``(K, h, w)`` in ``[0, 1]`` at the patch grid.
-        T: Transition matrix ``(h * w, h * w)`` from :func:`~stage1_cam.refine.sinkhorn.transition_matrix`.
+        cams: Class maps ``(K, h, w)``, or a padded batch ``(B, K, h, w)``, in ``[0, 1]`` at the patch grid.
+        T: Transition matrix ``(h * w, h * w)`` (``(B, h * w, h * w)`` for a batch) from
+            :func:`~stage1_cam.refine.sinkhorn.transition_matrix`.
         box_threshold: Relative box threshold (0.4 VOC, 0.7 COCO).
         parity: Reproduce the reference's border off-by-one in the box mask.
+        valid: Optional boolean ``(B, K)`` (or ``(K,)``): False marks padding channels, whose output is 0.
+        exact_boxes: :func:`~stage1_cam.refine.boxes.box_masks`' ``exact`` (False: no host synchronisation).
 
     Returns:
-        float32 refined maps ``(K, h, w)`` on ``cams``' device (not re-normalised).
+        float32 refined maps of ``cams``' shape on its device (not re-normalised).
     """
-    if cams.dim() != 3:
-        raise ValueError(f"cams must have shape (K, h, w), got {tuple(cams.shape)}")
-    k, h, w = cams.shape
-    if T.shape != (h * w, h * w):
-        raise ValueError(f"transition matrix shape {tuple(T.shape)} does not match cams grid {h}x{w}")
-    if k == 0:
-        return cams.new_zeros((0, h, w), dtype=torch.float32)
-    masks = torch.stack([box_mask(c, box_threshold, parity=parity) for c in cams]).to(cams.device)
-    src = cams.float().reshape(k, h * w) * masks.reshape(k, h * w)  # (K, hw), gated source values
-    refined = src @ T.float().transpose(0, 1)  # (K, hw): refined[k, i] = sum_j T[i, j] src[k, j]
-    return refined.reshape(k, h, w)
+    if cams.dim() not in (3, 4):
+        raise ValueError(f"cams must have shape (K, h, w) or (B, K, h, w), got {tuple(cams.shape)}")
+    h, w = cams.shape[-2:]
+    lead = tuple(cams.shape[:-3])
+    if T.shape != lead + (h * w, h * w):
+        raise ValueError(f"transition matrix shape {tuple(T.shape)} does not match cams grid {h}x{w} "
+                         f"(expected {lead + (h * w, h * w)})")
+    if valid is not None and tuple(valid.shape) != tuple(cams.shape[:-2]):
+        raise ValueError(f"valid shape {tuple(valid.shape)} does not match cams {tuple(cams.shape[:-2])}")
+    k = cams.shape[-3]
+    if k == 0 or cams.numel() == 0:
+        return cams.new_zeros(cams.shape, dtype=torch.float32)
+    masks = box_masks(cams.reshape(-1, h, w), box_threshold, parity=parity, exact=exact_boxes).view(cams.shape)
+    if valid is not None:
+        masks = masks & valid[..., None, None]
+    src = cams.float().reshape(*lead, k, h * w) * masks.reshape(*lead, k, h * w)  # gated source values
+    refined = src @ T.float().transpose(-1, -2)  # refined[.., k, i] = sum_j T[.., i, j] src[.., k, j]
+    return refined.reshape(cams.shape)

@@ -120,6 +120,7 @@ def cams_to_label_batch(
     par: Optional[PAR] = None,
     conf_threshold: float = 0.0,
     ignore_index: int = IGNORE_INDEX,
+    check_keys: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Batched :func:`cams_to_label`; images with fewer classes are padded.
 
@@ -132,6 +133,8 @@ def cams_to_label_batch(
         par: PAR module, required together with ``images``.
         conf_threshold: Pixels whose confidence is below it become ``ignore_index`` (only when > 0).
         ignore_index: Label value of ignored pixels.
+        check_keys: Validate the keys (no background/ignore ids, no duplicates). That reads them on the host (a
+            synchronisation for device keys); pass False when the caller checked them there already.
 
     Returns:
         ``(label, confidence)``: int64 ``(B, H, W)`` label ids and float32 ``(B, H, W)`` confidences in (0, 1].
@@ -148,7 +151,7 @@ def cams_to_label_batch(
     if not 0.0 <= conf_threshold <= 1.0:
         raise ValueError(f"conf_threshold must be in [0, 1], got {conf_threshold}")
     size = _check_size(out_size)
-    valid = _check_keys(keys, ignore_index)
+    valid = _check_keys(keys, ignore_index) if check_keys else keys >= 0
     b, k = cams.shape[:2]
 
     x = minmax_normalize(cams) * valid[:, :, None, None]  # (B, K, h, w); padding channels are 0
