@@ -154,7 +154,7 @@ class CrfCfg(DenseCrfParams):
 @dataclass
 class DumpCfg(SectionSchema):
     """Everything that decides the dumped masks, plus throughput knobs (``batch_size``, ``num_shards``,
-    ``crf.workers``); the dump (``stage1_cam.dump``) runs on this schema."""
+    ``flush_every``, ``crf.workers``); the dump (``stage1_cam.dump``) runs on this schema."""
 
     long_side: int = 512  # images resized so the long side is this (reference 512 for VOC), snapped to the patch
     scales: Tuple[float, ...] = (1.0, 0.75)  # test-time scales relative to the long-side-resized input
@@ -164,6 +164,7 @@ class DumpCfg(SectionSchema):
     ignore_threshold: float = 0.0  # pixels with confidence below this -> 255 (0 = off)
     save_probs: bool = False  # store float16 present-class probabilities (for --from-probs)
     num_shards: int = 4  # shards the split is divided into
+    flush_every: int = 16  # images between the shard's progress points (flushes); a kill loses at most these
     # Test-time protocol (dump/tta.py): "weclip" (long side, scales relative to it, fused on the logit grid) or
     # "excel" (ExCEL's infer_seg_voc: whole image resized to squares square_size * s, flip fused, each scale
     # upsampled to the image size, averaged; ExCEL uses scales (0.7, 1.0, 1.2, 1.5) and, with its optional CRF,
@@ -176,7 +177,7 @@ class DumpCfg(SectionSchema):
     PREFIX: ClassVar[str] = "dump"
     RANGES: ClassVar[Dict[str, Range]] = {
         "long_side": COUNT, "scales": POSITIVE, "batch_size": COUNT, "ignore_threshold": UNIT,
-        "num_shards": Range(1, 99999), "square_size": COUNT, "crf.workers": COUNT0,
+        "num_shards": Range(1, 99999), "square_size": COUNT, "flush_every": COUNT, "crf.workers": COUNT0,
         **{f"crf.{k}": r for k, r in DenseCrfParams.RANGES.items()}}
     PROTOCOLS: ClassVar[Tuple[str, ...]] = ("weclip", "excel")
 
@@ -240,7 +241,7 @@ _HASH_IF_NOT = {"dump.protocol": "weclip", "dump.square_size": 320, "dump.parity
 # Keys that do not change any produced artifact; excluded from the config hash.
 _HASH_EXCLUDE = {"run.name", "run.root", "data.num_workers", "train.log_interval", "dump.crf.workers",
                  "dump.batch_size", "cam.batch_size",
-                 "dump.num_shards"}
+                 "dump.num_shards", "dump.flush_every"}
 
 
 def all_ranges(head_type: Optional[str] = None) -> Dict[str, Range]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 from stage1_cam.io import ShardReader
 
@@ -46,3 +46,69 @@ def interrupt_then_resume(main: Callable[[List[str]], int], argv: List[str], out
     if shard:
         assert (out / (shard + ".partial")).is_file() and not (out / shard).exists()
     assert main(argv) == 0
+
+
+# A dump run in a child process that SIGKILLs itself: at the write of image ``after + 1`` (mode "write"), or in the
+# middle of progress point ``after + 1``, between its two flushes (mode "progress").
+_KILLED_CHILD = """
+import os, signal, sys
+from stage1_cam.io import ShardWriter
+
+mode, after, module, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+if mode == "write":
+    real, calls = ShardWriter.write, []
+
+    def write(self, name, **kw):
+        if len(calls) == after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        calls.append(name)
+        return real(self, name, **kw)
+
+    ShardWriter.write = write
+else:
+    real_flush, points = ShardWriter.progress_point, []
+
+    def progress_point(self):
+        if self._pending and len(points) == after:
+            self._file.flush()  # the first of the two flushes; the groups are not marked complete yet
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self._pending:
+            points.append(len(self._pending))
+        return real_flush(self)
+
+    ShardWriter.progress_point = progress_point
+import importlib
+sys.exit(importlib.import_module(module).main(argv))
+"""
+
+
+def kill_then_resume(module: str, argv: List[str], out: Path, *, after: int, mode: str = "write",
+                     shard: str = "", resume: Optional[Callable[[List[str]], int]] = None) -> Set[str]:
+    """Run ``python -m module argv`` in a child process killed with SIGKILL (see ``_KILLED_CHILD``), then resume it
+    in-process with ``resume(argv)`` (which must succeed). Returns the image ids the partial shard ``shard`` held
+    as complete after the kill (empty without ``shard``)."""
+    import subprocess
+    import sys
+
+    import h5py
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _KILLED_CHILD, mode, str(after), module, *argv], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    kept: Set[str] = set()
+    if shard:
+        partial = out / (shard + ".partial")
+        assert partial.is_file() and not (out / shard).exists()
+        with h5py.File(partial, "r", locking=False) as f:
+            for key in f["images"]:
+                try:
+                    g = f["images"][key]
+                    if g.attrs.get("complete", False):
+                        kept.add(str(g.attrs["name"]))
+                except (KeyError, OSError, RuntimeError):  # a group the kill left unreadable: dropped on resume
+                    pass
+    if resume is not None:
+        assert resume(argv) == 0
+    return kept

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import namedtuple
 from pathlib import Path
@@ -452,7 +453,7 @@ def test_enospc_while_writing_is_one_error_and_the_shard_resumes(trained, tmp_pa
     def full_disk_write(self, name, **kw):
         if len(calls) == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        calls.append(name)
+        calls.append(threading.current_thread().name)
         return real_write(self, name, **kw)
 
     monkeypatch.setattr(ShardWriter, "write", full_disk_write)
@@ -460,6 +461,7 @@ def test_enospc_while_writing_is_one_error_and_the_shard_resumes(trained, tmp_pa
     assert dump_mod.main(argv + ["--out", str(out)]) == 2  # before: an OSError traceback
     msg = capsys.readouterr().err
     assert "no space left" in msg and str(out) in msg and "free" in msg
+    assert set(calls) == {"dump-write"}  # raised in the writer thread, reported as before
     assert (out / (shard_filename(0, 2) + ".partial")).is_file() and not (out / shard_filename(0, 2)).exists()
     monkeypatch.setattr(ShardWriter, "write", real_write)
     assert dump_mod.main(argv + ["--out", str(out)]) == 0

@@ -20,7 +20,10 @@ the decoder-only ``test_msc_flip_seg.py`` path), shard by shard, resumably:
    ``dump.crf.*``, argmax, confidence = max probability, ``dump.ignore_threshold``) reads those rounded
    values. ``dump.save_probs`` stores exactly them, so ``--from-probs`` reproduces a dump bit for bit.
 5. The dense CRF runs in worker processes (``dump.crf.workers``; 0 = cores - 1) with a bounded number
-   of jobs in flight, so inference never waits on it; results are written in submission order.
+   of jobs in flight, so inference never waits on it; results are written in submission order, by one
+   background thread (validation, lzf compression, HDF5), while the next batch runs. Without the CRF and
+   stored probabilities, argmax and confidence are taken on the device from the float16-rounded values
+   (bit-identical to the host's) and only they are copied back.
 
 Images are batched: images whose resized size is identical (after snapping) are grouped, up to
 ``dump.batch_size`` images (``2 x batch_size`` network inputs with flip). The grouping is a
@@ -29,7 +32,8 @@ runs exactly the same batches as an uninterrupted one and produces identical out
 
 Resume: finished images of a partial shard are skipped (a batch is recomputed in full when some of its
 images are missing, but only those are written; finished images are still decoded, to learn their sizes for
-the batch plan); a finished shard is never rewritten. After the shards,
+the batch plan); a finished shard is never rewritten. Images are durable at the shard's progress points, every
+``dump.flush_every`` images: a killed dump recomputes at most those written since the last one. After the shards,
 ``manifest.json`` is (re)built (it lists missing shards) and ``dump_summary.json`` sums the timings.
 
 Other modes: ``--from-probs SRC`` re-runs CRF/threshold from the float16 probabilities of an earlier
@@ -43,7 +47,8 @@ Training-free mode (``head.type="none"``, or ``--training-free``): no model; the
 Modules: :mod:`.tta` (sizes, test-time augmentation, the network pass: ``Predictor``, ``predict_probs``; the
 ``weclip`` and ``excel`` protocols), :mod:`.postprocess` (argmax / dense CRF in worker processes,
 ``OrderedPostprocessor``), :mod:`.shard_loop` (the resumable per-shard loops), :mod:`.training_free`,
-:mod:`.runner` (``run_dump``), :mod:`.evaluate` (``evaluate_shards``), :mod:`.cli` (``main``).
+:mod:`.writer_thread` (``BackgroundWriter``), :mod:`.runner` (``run_dump``), :mod:`.evaluate` (``evaluate_shards``),
+:mod:`.cli` (``main``).
 """
 
 from .cli import main, parse_args
@@ -52,12 +57,14 @@ from .postprocess import Job, OrderedPostprocessor, apply_ignore, decode_probs, 
 from .runner import SUMMARY_NAME, run_dump, shard_bytes_needed
 from .shard_loop import dump_shard, rerun_from_probs
 from .training_free import TrainingFreeMaps, training_free_record, training_free_shard
-from .tta import Predictor, allowed_classes, batch_key, build_predictor, excel_logits, logits_to_probs, \
-    msc_flip_logits, network_size, plan_batches, predict_probs, scaled_size, snap_to_patch, square_size
+from .tta import PendingBatch, Predictor, allowed_classes, batch_key, build_predictor, decode_on_device, excel_logits, \
+    logits_to_probs, msc_flip_logits, network_size, plan_batches, predict_async, predict_probs, scaled_size, \
+    snap_to_patch, square_size
+from .writer_thread import BackgroundWriter
 
-__all__ = ["METRICS_NAME", "SUMMARY_NAME", "Job", "OrderedPostprocessor", "Predictor", "TrainingFreeMaps",
-           "allowed_classes", "apply_ignore", "batch_key", "build_predictor", "decode_probs", "dump_shard",
-           "evaluate_shards", "excel_logits", "logits_to_probs", "main", "make_crf_executor", "msc_flip_logits",
-           "network_size", "parse_args", "plan_batches", "predict_probs", "rerun_from_probs", "run_dump",
-           "scaled_size", "shard_bytes_needed", "snap_to_patch", "square_size", "training_free_record",
-           "training_free_shard"]
+__all__ = ["METRICS_NAME", "SUMMARY_NAME", "BackgroundWriter", "Job", "OrderedPostprocessor", "PendingBatch",
+           "Predictor", "TrainingFreeMaps", "allowed_classes", "apply_ignore", "batch_key", "build_predictor",
+           "decode_on_device", "decode_probs", "dump_shard", "evaluate_shards", "excel_logits", "logits_to_probs",
+           "main", "make_crf_executor", "msc_flip_logits", "network_size", "parse_args", "plan_batches",
+           "predict_async", "predict_probs", "rerun_from_probs", "run_dump", "scaled_size", "shard_bytes_needed",
+           "snap_to_patch", "square_size", "training_free_record", "training_free_shard"]

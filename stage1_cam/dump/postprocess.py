@@ -40,7 +40,7 @@ def apply_ignore(label: np.ndarray, confidence: np.ndarray, threshold: float, ig
 class Job:
     name: str
     image_labels: np.ndarray
-    probs: np.ndarray  # (K, H, W) float16
+    probs: Optional[np.ndarray]  # (K, H, W) float16; None when decoded on the device
     keys: np.ndarray  # (K,) int64
     result: "Future[Tuple[np.ndarray, np.ndarray]] | Tuple[np.ndarray, np.ndarray]"
 
@@ -63,18 +63,38 @@ class OrderedPostprocessor:
         self.max_in_flight = max(1, max_in_flight)
         self._queue: Deque[Job] = deque()
 
-    def submit(self, name: str, *, image: np.ndarray, probs: np.ndarray, keys: np.ndarray,
-               image_labels: np.ndarray) -> List[Job]:
-        """Queue one image; returns the jobs now finished at the head of the queue (in submission order)."""
+    def submit(self, name: str, *, image: np.ndarray, probs: Optional[np.ndarray], keys: np.ndarray,
+               image_labels: np.ndarray, decoded: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> List[Job]:
+        """Queue one image; returns the jobs now finished at the head of the queue (in submission order).
+
+        Args:
+            name: image id.
+            image: (H, W, 3) uint8 RGB (the CRF's input).
+            probs: (K, H, W) float16 probabilities, or None with ``decoded``.
+            keys: (K,) int64 class ids of the channels.
+            image_labels: image-level class ids (passed through to the job).
+            decoded: (label uint8, confidence float32) already decoded from the same rounded probabilities
+                (:func:`~stage1_cam.dump.tta.decode_on_device`); only without the CRF.
+
+        Raises:
+            ValueError: neither or both of ``probs`` and ``decoded``, or ``decoded`` with the CRF on.
+        """
         s = self.settings
+        if (probs is None) == (decoded is None):
+            raise ValueError(f"{name}: pass exactly one of probs and decoded")
+        if decoded is not None and s.crf_params is not None:
+            raise ValueError(f"{name}: the CRF needs probabilities, not labels decoded on the device")
+        shape = probs.shape[1:] if probs is not None else decoded[0].shape  # type: ignore[index]
         if s.crf_params is not None and len(keys) > 1:
             assert self.executor is not None
             # float16 probabilities travel to the worker; crf_labels computes in float32.
             result: Any = self.executor.submit(crf_labels, image, probs, keys, **s.crf_params)
         elif len(keys) == 1:  # background only: nothing to decide
-            result = (np.full(probs.shape[1:], keys[0], np.uint8), np.ones(probs.shape[1:], np.float32))
+            result = (np.full(shape, keys[0], np.uint8), np.ones(shape, np.float32))
+        elif decoded is not None:
+            result = decoded
         else:
-            result = decode_probs(probs, keys)
+            result = decode_probs(probs, keys)  # type: ignore[arg-type]
         self._queue.append(Job(name, image_labels, probs, keys, result))
         return self._pop(block_over=self.max_in_flight)
 

@@ -149,7 +149,7 @@ def run_dump(cfg: Any, *, shards: Sequence[int], out_dir: Path, checkpoint: Opti
     stats: Dict[int, Dict[str, float]] = {}
     try:
         for i in shards:
-            with ShardWriter(out_dir, i, num_shards, meta=meta) as writer:
+            with ShardWriter(out_dir, i, num_shards, meta=meta, flush_every=settings.flush_every) as writer:
                 if writer.is_complete:
                     _logger.info("shard %d/%d is finished (%s); not rewritten", i, num_shards, writer.path)
                     writer.finalize()

@@ -1,6 +1,7 @@
 """The per-shard loops: images of a shard in order -> probabilities -> post-processing -> :class:`ShardWriter`,
 resumably (images already in the writer are skipped). :func:`dump_shard` runs the network, :func:`rerun_from_probs`
-re-decodes stored probabilities; :func:`postprocess_into` is the shared tail (also of the training-free writer)."""
+re-decodes stored probabilities; :func:`postprocess_into` is the shared tail (also of the training-free writer):
+the results are written by one background thread (:class:`~.writer_thread.BackgroundWriter`), in order."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -18,7 +19,11 @@ from ..io import ShardReader, ShardWriter
 from ..utils.cli import BadInputError
 from ..utils.logging import EveryN
 from .postprocess import Job, OrderedPostprocessor
-from .tta import Predictor, allowed_classes, batch_key, plan_batches, predict_probs
+from .tta import Decoded, PendingBatch, Predictor, allowed_classes, batch_key, plan_batches, predict_async
+from .writer_thread import BackgroundWriter
+
+# (name, image, probabilities (K, H, W) float16 or a device-decoded (label, confidence), keys, image labels)
+Submission = Tuple[str, np.ndarray, Union[np.ndarray, Decoded], np.ndarray, np.ndarray]
 
 _logger = logging.getLogger(__name__)
 
@@ -89,6 +94,10 @@ def dump_shard(predictor: Predictor, dataset: Any, names: Sequence[str], writer:
                ) -> Dict[str, float]:
     """Dump the images ``names`` of ``dataset`` into ``writer`` (skipping ``writer.done_ids``), then finalize.
 
+    Each batch's network pass is launched before the previous batch's results are read (one batch of
+    look-ahead: on CUDA the device computes while the host post-processes). Without the CRF and stored
+    probabilities, the argmax is taken on the device and only the labels and confidences are copied back.
+
     Args:
         predictor: the network.
         dataset: a :class:`~stage1_cam.data.SegDataset` (``load_image``, ``image_labels``).
@@ -112,38 +121,74 @@ def dump_shard(predictor: Predictor, dataset: Any, names: Sequence[str], writer:
                 raise ValueError(f"image {name!r} must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
             yield batch_key(*image.shape[:2], settings, p), (name, image)
 
-    def submissions() -> Iterator[Tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    decode = settings.crf_params is None and not settings.save_probs  # the host needs only label + confidence
+
+    def results(batch: List[Tuple[str, np.ndarray]], keys: List[np.ndarray], pending: PendingBatch
+                ) -> Iterator[Submission]:
+        for (name, image), out, k in zip(batch, pending.result(), keys):
+            if name not in done:
+                yield name, image, out, k, dataset.image_labels(name)
+
+    def submissions() -> Iterator[Submission]:
+        previous: Optional[Tuple[List[Tuple[str, np.ndarray]], List[np.ndarray], PendingBatch]] = None
         for batch in plan_batches(sized(), batch_size=settings.batch_size, max_pending=4 * settings.batch_size):
             if all(name in done for name, _ in batch):
                 continue
             keys = [allowed_classes(dataset.image_labels(n), predictor.num_classes,
                                     label_constrained=settings.label_constrained) for n, _ in batch]
-            probs = predict_probs(predictor, [im for _, im in batch], keys, settings=settings)
-            for (name, image), pr, k in zip(batch, probs, keys):
-                if name not in done:
-                    yield name, image, pr, k, dataset.image_labels(name)
+            launched = (batch, keys, predict_async(predictor, [im for _, im in batch], keys, settings=settings,
+                                                   decode=decode))
+            if previous is not None:  # read only now: the device already has the next batch queued
+                yield from results(*previous)
+            previous = launched
+        if previous is not None:
+            yield from results(*previous)
 
     return postprocess_into(submissions(), writer=writer, settings=settings, postprocessor=postprocessor,
                             bar=bar, what="")
 
 
-def postprocess_into(submissions: Iterable[Tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]], *,
-                     writer: ShardWriter, settings: DumpCfg, postprocessor: OrderedPostprocessor,
-                     bar: "Progress", what: str) -> Dict[str, float]:
-    """CRF/argmax each ``(name, image, probs, keys, image_labels)`` in order, write it, then finalize the shard.
+def postprocess_into(submissions: Iterable[Submission], *, writer: ShardWriter, settings: DumpCfg,
+                     postprocessor: OrderedPostprocessor, bar: "Progress", what: str) -> Dict[str, float]:
+    """CRF/argmax each ``(name, image, probs or decoded, keys, image_labels)`` in order, write it, then finalize.
 
-    On any error (or interruption) the in-flight CRF jobs are cancelled and the shard stays partial (resumable).
+    The writes (validation, lzf compression, HDF5; the shard's progress points) run in one background thread,
+    in order, behind a bounded queue; ``bar`` counts images when they are written.
+
+    Args:
+        submissions: per image its id, the RGB image, its (K, H, W) float16 probabilities or a device-decoded
+            ``(label, confidence)``, the (K,) class ids and the image-level labels, in shard order.
+        writer: the open shard writer.
+        settings: dump settings (``save_probs``).
+        postprocessor: CRF/argmax stage.
+        bar: progress of the shard.
+        what: suffix of the log line (the mode).
+
+    Returns:
+        ``images`` (newly written), ``seconds``, ``images_per_s``.
+
+    Raises:
+        BaseException: whatever the loop or the writer thread raised (the same exception object). The in-flight
+            CRF jobs are then cancelled, the writer thread is stopped after its current image, and the shard
+            stays partial (resumable).
     """
+    def write(job: Job) -> None:
+        _write(writer, job, settings)
+        bar.update()
+
+    out: BackgroundWriter[Job] = BackgroundWriter(write, max_queue=max(2, settings.batch_size))
     try:
-        for name, image, probs, keys, labels in submissions:
-            for job in postprocessor.submit(name, image=image, probs=probs, keys=keys, image_labels=labels):
-                _write(writer, job, settings)
-                bar.update()
+        for name, image, result, keys, labels in submissions:
+            probs, decoded = (None, result) if isinstance(result, tuple) else (result, None)
+            for job in postprocessor.submit(name, image=image, probs=probs, keys=keys, image_labels=labels,
+                                            decoded=decoded):
+                out.put(job)
         for job in postprocessor.drain():
-            _write(writer, job, settings)
-            bar.update()
+            out.put(job)
+        out.close()
     except BaseException:
         postprocessor.cancel()
+        out.abort()
         bar.close()
         raise
     writer.finalize()
@@ -170,7 +215,7 @@ def rerun_from_probs(reader: ShardReader, dataset: Any, names: Sequence[str], wr
                    desc=f"shard {writer.shard_index}/{writer.num_shards} (from probs)", enabled=progress)
     todo = [n for n in names if n not in done]
 
-    def submissions() -> Iterator[Tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    def submissions() -> Iterator[Submission]:
         for name, image in iter_images(dataset.load_image, todo):
             if name not in reader:
                 raise BadInputError(f"image {name!r} is not in the source shards at {reader.shard_dir}; finish that "

@@ -34,7 +34,7 @@ from ..config import DumpCfg
 from ..io import ShardWriter
 from ..refine.par import PAR
 from .postprocess import OrderedPostprocessor
-from .shard_loop import Progress, iter_images, postprocess_into
+from .shard_loop import Progress, Submission, iter_images, postprocess_into
 
 _logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def training_free_shard(maps: TrainingFreeMaps, dataset: Any, names: Sequence[st
     bar = Progress(total=len(names), done=len(done & set(names)),
                    desc=f"shard {writer.shard_index}/{writer.num_shards} (training-free)", enabled=progress)
 
-    def submissions() -> Iterator[Tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    def submissions() -> Iterator[Submission]:
         for name, image in iter_images(dataset.load_image, [n for n in names if n not in done]):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"image {name!r} must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")

@@ -11,7 +11,10 @@ Two protocols (``dump.protocol``):
   averaged (:func:`excel_logits`). ``dump.parity_no_flip_at_1`` reproduces the reference quirk of using only the
   un-flipped logits at s = 1.0 (the flipped pass is then skipped: the output is the same).
 
-Both then restrict to the allowed classes, softmax and round to float16 (:func:`predict_probs`).
+Both then restrict to the allowed classes, softmax and round to float16 on the device (:func:`predict_probs`). When
+the host needs only the argmax (CRF off, no stored probabilities), the label and confidence are decoded on the
+device from those rounded values and only they are copied back (:func:`predict_async` with ``decode=True``). On
+CUDA, images go to the device from pinned memory and results come back through pinned buffers, asynchronously.
 """
 
 from __future__ import annotations
@@ -135,8 +138,15 @@ class Predictor:
             return self.predict(images).float()
 
     def prepare(self, image: np.ndarray, size: Tuple[int, int]) -> torch.Tensor:
-        """(H, W, 3) uint8 RGB -> normalised (3, size[0], size[1]) float32 on ``device`` (bilinear resize)."""
-        t = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1).float()
+        """(H, W, 3) uint8 RGB -> normalised (3, size[0], size[1]) float32 on ``device`` (bilinear resize).
+
+        On CUDA the uint8 image is copied from pinned memory without blocking the host (the caching host allocator
+        keeps the pinned buffer until the copy has run).
+        """
+        src = torch.from_numpy(np.ascontiguousarray(image))
+        if self.device.type == "cuda":
+            src = src.pin_memory()
+        t = src.to(self.device, non_blocking=True).permute(2, 0, 1).float()
         mean = torch.tensor(self.mean, dtype=torch.float32, device=self.device).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=self.device).view(3, 1, 1)
         t = (t - mean) / std
@@ -246,10 +256,100 @@ def allowed_classes(image_labels: Sequence[int], num_classes: int, *, label_cons
     return np.concatenate([[0], np.unique(labels)]).astype(np.int64)
 
 
+Decoded = Tuple[np.ndarray, np.ndarray]  # (H, W) uint8 label, (H, W) float32 confidence
+
+
+def decode_on_device(probs16: torch.Tensor, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Argmax decoding of float16-rounded probabilities where they are: bit-identical to
+    :func:`~stage1_cam.dump.postprocess.decode_probs` on the host copy.
+
+    Args:
+        probs16: (K, H, W) float16 probabilities.
+        keys: (K,) int64 class ids of the channels, on ``probs16.device``.
+
+    Returns:
+        (H, W) uint8 label (first maximal channel on ties, as NumPy's argmax) and (H, W) float16 confidence
+        (the maximum; exact, as it is one of the float16 values).
+    """
+    conf, idx = probs16.float().max(dim=0)  # first maximal index on ties (torch.max documents it)
+    return keys.index_select(0, idx.reshape(-1)).reshape(idx.shape).to(torch.uint8), conf.to(torch.float16)
+
+
+class PendingBatch:
+    """Per-image device results on their way to the host.
+
+    On CUDA each tensor is copied into a pinned host buffer with ``non_blocking=True`` and an event is recorded
+    after the copies; :meth:`result` waits for that event before NumPy reads the buffers. Elsewhere the copies
+    are plain (synchronous) ones.
+
+    Args:
+        outputs: per image a tuple of device tensors (probabilities, or label and confidence).
+        decoded: whether the tuples are (label, float16 confidence) rather than (probabilities,).
+    """
+
+    def __init__(self, outputs: Sequence[Tuple[torch.Tensor, ...]], *, decoded: bool) -> None:
+        self.decoded = decoded
+        self._event: Optional[Any] = None
+        device = outputs[0][0].device if outputs else torch.device("cpu")
+        if device.type == "cuda":
+            self._host = [tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                                for t in out) for out in outputs]
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(device))
+        else:
+            self._host = [tuple(t.cpu() for t in out) for out in outputs]
+
+    def result(self) -> List[Any]:
+        """Per image: (K, H, W) float16 probabilities, or a :data:`Decoded` (label uint8, confidence float32)."""
+        if self._event is not None:
+            self._event.synchronize()  # the non_blocking copies must have landed before NumPy reads the buffers
+        if self.decoded:
+            return [(lab.numpy(), conf.numpy().astype(np.float32)) for lab, conf in self._host]
+        return [out[0].numpy() for out in self._host]
+
+
 @torch.no_grad()
+def predict_async(predictor: Predictor, images: Sequence[np.ndarray], keys: Sequence[np.ndarray], *,
+                  settings: DumpCfg, decode: bool = False) -> PendingBatch:
+    """Launch the network pass of a batch of images that share one network size; read it with ``.result()``.
+
+    On CUDA this returns once the work is queued, so the host can prepare (or post-process) other images
+    meanwhile.
+
+    Args:
+        predictor: the network.
+        images: B images (H_b, W_b, 3) uint8 RGB whose :func:`batch_key` is identical.
+        keys: per image (K_b,) allowed class ids.
+        settings: protocol, sizes, scales and flip.
+        decode: decode on the device (:func:`decode_on_device`) and copy back only the label and confidence.
+
+    Returns:
+        The pending per-image (K_b, H_b, W_b) float16 probabilities, or (label, confidence) with ``decode``.
+    """
+    p = predictor.patch_size
+    sizes = {batch_key(*im.shape[:2], settings, p) for im in images}
+    if len(sizes) != 1:
+        raise ValueError(f"a batch must share one network size, got {sorted(sizes)}")
+    ks = [torch.as_tensor(k, dtype=torch.long, device=predictor.device) for k in keys]
+    if settings.protocol == "excel":
+        fused = excel_logits(predictor, [predictor.prepare(im, im.shape[:2]) for im in images], scales=settings.scales,
+                             flip=settings.flip, side=settings.square_size, patch_size=p,
+                             no_flip_at_1=settings.parity_no_flip_at_1, keys=ks)
+        probs = [f.softmax(dim=0).to(torch.float16) for f in fused]
+    else:
+        size = sizes.pop()
+        x = torch.stack([predictor.prepare(im, size) for im in images])
+        logits = msc_flip_logits(predictor, x, scales=settings.scales, flip=settings.flip, patch_size=p)
+        probs = [logits_to_probs(logits[b], im.shape[:2], ks[b].to(logits.device)).to(torch.float16)
+                 for b, im in enumerate(images)]
+    if decode:
+        return PendingBatch([decode_on_device(pr, k.to(pr.device)) for pr, k in zip(probs, ks)], decoded=True)
+    return PendingBatch([(pr,) for pr in probs], decoded=False)
+
+
 def predict_probs(predictor: Predictor, images: Sequence[np.ndarray], keys: Sequence[np.ndarray], *,
                   settings: DumpCfg) -> List[np.ndarray]:
-    """Probabilities of a batch of images that share one network size.
+    """Probabilities of a batch of images that share one network size (:func:`predict_async`, waited for).
 
     Args:
         predictor: the network.
@@ -260,24 +360,7 @@ def predict_probs(predictor: Predictor, images: Sequence[np.ndarray], keys: Sequ
     Returns:
         Per image (K_b, H_b, W_b) float16 probabilities (NumPy).
     """
-    p = predictor.patch_size
-    sizes = {batch_key(*im.shape[:2], settings, p) for im in images}
-    if len(sizes) != 1:
-        raise ValueError(f"a batch must share one network size, got {sorted(sizes)}")
-    if settings.protocol == "excel":
-        ks = [torch.as_tensor(k, dtype=torch.long, device=predictor.device) for k in keys]
-        fused = excel_logits(predictor, [predictor.prepare(im, im.shape[:2]) for im in images], scales=settings.scales,
-                             flip=settings.flip, side=settings.square_size, patch_size=p,
-                             no_flip_at_1=settings.parity_no_flip_at_1, keys=ks)
-        return [f.softmax(dim=0).to(torch.float16).cpu().numpy() for f in fused]
-    size = sizes.pop()
-    x = torch.stack([predictor.prepare(im, size) for im in images])
-    logits = msc_flip_logits(predictor, x, scales=settings.scales, flip=settings.flip, patch_size=p)
-    out = []
-    for b, im in enumerate(images):
-        k = torch.as_tensor(keys[b], dtype=torch.long, device=logits.device)
-        out.append(logits_to_probs(logits[b], im.shape[:2], k).to(torch.float16).cpu().numpy())
-    return out
+    return predict_async(predictor, images, keys, settings=settings).result()
 
 
 def build_predictor(cfg: Any, checkpoint: Path, device: torch.device) -> Predictor:

@@ -18,9 +18,12 @@ Writing rules:
 * One writer per shard, enforced by ``<shard>.h5.lock`` (created with ``O_CREAT | O_EXCL``, holding
   host, pid and SLURM job id). A lock left by a dead process on this host, or by an earlier run of the
   same (requeued) SLURM job, is taken over with a warning.
-* A writer appends to ``<shard>.h5.partial``. Every image group is written fully, then marked complete,
-  then the file is flushed; a killed writer therefore leaves a partial file from which the next writer
-  resumes (complete images are kept and listed in ``done_ids``; an incomplete trailing group is deleted).
+* A writer appends to ``<shard>.h5.partial``. Images are made durable at progress points, every
+  ``flush_every`` images (1 by default: every image), and by ``finalize()`` / ``close()``: the file is
+  flushed (the new groups are fully on disk), then those groups are marked complete, then it is flushed again.
+  An image is durable only after its progress point; a writer killed in between loses the images written
+  since the last one (they are recomputed). The next writer resumes from the partial file: complete images
+  are kept and listed in ``done_ids``; groups not marked complete, or unreadable, are dropped.
 * ``finalize()`` renames the partial file to ``<shard>.h5`` atomically. A finished shard is never
   rewritten, and a partial file made with other settings (dataset, classes, config or checkpoint hash)
   is never mixed with new output.
@@ -339,6 +342,7 @@ class ShardWriter:
         shard_index: this shard's index in ``[0, num_shards)``.
         num_shards: total number of shards.
         meta: dataset, classes, hashes recorded in the file.
+        flush_every: images between progress points (1: each image is durable when :meth:`write` returns).
 
     Raises:
         ShardLockedError: another live writer holds this shard.
@@ -346,9 +350,14 @@ class ShardWriter:
             version, or is unreadable.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, shard_index: int, num_shards: int, *, meta: ShardMeta) -> None:
+    def __init__(self, out_dir: str | os.PathLike, shard_index: int, num_shards: int, *, meta: ShardMeta,
+                 flush_every: int = 1) -> None:
         if not isinstance(meta, ShardMeta):
             raise TypeError(f"meta must be a ShardMeta, got {type(meta).__name__}")
+        if int(flush_every) < 1:
+            raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+        self.flush_every = int(flush_every)
+        self._pending: list[str] = []  # HDF5 keys written since the last progress point (not yet marked complete)
         fname = shard_filename(shard_index, num_shards)
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -461,9 +470,41 @@ class ShardWriter:
         """Whether ``out_dir`` holds the finished shard ``shard_index`` of ``num_shards`` (no lock taken)."""
         return (Path(out_dir) / shard_filename(shard_index, num_shards)).is_file()
 
+    @property
+    def num_pending(self) -> int:
+        """Images written since the last progress point (in ``done_ids``, but lost if the process dies now)."""
+        return len(self._pending)
+
+    def progress_point(self) -> None:
+        """Make every image written so far durable: flush, mark the new groups complete, flush again.
+
+        Two flushes, so that a group is marked complete only once its datasets are on disk: whatever HDF5's
+        metadata cache writes out between progress points, or a kill in the middle of a flush, a group that
+        reads as complete had all its data written first. (A single progress attribute would need the same
+        ordering and a count tied to the group order; the per-group mark keeps ``_recover`` unchanged.)
+
+        Raises:
+            OSError: the flush failed (e.g. a full disk); the unmarked images are dropped on resume.
+        """
+        if self._file is None or not self._pending:
+            return
+        images = self._file[_IMAGES]
+        try:
+            self._file.flush()
+            for key in self._pending:
+                images[key].attrs["complete"] = True
+            self._file.flush()
+        except OSError as e:
+            raise OSError(f"{self.partial_path}: flushing {len(self._pending)} images failed ({e}). Check free disk "
+                          f"space and re-run; the shard resumes after the "
+                          f"{len(self.done_ids) - len(self._pending)} images already durable") from e
+        self._pending.clear()
+
     def write(self, name: str, *, label: np.ndarray, confidence: np.ndarray, image_labels: Sequence[int],
               probs: np.ndarray | None = None, prob_keys: Sequence[int] | None = None) -> None:
-        """Add one image; it is complete on disk (flushed) when this returns.
+        """Add one image; it is durable (flushed, marked complete) at the next progress point: when this returns
+        if ``flush_every`` images are pending (always with ``flush_every=1``), else at a later write,
+        :meth:`finalize` or :meth:`close`.
 
         Args:
             name: image id (unique in the shard).
@@ -561,8 +602,6 @@ class ShardWriter:
                 _checked_dataset(g, "prob_keys", keys)
             g.attrs["name"] = name
             g.attrs["height"], g.attrs["width"] = h, w
-            g.attrs["complete"] = True  # written last: a group without it is dropped on resume
-            self._file.flush()
         except BaseException as e:
             try:  # best effort; a group left incomplete is dropped when the shard is resumed
                 del images[key]
@@ -570,10 +609,13 @@ class ShardWriter:
                 pass
             if isinstance(e, OSError):
                 raise OSError(f"{self.partial_path}: writing image {name!r} failed ({e}). Check free disk space "
-                              f"and re-run; the shard resumes after the {len(self.done_ids)} images already "
-                              f"complete") from e
+                              f"and re-run; the shard resumes after the {len(self.done_ids) - len(self._pending)} "
+                              f"images already durable") from e
             raise
         self.done_ids.add(name)
+        self._pending.append(key)  # marked complete at the progress point: a group without it is dropped on resume
+        if len(self._pending) >= self.flush_every:
+            self.progress_point()
 
     def finalize(self) -> Path:
         """Close the partial file and rename it atomically to the final name; a no-op for a finished shard.
@@ -586,6 +628,7 @@ class ShardWriter:
             return self.path
         if self._file is None:
             raise ValueError(f"the writer for {self.partial_path} is closed; create a new ShardWriter to resume")
+        self.progress_point()
         self._file.attrs["num_images"] = len(self.done_ids)
         self._file.attrs["complete"] = True
         self._file.flush()
@@ -604,8 +647,14 @@ class ShardWriter:
         return self.path
 
     def close(self) -> None:
-        """Close the file and release the lock without finalizing (the partial file stays resumable)."""
+        """Make the written images durable (best effort), close the file and release the lock without finalizing
+        (the partial file stays resumable)."""
         if getattr(self, "_file", None) is not None:
+            try:
+                self.progress_point()
+            except Exception as e:  # e.g. the disk is still full: those images are recomputed on resume
+                _logger.warning("%s: the last %d images were not made durable (%s)", self.partial_path,
+                                len(self._pending), describe_error(e))
             try:
                 self._file.close()  # type: ignore[union-attr]
             finally:
