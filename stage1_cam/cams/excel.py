@@ -48,8 +48,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.clip_backbone import ClipFeatures, FrozenClipBackbone, block_mlp, merge_heads, qkv_heads, \
-    softmax_attention
+from ..models.clip_backbone import ClipFeatures, FrozenClipBackbone, attention_with_maps, block_mlp, merge_heads, \
+    qkv_heads, softmax_attention
 from ..refine.affinity import centered_cosine
 from ..registry import CAM_SOURCES
 from .base import CamOutput, attention_without_cls, check_attn_layers, normalize_labels
@@ -161,10 +161,18 @@ def svc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, head_sum
     Returns:
         float32 ``(B, 1, L, L)``, shared by every head.
     """
-    a = (softmax_attention(q, q) + softmax_attention(k, k) + softmax_attention(v, v)) / 3.0
-    a = a.sum(dim=1, keepdim=True) if head_sum else a.mean(dim=1, keepdim=True)
+    b, _, n, _ = q.shape
+    a = torch.empty((b, 1, n, n), dtype=torch.float32, device=q.device)
+    # On a CPU one image at a time, so its (H, L, L) maps stay in cache (as attention_with_maps); in place.
+    step = 1 if q.device.type == "cpu" else max(1, b)
+    for i in range(0, b, step):
+        sl = slice(i, i + step)
+        acc = softmax_attention(q[sl], q[sl])
+        acc += softmax_attention(k[sl], k[sl])
+        acc += softmax_attention(v[sl], v[sl])
+        acc /= 3.0
+        a[sl] = acc.sum(dim=1, keepdim=True) if head_sum else acc.mean(dim=1, keepdim=True)
     if ex_attn is not None:
-        b, _, n, _ = a.shape
         if ex_attn.shape != (b, n - 1, n - 1):
             raise ValueError(f"ex_attn must be (B={b}, {n - 1}, {n - 1}) (the patch tokens), got "
                              f"{tuple(ex_attn.shape)}: LVC features on another grid or batch than the images")
@@ -274,14 +282,22 @@ class ExcelSVC:
                     if not reuse and qkv_cache is not None:
                         qkv_cache.append((q, k, v))
                 if calibrated:
-                    a_svc = svc_attention(q, k, v, head_sum=self.parity, ex_attn=ex_attn)
-                    x_new = x_new + blk.ls_1(merge_heads(blk, a_svc.to(v.dtype) @ v))  # calibrated path, no MLP
+                    a_svc = svc_attention(q, k, v, head_sum=self.parity, ex_attn=ex_attn)[:, 0]  # (B, L, L)
+                    # One map for every head: a single (L, L) x (L, H * hd) product per image, already merged.
+                    merged = a_svc.to(v.dtype) @ v.transpose(1, 2).flatten(2)  # (B, L, D)
+                    out = F.linear(merged, blk.attn.out_proj.weight, blk.attn.out_proj.bias)
+                    x_new = x_new + blk.ls_1(out)  # calibrated path, no MLP
                 if not reuse:
-                    a_ori = softmax_attention(q, k)  # (B, H, L, L)
-                    x_ori = block_mlp(blk, x_ori + blk.ls_1(merge_heads(blk, a_ori.to(v.dtype) @ v)))
+                    if self.parity:  # the reference's head sum of the maps
+                        a_ori = softmax_attention(q, k)  # (B, H, L, L)
+                        o_ori, mean_ori, out_ori = a_ori.to(v.dtype) @ v, a_ori.mean(dim=1), a_ori.sum(dim=1)
+                    else:
+                        o_ori, mean_ori = attention_with_maps(q, k, v)
+                        out_ori = mean_ori
+                    x_ori = block_mlp(blk, x_ori + blk.ls_1(merge_heads(blk, o_ori)))
                     tokens.append(x_ori)
-                    attn_mean.append(a_ori.mean(dim=1))
-                    attn_out.append(a_ori.sum(dim=1) if self.parity else a_ori.mean(dim=1))
+                    attn_mean.append(mean_ori)
+                    attn_out.append(out_ori)
             feat = None
             if calibrated:
                 cls = tokens[-1][:, :1]
