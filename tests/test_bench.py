@@ -22,6 +22,17 @@ def test_bench_train_reports_steps_and_peak_rss(head):
     assert res["peak_memory_kind"] == "process peak RSS" and res["peak_memory_mib"] > 50
 
 
+def test_bench_train_heads_interleaves_and_reports_the_ratio():
+    res = bench.bench_train_heads("wsss-tiny-ViT-16", 64, 2, 3)
+    modes = ("bf16", "none") if native_bf16_cpu() else ("none",)
+    assert res["settings"]["order"] == "interleaved" and set(res["per_amp_mode"]) == set(modes)
+    for per in res["per_amp_mode"].values():
+        w, e = per["weclip"], per["excel"]
+        assert len(w["seconds_per_iter_all"]) == len(e["seconds_per_iter_all"]) == 3
+        assert per["ratio"] == e["seconds_per_iter_median"] / w["seconds_per_iter_median"] > 0
+        assert "peak_memory_mib" not in w  # a CPU process's peak RSS cannot be split between the heads
+
+
 def test_gpu_check_run_is_deterministic_and_complete_on_cpu():
     cfg = default_config({"clip.model_name": "wsss-tiny-ViT-16", "clip.pretrained": None, "data.dataset": "voc",
                           "data.crop_size": 64, "head.rfm.start_step": 0})

@@ -12,6 +12,9 @@ runs with similar rates). ViT-B/16 runs with random weights (same shapes and cos
   bf16: bf16, float32).
 - ``train_excel``: the same figures for the ExCEL head on the same shapes (SVC maps, LVC and the RFM affinity on:
   the costlier half of its training).
+- ``train_heads``: WeCLIP's and ExCEL's steps interleaved in one process (W, E, W, E, ...), per autocast mode, so a
+  load swing on a shared machine hits both alike: the medians, ExCEL / WeCLIP, and on CUDA each head's own peak
+  memory (``max_memory_allocated`` reset before each step).
 - ``train_weakclip``: the same figures for the WeakCLIP head (320x320, batch 4; includes its CPU CRF loss).
 - ``dump``: pseudo-mask dump images/s for 500x375 images (long side 512, scales {1, 0.75} + flip),
   batched vs one image at a time; the backbone FLOPs per image against a measured float32 GEMM rate;
@@ -134,6 +137,76 @@ def _train_steps(cfg: Any, device: torch.device, x: torch.Tensor, labels: List[n
     if device.type == "cuda":
         res["peak_memory_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
     return res
+
+
+def bench_train_heads(model: str, size: int, batch: int, steps: int,
+                      heads: Tuple[str, ...] = ("weclip", "excel")) -> Dict[str, Any]:
+    """Interleaved training steps of ``heads`` (:data:`TRAIN_HEADS`) in one process, per autocast mode.
+
+    Returns:
+        settings, ``per_amp_mode[mode][head]`` (``seconds_per_iter_median``, ``seconds_per_iter_all`` and on CUDA
+        ``peak_memory_mib``), and ``per_amp_mode[mode]["ratio"]``: the second head's median over the first's.
+    """
+    from stage1_cam.build import build_stage1
+    from stage1_cam.utils.cpu_malloc import retain_freed_memory
+
+    device = _device()
+    malloc_tuned = device.type == "cpu" and retain_freed_memory()
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    labels = [np.array([3, 12]) for _ in range(batch)]
+    per_mode: Dict[str, Any] = {}
+    for amp in _modes(device):
+        dtype = autocast_dtype(amp, device)
+        built = {}
+        for name in heads:
+            torch.manual_seed(0)
+            cfg = _cfg(model, **{"data.crop_size": size, "train.batch_size": batch, **TRAIN_HEADS[name]})
+            head = build_stage1(cfg, device).head.train()
+            opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.01)
+            built[name] = (head, opt, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16))
+
+        def step(name: str, i: int) -> Tuple[float, Optional[float]]:
+            head, opt, scaler = built[name]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+
+            def run() -> None:
+                with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    out = head.forward_train(TrainBatch(images=x, labels=labels), step=i)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(out["loss"]).backward()
+                scaler.step(opt)
+                scaler.update()
+
+            seconds = _timed(run, device, 1)[0]
+            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+            return seconds, peak
+
+        for name in heads:
+            step(name, 0)  # warm-up
+        times: Dict[str, List[float]] = {n: [] for n in heads}
+        peaks: Dict[str, List[float]] = {n: [] for n in heads}
+        for i in range(1, steps + 1):
+            for name in heads:
+                sec, peak = step(name, i)
+                times[name].append(sec)
+                if peak is not None:
+                    peaks[name].append(peak)
+        res: Dict[str, Any] = {}
+        for name in heads:
+            res[name] = {"seconds_per_iter_median": statistics.median(times[name]),
+                         "seconds_per_iter_all": times[name]}
+            if peaks[name]:
+                res[name]["peak_memory_mib"] = max(peaks[name])
+        res["ratio"] = res[heads[1]]["seconds_per_iter_median"] / res[heads[0]]["seconds_per_iter_median"]
+        per_mode[amp] = res
+        del built
+    return {"settings": {"model": model, "heads": list(heads), "size": size, "batch": batch, "present_classes": 2,
+                         "steps": steps, "order": "interleaved", "malloc_tuned": malloc_tuned,
+                         "overrides": {n: TRAIN_HEADS[n] for n in heads}},
+            "per_amp_mode": per_mode,
+            "peak_memory_kind": "cuda max_memory_allocated per step" if device.type == "cuda" else
+            "not separable on a CPU (one process): see train / train_excel"}
 
 
 def _modes(device: torch.device) -> Tuple[str, ...]:
@@ -286,6 +359,7 @@ def bench_dump(model: str, images: int, batch: int) -> Dict[str, Any]:
 BENCHES = {"cam": lambda a: bench_cam(a.model, a.size, a.batch, a.repeats),
            "train": lambda a: bench_train(a.model, a.size, 4, a.steps),
            "train_excel": lambda a: bench_train(a.model, a.size, 4, a.steps, head="excel"),
+           "train_heads": lambda a: bench_train_heads(a.model, a.size, 4, max(a.steps, 5)),
            "dump": lambda a: bench_dump(a.model, a.images, a.batch),
            "train_weakclip": lambda a: _bench_weakclip(a)}
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Stage-1 figures on a CUDA machine, in one go (ViT-B/16 shapes, random weights; no data or weights needed):
-#   1. the training-step benchmarks of WeCLIP and ExCEL (s/iter, peak GPU memory) for bf16, fp16 and float32 autocast;
+#   1. the training-step benchmarks of WeCLIP and ExCEL (s/iter, peak GPU memory) for bf16, fp16 and float32 autocast,
+#      separately and interleaved (train_heads), and the host<->device synchronisations per step (gpu_check --sync-check);
 #   2. GPU vs CPU results of the same head (tools.gpu_check); with WITH_WORLD=1 also on the trained
 #      synthetic-world CLIP, whose peaked CAMs are closer to real CLIP's than random weights' near-ties;
 #   3. a short real run of the VOC WeCLIP config (python -m stage1_cam.train, then stage1_cam.dump with the
-#      CRF and --evaluate) on a VOC-sized synthetic set: the entry points, logging, checkpoints and the
-#      dump's CRF workers on a GPU machine;
+#      CRF and --evaluate, and once without the CRF: the overlapped dump's images/s in dump_summary.json) on a
+#      VOC-sized synthetic set: the entry points, logging, checkpoints and the dump's CRF workers on a GPU machine;
 #   4. the dump, GradCAM and WeakCLIP benchmarks.
 # Usage: bash tools/gpu_session.sh OUT_DIR [TRAIN_ITERS]   (a python with the requirements: $PYTHON or python3)
 # Results: OUT_DIR/*.json (as `make bench` writes them) and OUT_DIR/gpu_run.tgz (the short run's logs and metrics).
@@ -25,7 +26,8 @@ step() {  # run one step; a failure is reported and the later steps still run
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
-step "$PY" -m tools.bench --only train train_excel --steps 20 --out "$OUT"
+step "$PY" -m tools.bench --only train train_excel train_heads --steps 20 --out "$OUT"
+step "$PY" -m tools.gpu_check --sync-check --out "$OUT"
 step "$PY" -m tools.gpu_check --out "$OUT"
 if [ -n "${WITH_WORLD:-}" ]; then  # the trained synthetic-world CLIP (`make world`; found via $WSSS_CACHE)
     step "$PY" -m tools.gpu_check --model wsss-world-ViT-16 --size 160 --weights world:default \
@@ -42,6 +44,9 @@ step "$PY" -m stage1_cam.train "$CFG" --run gpu --cfg-options "${OPTS[@]}" train
     train.log_interval=20 train.ckpt_interval=$((ITERS / 2)) train.val_interval="$ITERS" train.val_max_images=16
 step "$PY" -m stage1_cam.dump "$CFG" --run gpu --shard all --num-shards 2 --evaluate --no-progress \
     --cfg-options "${OPTS[@]}"
+step "$PY" -m stage1_cam.dump "$CFG" --run gpu --shard all --num-shards 2 --no-progress --out "$WORK/runs/nocrf" \
+    --cfg-options "${OPTS[@]}" dump.crf.enabled=False
+cp "$WORK/runs/nocrf/dump_summary.json" "$OUT/dump-nocrf-summary.json" 2>/dev/null
 tar czf "$OUT/gpu_run.tgz" -C "$WORK/runs" --exclude='*.pth' --exclude='*.h5' .
 
 step "$PY" -m tools.bench --only dump cam train_weakclip --steps 10 --repeats 10 --images 64 --out "$OUT"
