@@ -238,6 +238,9 @@ SECTIONS: Dict[str, type] = {f: type(getattr(Stage1Cfg(), f)) for f in ("run", "
 # existed), so that earlier runs, checkpoints and shards keep their hashes. Never change these values.
 _HASH_IF_NOT = {"dump.protocol": "weclip", "dump.square_size": 320, "dump.parity_no_flip_at_1": False}
 
+# Settings read only by the dump's excel protocol (as DumpCfg.record() has them): not hashed under the weclip one.
+_EXCEL_PROTOCOL_ONLY = ("dump.square_size", "dump.parity_no_flip_at_1")
+
 # Keys that do not change any produced artifact; excluded from the config hash.
 _HASH_EXCLUDE = {"run.name", "run.root", "data.num_workers", "train.log_interval", "dump.crf.workers",
                  "dump.batch_size", "cam.batch_size",
@@ -411,6 +414,9 @@ def config_hash(cfg: ConfigDict, sections: Optional[Sequence[str]] = None) -> st
     flat = flatten(cfg.to_dict())
     flat = {k: v for k, v in flat.items() if k not in _HASH_EXCLUDE and k != "_base_"
             and not (k in _HASH_IF_NOT and v == _HASH_IF_NOT[k])}
+    if flat.get("dump.protocol", "weclip") == "weclip":  # the excel protocol's own settings decide nothing here
+        for key in _EXCEL_PROTOCOL_ONLY:
+            flat.pop(key, None)
     # The hash layout of configs before per-head schemas, which always held an (empty, for WeCLIP) head.options:
     # kept, so that runs and checkpoints made before keep their hashes.
     flat.setdefault("head.options", {})

@@ -52,6 +52,9 @@ def test_protocol_setting_is_checked_and_hashed_only_when_not_the_default():
     assert config_hash(load_config(CONFIG, {"dump.protocol": "excel"})) != config_hash(cfg)
     assert config_hash(load_config(CONFIG, {"dump.protocol": "excel", "dump.square_size": 336})) != \
         config_hash(load_config(CONFIG, {"dump.protocol": "excel"}))
+    # Under the weclip protocol the excel protocol's settings decide nothing: changing them re-dumps nothing.
+    assert config_hash(load_config(CONFIG, {"dump.square_size": 336, "dump.parity_no_flip_at_1": True})) == \
+        config_hash(cfg)
     # Shard metadata: unchanged for WeCLIP shards; the protocol is recorded when it is not the default.
     assert set(DumpCfg().record()) == {"long_side", "scales", "flip", "label_constrained", "ignore_threshold",
                                        "save_probs", "crf", "ignore_index", "probs_dtype"}
