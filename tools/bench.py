@@ -107,20 +107,17 @@ def bench_cam(model: str, size: int, batch: int, repeats: int) -> Dict[str, Any]
             **res}
 
 
-def _train_steps(cfg: Any, device: torch.device, x: torch.Tensor, labels: List[np.ndarray], steps: int,
-                 amp: str) -> Dict[str, Any]:
-    """Time ``steps`` training steps (after one warm-up) of a fresh head and optimizer in autocast mode ``amp``."""
+def _stepper(cfg: Any, device: torch.device, x: torch.Tensor, labels: List[np.ndarray],
+             amp: str) -> Callable[[int], None]:
+    """A fresh head of ``cfg`` with AdamW: ``step(i)`` runs training step ``i`` (forward in autocast mode ``amp``,
+    backward, update; fp16 with the gradient scaler, as stage1_cam.train)."""
     from stage1_cam.build import build_stage1
-    from stage1_cam.utils.dist import peak_memory_mb
 
     torch.manual_seed(0)
     head = build_stage1(cfg, device).head.train()
     opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.01)
     dtype = autocast_dtype(amp, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # as stage1_cam.train
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
     def step(i: int) -> None:
         with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -130,6 +127,18 @@ def _train_steps(cfg: Any, device: torch.device, x: torch.Tensor, labels: List[n
         scaler.step(opt)
         scaler.update()
 
+    return step
+
+
+def _train_steps(cfg: Any, device: torch.device, x: torch.Tensor, labels: List[np.ndarray], steps: int,
+                 amp: str) -> Dict[str, Any]:
+    """Time ``steps`` training steps (after one warm-up) of a fresh head and optimizer in autocast mode ``amp``."""
+    from stage1_cam.utils.dist import peak_memory_mb
+
+    step = _stepper(cfg, device, x, labels, amp)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     step(0)  # warm-up
     times = [_timed(lambda: step(i), device, 1)[0] for i in range(1, steps + 1)]
     res = {"seconds_per_iter_median": statistics.median(times), "seconds_per_iter_all": times,
@@ -147,7 +156,6 @@ def bench_train_heads(model: str, size: int, batch: int, steps: int,
         settings, ``per_amp_mode[mode][head]`` (``seconds_per_iter_median``, ``seconds_per_iter_all`` and on CUDA
         ``peak_memory_mib``), and ``per_amp_mode[mode]["ratio"]``: the second head's median over the first's.
     """
-    from stage1_cam.build import build_stage1
     from stage1_cam.utils.cpu_malloc import retain_freed_memory
 
     device = _device()
@@ -156,29 +164,13 @@ def bench_train_heads(model: str, size: int, batch: int, steps: int,
     labels = [np.array([3, 12]) for _ in range(batch)]
     per_mode: Dict[str, Any] = {}
     for amp in _modes(device):
-        dtype = autocast_dtype(amp, device)
-        built = {}
-        for name in heads:
-            torch.manual_seed(0)
-            cfg = _cfg(model, **{"data.crop_size": size, "train.batch_size": batch, **TRAIN_HEADS[name]})
-            head = build_stage1(cfg, device).head.train()
-            opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.01)
-            built[name] = (head, opt, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16))
+        built = {name: _stepper(_cfg(model, **{"data.crop_size": size, "train.batch_size": batch, **TRAIN_HEADS[name]}),
+                                device, x, labels, amp) for name in heads}
 
         def step(name: str, i: int) -> Tuple[float, Optional[float]]:
-            head, opt, scaler = built[name]
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-
-            def run() -> None:
-                with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    out = head.forward_train(TrainBatch(images=x, labels=labels), step=i)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(out["loss"]).backward()
-                scaler.step(opt)
-                scaler.update()
-
-            seconds = _timed(run, device, 1)[0]
+            seconds = _timed(lambda: built[name](i), device, 1)[0]
             peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
             return seconds, peak
 
@@ -200,7 +192,7 @@ def bench_train_heads(model: str, size: int, batch: int, steps: int,
                 res[name]["peak_memory_mib"] = max(peaks[name])
         res["ratio"] = res[heads[1]]["seconds_per_iter_median"] / res[heads[0]]["seconds_per_iter_median"]
         per_mode[amp] = res
-        del built
+        built.clear()  # free this mode's heads before the next mode builds its own
     return {"settings": {"model": model, "heads": list(heads), "size": size, "batch": batch, "present_classes": 2,
                          "steps": steps, "order": "interleaved", "malloc_tuned": malloc_tuned,
                          "overrides": {n: TRAIN_HEADS[n] for n in heads}},
@@ -365,7 +357,7 @@ BENCHES = {"cam": lambda a: bench_cam(a.model, a.size, a.batch, a.repeats),
 
 
 def bench_train_weakclip(*, model: str = "ViT-B-16", size: int = 320, batch: int = 4, steps: int = 3,
-               device: Optional[torch.device] = None) -> Dict[str, Any]:
+                         device: Optional[torch.device] = None) -> Dict[str, Any]:
     """WeakCLIP training seconds/iteration and peak memory (random CLIP weights, VOC classes).
 
     One warm-up step, then ``steps`` timed steps (forward with the CPU CRF, backward, AdamW) on random
