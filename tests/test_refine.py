@@ -365,6 +365,17 @@ def test_par_matches_one_hot_conv_reference(img_size):
     assert_close_f32(par(imgs, masks), expected, terms=4 * 16 + 4 * 16)  # 16 neighbours: affinities, 4 iterations
 
 
+def test_par_whole_batch_pass_equals_one_image_at_a_time():
+    """The GPU's whole-batch pass (forced here on the CPU) gives the per-image result: per-pixel arithmetic only."""
+    g = torch.Generator().manual_seed(5)
+    imgs, masks = torch.randn(3, 3, 40, 52, generator=g), torch.rand(3, 4, 20, 26, generator=g)
+    par = PAR(num_iter=6)
+    per_image = par(imgs, masks)
+    for n in (3, 2):
+        par.images_per_pass = n
+        assert torch.equal(par(imgs, masks), per_image)
+
+
 def test_par_invariant_to_per_channel_affine_image_transform():
     imgs = _blob_image()
     masks = torch.rand(1, 2, 20, 24)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +98,7 @@ class PAR(nn.Module):
             raise ValueError(f"w2 must be >= 0, got {w2}")
         self.dilations = dilations
         self.num_iter = int(num_iter)
+        self.images_per_pass: Optional[int] = None  # None: 1 on a CPU, the whole batch elsewhere (see forward)
         self.w1 = float(w1)
         self.w2 = float(w2)
         self.offsets = neighbour_offsets(dilations)
@@ -217,8 +218,11 @@ class PAR(nn.Module):
         imgs = imgs.float()
         if tuple(imgs.shape[-2:]) != size:
             imgs = F.interpolate(imgs, size=size, mode="bilinear", align_corners=True)
-        # One image at a time: its (K, H, W) affinity (about 20 MB at 320x320) stays in cache across the
-        # iterations, where a batch's would stream from memory each time. Same arithmetic, same result.
-        if masks.shape[0] == 0:
+        # On a CPU one image at a time: its (K, H, W) affinity (about 20 MB at 320x320) stays in cache across the
+        # iterations, where a batch's would stream from memory each time. Elsewhere the whole batch at once: the
+        # ~1000 small kernels of the iterations are launched once per batch, not once per image. Same result.
+        b = masks.shape[0]
+        if b == 0:
             return masks.float()
-        return torch.cat([self.propagate(masks[i:i + 1], self.affinity(imgs[i:i + 1])) for i in range(imgs.shape[0])])
+        step = self.images_per_pass or (1 if masks.device.type == "cpu" else b)
+        return torch.cat([self.propagate(masks[i:i + step], self.affinity(imgs[i:i + step])) for i in range(0, b, step)])
