@@ -86,6 +86,16 @@ def test_device_box_masks_equal_the_cv2_reference_bit_for_bit(grid):
             assert torch.equal(box_masks(maps, threshold, parity=parity, exact=False), ref)
 
 
+def test_cpu_neighbourhood_maximum_equals_max_pooling():
+    """The CPU's shifted-view 3x3 maximum (boxes._max3x3) is the GPU's max pooling, exactly, borders included."""
+    from stage1_cam.refine.boxes import _max3x3
+
+    g = torch.Generator().manual_seed(9)
+    for h, w in GRIDS + ((1, 1), (1, 5)):
+        x = torch.randint(0, h * w + 1, (6, h, w), generator=g).float()
+        assert torch.equal(_max3x3(x), torch.nn.functional.max_pool2d(x[:, None], 3, stride=1, padding=1)[:, 0])
+
+
 def test_box_mask_threshold_uses_the_reference_double_rounding():
     # max(s8) = 10 and threshold 0.7: int(0.7 * 10) = 7 in double, 6 in float32 (6.99999988): pixel 7 must fail.
     cam = torch.zeros(1, 5, 5)
