@@ -340,10 +340,9 @@ def predict_async(predictor: Predictor, images: Sequence[np.ndarray], keys: Sequ
         size = sizes.pop()
         x = torch.stack([predictor.prepare(im, size) for im in images])
         logits = msc_flip_logits(predictor, x, scales=settings.scales, flip=settings.flip, patch_size=p)
-        probs = [logits_to_probs(logits[b], im.shape[:2], ks[b].to(logits.device)).to(torch.float16)
-                 for b, im in enumerate(images)]
+        probs = [logits_to_probs(logits[b], im.shape[:2], ks[b]).to(torch.float16) for b, im in enumerate(images)]
     if decode:
-        return PendingBatch([decode_on_device(pr, k.to(pr.device)) for pr, k in zip(probs, ks)], decoded=True)
+        return PendingBatch([decode_on_device(pr, k) for pr, k in zip(probs, ks)], decoded=True)
     return PendingBatch([(pr,) for pr in probs], decoded=False)
 
 

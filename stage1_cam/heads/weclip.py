@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..constants import IGNORE_INDEX
 from ..losses import weclip_loss
 from ..refine.affinity import RFM_SCORES, attention_affinity, refine_cams, rfm_affinity
-from ..refine.labels import cams_to_label_batch
+from ..refine.labels import cams_to_label_batch, validate_key_table
 from ..refine.par import PAR
 from ..refine.sinkhorn import transition_matrix
 from ..utils.schema import COUNT, COUNT0, NONNEG, ConfigError, Range
@@ -98,15 +98,15 @@ def pad_cams(cams: Sequence[torch.Tensor], keys: Sequence[np.ndarray], *,
     for i, (c, k) in enumerate(zip(cams, host_keys)):
         if c.shape[0] != k.size:
             raise ValueError(f"image {i}: {c.shape[0]} CAMs for {k.size} keys")
-        if k.size and (k.min() < 1 or (k == IGNORE_INDEX).any() or np.unique(k).size != k.size):
-            raise ValueError(f"image {i}: keys must be distinct foreground label ids (not 0 = background, not "
-                             f"ignore_index={IGNORE_INDEX}), got {k.tolist()}")
+        if k.size and k.min() < 0:  # a negative id would pass for padding below
+            raise ValueError(f"image {i}: keys must be foreground label ids, got {k.tolist()}")
     kmax = max(k.size for k in host_keys)
     table = np.full((b, kmax), -1, dtype=np.int64)
     rows = []
     for i, k in enumerate(host_keys):  # host-side layout only (numpy)
         table[i, :k.size] = k
         rows.extend(range(i * kmax, i * kmax + k.size))
+    validate_key_table(table, IGNORE_INDEX)  # background, the ignore id, duplicates
     both = torch.from_numpy(np.concatenate([table.ravel(), np.asarray(rows, dtype=np.int64)]))
     both = both.to(device, non_blocking=True)  # one copy; pageable source memory: staged before returning
     padded_keys, rows_t = both[:b * kmax].view(b, kmax), both[b * kmax:]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from typing import Dict, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -71,19 +72,30 @@ def _as_keys(keys: KeysLike, device: torch.device) -> torch.Tensor:
     return keys_t.long()
 
 
-def _check_keys(keys: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Validates padded int64 keys ``(B, K)``; returns the boolean validity mask (negative entries are padding)."""
-    valid = keys >= 0
-    if (keys[valid] == 0).any() or (keys[valid] == ignore_index).any():
+def validate_key_table(table: np.ndarray, ignore_index: int) -> None:
+    """Validates a padded int64 key table ``(B, K)`` on the host (negative entries are padding): foreground label
+    ids only (not 0 = background, not ``ignore_index``), no duplicates within a row.
+
+    Raises:
+        ValueError: naming the offending keys.
+    """
+    valid = table >= 0
+    if (table[valid] == 0).any() or (table[valid] == ignore_index).any():
         raise ValueError(
             f"keys must be foreground label ids (not 0 = background, not ignore_index={ignore_index}), got "
-            f"{keys.tolist()}"
+            f"{table.tolist()}"
         )
-    for row, ok in zip(keys, valid):
+    for row, ok in zip(table, valid):
         ids = row[ok]
-        if ids.unique().numel() != ids.numel():
+        if np.unique(ids).size != ids.size:
             raise ValueError(f"keys contain duplicates: {ids.tolist()}")
-    return valid
+
+
+def _check_keys(keys: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """:func:`validate_key_table` of padded int64 keys ``(B, K)`` (read on the host once); returns the boolean
+    validity mask."""
+    validate_key_table(keys.cpu().numpy(), ignore_index)
+    return keys >= 0
 
 
 def _decode(
