@@ -4,9 +4,11 @@ entry points: initial maps, online labels with and without LVC, dumped masks; an
 Measured on the shared 2-core CPU, 1 torch thread, 60 val images (docs/results.md has the full table):
 - initial maps (SVC, refined, bg=(1-max)^1; `python -m stage1_cam.cams`): 61.2;
 - online labels without LVC (plain maps and attention mean; training-free, so the same for every run): 71.4;
-- online labels with LVC at step 300: 71.9 (seed 1, this config) and 66.9 (seed 2); at step 1000 (LVC from 500):
-  71.3 / 71.5. LVC is not reliably better than without on this world (its tiny decoder is at 44-55 mIoU), so the
-  gate only bounds how much it may lose;
+- online labels with LVC at step 300: 71.9 (seed 1, this config), 66.9, 72.5, 72.5, 70.9 (seeds 2-5). The 60 val
+  images are too few to rank LVC: a handful of images decide it (seed 2 loses chair 0.88 -> 0.00 on one image);
+- the same checkpoints on 400 held-out world images (another seed of the generator): with LVC 67.6, 67.9, 67.5, 68.0,
+  67.9 (seeds 1-5) against 65.1 without: +2.4 to +2.9 (the RFM affinity +2.0 to +2.2 of it, the calibrated maps
+  the rest). The LVC gate is on that set;
 - dumped masks (msc+flip+CRF, val): 69.8 (seed 1) / 70.8 (seed 2), well above the initial maps;
 - LVC with oracle features (ground-truth class fractions per patch) instead of the decoder's: 73.4 against 71.4:
   the calibration itself helps when the features group the right patches.
@@ -26,7 +28,9 @@ CONFIG = "configs/stage1/excel_world-clip_synthetic-160x160_300i.py"
 GATE_CAM = 0.55  # measured 61.2
 GATE_NO_LVC = 0.65  # measured 71.4
 GATE_LVC = 0.62  # measured 71.9 (66.9 with seed 2)
-GATE_LVC_LOSS = 0.07  # with LVC >= without - this; measured +0.5 (seed 1) and -4.6 (seed 2)
+GATE_LVC_LOSS = 0.07  # on the 60 val images, with LVC >= without - this; measured +0.5 (seed 1), -4.5 (seed 2)
+GATE_LVC_GAIN = 0.012  # on 400 held-out images, with LVC >= without + this; measured +2.4 to +2.9 (seeds 1-5)
+HELD_OUT = dict(num_train=240, num_val=400, seed=7)  # the held-out world images of the LVC gate
 GATE_DUMP = 0.64  # measured 69.8 (70.8 with seed 2)
 GATE_ORACLE_GAIN = 0.01  # LVC with oracle features - plain; measured +1.9
 
@@ -36,8 +40,25 @@ def excel_world(tmp_path_factory):
     return world_gate_run(CONFIG, tmp_path_factory.mktemp("excel-world"))
 
 
+def _held_out_figures(run, opts, tmp):
+    """The trained head's validation figures (LVC, no LVC, decoder) on 400 held-out world images: the 60 val images
+    are too few to rank LVC against the plain labels."""
+    from stage1_cam.build import build_stage1
+    from stage1_cam.config import load_config
+    from stage1_cam.data.synthetic import generate_synthetic
+    from stage1_cam.train import load_checkpoint, validate
+
+    syn = load_config(CONFIG).data.synthetic
+    root = generate_synthetic(tmp / "held-out", image_size=tuple(syn.image_size), max_objects=syn.max_objects,
+                              **HELD_OUT)
+    cfg = load_config(CONFIG, dict(o.split("=", 1) for o in [*opts, f"data.root={root}"]))
+    stack = build_stage1(cfg, torch.device("cpu"))
+    stack.head.load_trainable_state(load_checkpoint(run / "stage1" / "checkpoints" / "final.pth")["head"])
+    return validate(stack, cfg, torch.device("cpu"))
+
+
 @pytest.mark.slow
-def test_excel_world_quality_gates(excel_world):
+def test_excel_world_quality_gates(excel_world, tmp_path):
     from stage1_cam.dump import main as dump_main
     from stage1_cam.train import main as train_main
 
@@ -51,6 +72,8 @@ def test_excel_world_quality_gates(excel_world):
     assert last["pseudo_no_lvc_miou"] >= GATE_NO_LVC, last
     assert last["pseudo_miou"] >= GATE_LVC, last
     assert last["pseudo_miou"] >= last["pseudo_no_lvc_miou"] - GATE_LVC_LOSS, last
+    held_out = _held_out_figures(run, opts, tmp_path)
+    assert held_out["pseudo_miou"] >= held_out["pseudo_no_lvc_miou"] + GATE_LVC_GAIN, held_out
     assert dump_main([CONFIG, "--run", "gate", "--no-progress", "--cfg-options", *opts]) == 0
     assert dump_main([CONFIG, "--run", "gate", "--evaluate", "--cfg-options", *opts]) == 0
     dumped = json.loads((run / "pseudo_masks" / "metrics.json").read_text())["miou"]
