@@ -38,6 +38,9 @@ import json
 import logging
 import os
 import re
+import shutil
+import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -48,7 +51,8 @@ import numpy as np
 
 from ..constants import IGNORE_INDEX
 from ..utils.cli import UserError, describe_error
-from ..utils.files import atomic_write_text, file_sha256, fsync_dir
+from ..utils.files import abandon_until_exit, atomic_write_text, disk_full_error, file_sha256, fsync_dir, \
+    is_disk_full
 from ..utils.locks import FileLock, LockedError
 
 _logger = logging.getLogger(__name__)
@@ -69,6 +73,10 @@ _MUST_MATCH = ("dataset", "split", "class_names", "palette", "ignore_index", "co
 
 class ShardFormatError(UserError, ValueError):
     """A shard or manifest has another format/version, other classes or dataset, or is unreadable."""
+
+
+class ShardWriteError(UserError, OSError):
+    """HDF5 could not write a shard (a full disk, a file size limit, an I/O error); the shard stays unfinished."""
 
 
 class ShardLockedError(LockedError):
@@ -208,6 +216,14 @@ def _attr_str(v: Any) -> str:
 
 def _meta_from_attrs(attrs: h5py.AttributeManager, path: Path) -> dict[str, Any]:
     """Format-checked metadata dict (manifest-style) from a shard file's attributes."""
+    try:
+        return _read_meta(attrs, path)
+    except (OSError, RuntimeError) as e:  # HDF5 cannot read them: damaged bytes, or cut off by a crash or full disk
+        raise ShardFormatError(f"{path} is truncated or unreadable as HDF5 ({_h5_reason(e)}); delete it and re-run "
+                               f"the dump to regenerate this shard") from e
+
+
+def _read_meta(attrs: h5py.AttributeManager, path: Path) -> dict[str, Any]:
     if "format" not in attrs or "format_version" not in attrs:
         raise ShardFormatError(f"{path} is not a pseudo-mask shard (no 'format' attributes); "
                                f"expected format {FORMAT_NAME!r} written by stage1_cam.io.ShardWriter")
@@ -322,6 +338,58 @@ class _ShardLock(FileLock):
 # writer
 
 
+# h5py reports most failed HDF5 writes only when the object that buffered them is released ("Exception ignored in
+# h5py._objects.ObjectID.__dealloc__"), not to the caller. Those reports are collected here (not printed) and the
+# writer turns them into one error. A process-wide hook, installed by the first writer; others go to the old hook.
+_H5_FAILURES: list[BaseException] = []
+_HOOK: dict[str, Any] = {}
+# Free space a write needs beyond the image's own bytes: HDF5 metadata (group and dataset headers, chunk indexes)
+# and the next progress point's flush.
+_WRITE_HEADROOM = 256 << 10
+
+
+def _h5_unraisable(u: Any) -> None:
+    if "h5py" in str(u.object) and _write_failure(u.exc_value):
+        _H5_FAILURES.append(u.exc_value)
+    else:
+        _HOOK["unraisable"](u)
+
+
+def _h5_excepthook(kind: Any, value: Any, tb: Any) -> None:
+    # Cython prints the traceback of such a release error through sys.excepthook before reporting it as
+    # unraisable: that print is dropped too (the report above is kept).
+    codes, t = [], tb
+    while t is not None:
+        codes.append(t.tb_frame.f_code)
+        t = t.tb_next
+    if _write_failure(value) and any(c.co_name.endswith("_dealloc") and "h5py" in c.co_filename for c in codes):
+        return
+    _HOOK["excepthook"](kind, value, tb)
+
+
+def _install_h5_failure_hook() -> None:
+    if not _HOOK:
+        _HOOK["unraisable"], _HOOK["excepthook"] = sys.unraisablehook, sys.excepthook
+        sys.unraisablehook, sys.excepthook = _h5_unraisable, _h5_excepthook
+
+
+def _h5_reason(err: BaseException) -> str:
+    """The C error of a failed HDF5 write (``errno 28: No space left on device``), else the message's first line."""
+    m = re.search(r"errno = (\d+), error message = '([^']*)'", str(err))
+    first = str(err).splitlines()[0] if str(err) else repr(err)
+    return f"errno {m.group(1)}: {m.group(2)}" if m else _short(first, 160)
+
+
+def _write_failure(err: Any) -> bool:
+    """Whether an exception from h5py is a failed write of the file (errno in the text, or an OSError errno)."""
+    if not isinstance(err, (OSError, RuntimeError)) or isinstance(err, UserError):
+        return False
+    if isinstance(err, OSError) and err.errno is not None:
+        return True
+    text = str(err)
+    return "write failed" in text or "errno = " in text
+
+
 class ShardWriter:
     """Writes one shard, resumably; use as a context manager and call :meth:`finalize` when all images are in.
 
@@ -343,6 +411,12 @@ class ShardWriter:
         num_shards: total number of shards.
         meta: dataset, classes, hashes recorded in the file.
         flush_every: images between progress points (1: each image is durable when :meth:`write` returns).
+
+    A write that does not fit on the disk is refused before HDF5 touches the file (:class:`DiskFullError`). If
+    HDF5 fails anyway (the disk filled up meanwhile, a file size limit), the writer raises one error
+    (:class:`DiskFullError` or :class:`ShardWriteError`) and never touches that file again: HDF5 crashes closing
+    it, so it is left as it is until the process ends (:func:`~stage1_cam.utils.files.abandon_until_exit`) and
+    rebuilt from its complete images by the next writer.
 
     Raises:
         ShardLockedError: another live writer holds this shard.
@@ -368,6 +442,8 @@ class ShardWriter:
         self.done_ids: set[str] = set()
         self._file: h5py.File | None = None
         self._complete = False
+        self._failed: OSError | None = None  # the write failure that ended this writer (the file is abandoned)
+        _install_h5_failure_hook()
         self._lock = _ShardLock(self.lock_path, self)
         self._lock.acquire()
         try:
@@ -410,11 +486,46 @@ class ShardWriter:
             self._recover()
             self._file = _open_h5(self.partial_path, "a", partial=True)
             return
-        f = h5py.File(self.partial_path, "w-", locking=False)
-        f.attrs.update(_file_attrs(self.meta, self.shard_index, self.num_shards))
-        f.create_group(_IMAGES, track_order=True)
-        f.flush()
-        self._file = f
+        self._file = h5py.File(self.partial_path, "w-", locking=False)
+        with self._h5_writes("creating the file"):
+            self._file.attrs.update(_file_attrs(self.meta, self.shard_index, self.num_shards))
+            self._file.create_group(_IMAGES, track_order=True)
+            self._file.flush()
+
+    @contextmanager
+    def _h5_writes(self, what: str) -> Iterator[None]:
+        """Run HDF5 writes of this file; a failed one (raised, or reported when h5py released an object) ends
+        the writer with one error (see the class docstring)."""
+        seen = len(_H5_FAILURES)
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            if not _write_failure(e):
+                raise
+            raise self._fail(what, e) from e
+        if len(_H5_FAILURES) > seen:
+            raise self._fail(what, _H5_FAILURES[seen])
+
+    def _fail(self, what: str, err: BaseException) -> OSError:
+        """Abandon the file after a failed HDF5 write and return the error to raise (kept for later calls)."""
+        f, self._file = self._file, None
+        if f is not None:
+            abandon_until_exit(f)  # never closed or flushed again: HDF5 would crash
+        durable = len(self.done_ids) - len(self._pending)
+        self.done_ids.difference_update(unquote(k) for k in self._pending)
+        self._pending.clear()
+        resume = (f"the shard stays unfinished and the next run resumes it from its last progress point ({durable} "
+                  f"images; if the file turns out unreadable, it says so: then delete {self.partial_path.name})")
+        if is_disk_full(err):
+            failed: OSError = disk_full_error(self.out_dir, what=f"{what} of {self.partial_path.name}",
+                                              fix="write the shards to another disk (--out DIR)")
+            failed.args = (f"{failed}; {resume}",)
+        else:
+            failed = ShardWriteError(f"{self.partial_path}: {what} failed ({_h5_reason(err)})."
+                                     f" Check the disk (space, quota, the file size limit `ulimit -f`, I/O errors) "
+                                     f"and re-run; {resume}")
+        self._failed = failed
+        return failed
 
     def _recover(self) -> None:
         """Rebuild the partial file from its complete images (resume after a crash or an interruption).
@@ -425,7 +536,12 @@ class ShardWriter:
         """
         tmp = self.partial_path.with_name(self.partial_path.name + ".recover")
         tmp.unlink(missing_ok=True)
+        needed = self.partial_path.stat().st_size + _WRITE_HEADROOM
+        if shutil.disk_usage(self.out_dir).free < needed:  # the copy must fit (a failed HDF5 write cannot be undone)
+            raise disk_full_error(self.out_dir, needed=needed, what=f"resuming {self.partial_path.name}",
+                                  fix="write the shards to another disk (--out DIR)")
         dropped: list[str] = []
+        seen = len(_H5_FAILURES)
         src = _open_h5(self.partial_path, "r", partial=True)
         try:
             self._check_meta(_meta_from_attrs(src.attrs, self.partial_path), self.partial_path, partial=True)
@@ -434,7 +550,8 @@ class ShardWriter:
             except (KeyError, OSError, RuntimeError) as e:
                 raise ShardFormatError(f"{self.partial_path} has an unreadable image index ({e}); delete it and "
                                        "re-run the dump to regenerate that shard") from e
-            with h5py.File(tmp, "w", locking=False) as dst:
+            dst = h5py.File(tmp, "w", locking=False)
+            try:
                 dst.attrs.update({k: v for k, v in src.attrs.items() if k not in ("complete", "num_images")})
                 images = dst.create_group(_IMAGES, track_order=True)
                 for key in keys:
@@ -443,12 +560,29 @@ class ShardWriter:
                         if not bool(g.attrs.get("complete", False)):
                             raise KeyError("not marked complete")
                         src.copy(g, images, name=key)
-                    except (KeyError, OSError, RuntimeError, ValueError):
+                    except (KeyError, OSError, RuntimeError, ValueError) as e:
+                        if _write_failure(e) and "write failed" in str(e):
+                            raise
                         dropped.append(unquote(key))
                         if key in images:
                             del images[key]
                         continue
                     self.done_ids.add(unquote(key))
+                dst.flush()
+                if len(_H5_FAILURES) > seen:
+                    raise _H5_FAILURES[seen]
+            except BaseException as e:
+                if _write_failure(e) and ("write failed" in str(e) or len(_H5_FAILURES) > seen):
+                    abandon_until_exit(dst)  # HDF5 crashes closing a file whose write failed
+                    self.done_ids.clear()
+                    if is_disk_full(e):
+                        raise disk_full_error(self.out_dir, what=f"resuming {self.partial_path.name}",
+                                              fix="write the shards to another disk (--out DIR)") from e
+                    raise ShardWriteError(f"{tmp}: rebuilding the unfinished shard failed ({_h5_reason(e)}); "
+                                          "check the disk and re-run") from e
+                dst.close()
+                raise
+            dst.close()
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -486,18 +620,16 @@ class ShardWriter:
         Raises:
             OSError: the flush failed (e.g. a full disk); the unmarked images are dropped on resume.
         """
+        if self._failed is not None:
+            raise self._failed
         if self._file is None or not self._pending:
             return
-        images = self._file[_IMAGES]
-        try:
+        with self._h5_writes(f"making {len(self._pending)} images durable"):
+            images = self._file[_IMAGES]
             self._file.flush()
             for key in self._pending:
                 images[key].attrs["complete"] = True
             self._file.flush()
-        except OSError as e:
-            raise OSError(f"{self.partial_path}: flushing {len(self._pending)} images failed ({e}). Check free disk "
-                          f"space and re-run; the shard resumes after the "
-                          f"{len(self.done_ids) - len(self._pending)} images already durable") from e
         self._pending.clear()
 
     def write(self, name: str, *, label: np.ndarray, confidence: np.ndarray, image_labels: Sequence[int],
@@ -517,7 +649,11 @@ class ShardWriter:
         Raises:
             ValueError: the id is already written, the shard is finished, or an array has a bad shape,
                 dtype or value.
+            DiskFullError: the image does not fit on the disk (checked before writing), or HDF5 ran out of space.
+            ShardWriteError: HDF5 failed to write for another reason.
         """
+        if self._failed is not None:
+            raise self._failed
         if self._complete:
             raise ValueError(f"{self.path} is finished and is never rewritten (cannot add {name!r}); "
                              f"skip the ids in writer.done_ids, or delete the shard to regenerate it")
@@ -583,6 +719,21 @@ class ShardWriter:
             if not np.isfinite(p16).all():
                 raise ValueError(f"{name}: probs has NaN/inf values or values beyond the float16 range")
 
+        # Refused before HDF5 touches the file: a write HDF5 cannot finish leaves a file it cannot close.
+        needed = lab.nbytes + conf16.nbytes + (p16.nbytes if p16 is not None else 0) + _WRITE_HEADROOM
+        if shutil.disk_usage(self.out_dir).free < needed:
+            raise disk_full_error(self.out_dir, needed=needed, what=f"image {name!r} of {self.partial_path.name}",
+                                  fix="write the shards to another disk (--out DIR)")
+        with self._h5_writes(f"writing image {name!r}"):
+            self._write_group(key, name, lab, conf16, cls_ids, p16, keys)
+        self.done_ids.add(name)
+        self._pending.append(key)  # marked complete at the progress point: a group without it is dropped on resume
+        if len(self._pending) >= self.flush_every:
+            self.progress_point()
+
+    def _write_group(self, key: str, name: str, lab: np.ndarray, conf16: np.ndarray, cls_ids: np.ndarray,
+                     p16: np.ndarray | None, keys: np.ndarray | None) -> None:
+        assert self._file is not None
         images = self._file[_IMAGES]
         if key in images:  # left over by an earlier failed write() of this writer
             del images[key]
@@ -603,19 +754,12 @@ class ShardWriter:
             g.attrs["name"] = name
             g.attrs["height"], g.attrs["width"] = h, w
         except BaseException as e:
-            try:  # best effort; a group left incomplete is dropped when the shard is resumed
-                del images[key]
-            except Exception:
-                pass
-            if isinstance(e, OSError):
-                raise OSError(f"{self.partial_path}: writing image {name!r} failed ({e}). Check free disk space "
-                              f"and re-run; the shard resumes after the {len(self.done_ids) - len(self._pending)} "
-                              f"images already durable") from e
+            if not _write_failure(e):  # a failed write leaves the file alone (see _h5_writes)
+                try:  # best effort; a group left incomplete is dropped when the shard is resumed
+                    del images[key]
+                except Exception:
+                    pass
             raise
-        self.done_ids.add(name)
-        self._pending.append(key)  # marked complete at the progress point: a group without it is dropped on resume
-        if len(self._pending) >= self.flush_every:
-            self.progress_point()
 
     def finalize(self) -> Path:
         """Close the partial file and rename it atomically to the final name; a no-op for a finished shard.
@@ -626,13 +770,16 @@ class ShardWriter:
         if self._complete:
             self._lock.release()
             return self.path
+        if self._failed is not None:
+            raise self._failed
         if self._file is None:
             raise ValueError(f"the writer for {self.partial_path} is closed; create a new ShardWriter to resume")
         self.progress_point()
-        self._file.attrs["num_images"] = len(self.done_ids)
-        self._file.attrs["complete"] = True
-        self._file.flush()
-        self._file.close()
+        with self._h5_writes("finishing the shard"):
+            self._file.attrs["num_images"] = len(self.done_ids)
+            self._file.attrs["complete"] = True
+            self._file.flush()
+            self._file.close()
         self._file = None
         with open(self.partial_path, "rb+") as f:
             os.fsync(f.fileno())
@@ -650,15 +797,20 @@ class ShardWriter:
         """Make the written images durable (best effort), close the file and release the lock without finalizing
         (the partial file stays resumable)."""
         if getattr(self, "_file", None) is not None:
+            pending = len(self._pending)
             try:
                 self.progress_point()
             except Exception as e:  # e.g. the disk is still full: those images are recomputed on resume
-                _logger.warning("%s: the last %d images were not made durable (%s)", self.partial_path,
-                                len(self._pending), describe_error(e))
-            try:
-                self._file.close()  # type: ignore[union-attr]
-            finally:
-                self._file = None
+                _logger.warning("%s: the last %d images were not made durable (%s)", self.partial_path, pending,
+                                describe_error(e))
+            if self._file is not None:  # None when the flush failed: the file is abandoned (see _fail)
+                try:
+                    with self._h5_writes("closing the file"):
+                        self._file.close()
+                except OSError as e:
+                    _logger.warning("%s", describe_error(e))
+                finally:
+                    self._file = None
         if getattr(self, "_lock", None) is not None:
             self._lock.release()
 

@@ -6,18 +6,23 @@
   or left as it was when the writer fails or is killed.
 * :func:`check_free_space` and :func:`is_disk_full`: a full disk becomes one :class:`DiskFullError` that
   names the directory, the space needed and free, and the fix.
+* :func:`abandon_until_exit`: a native file handle that must never be closed (HDF5 crashes closing a file one
+  of whose writes failed) is kept alive, and the process then ends without running native exit handlers.
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import hashlib
+import logging
 import os
 import secrets
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Any, Iterator, List, Optional, Union
 
 from .cli import UserError
 
@@ -105,8 +110,8 @@ def atomic_write_text(path: PathLike, text: str, *, fsync: bool = False) -> None
 def is_disk_full(exc: BaseException) -> bool:
     """Whether ``exc`` (or an exception it was raised from) is a full disk (``ENOSPC``, ``EDQUOT``).
 
-    h5py reports HDF5 write failures as ``OSError`` whose message carries the C errno
-    (``errno = 28, error message = 'No space left on device'``) with ``errno`` unset; both forms count.
+    h5py reports HDF5 write failures as ``OSError`` or ``RuntimeError`` whose message carries the C errno
+    (``errno = 28, error message = 'No space left on device'``) with ``errno`` unset; all these forms count.
     """
     seen = set()
     e: Optional[BaseException] = exc
@@ -114,11 +119,12 @@ def is_disk_full(exc: BaseException) -> bool:
         seen.add(id(e))
         if isinstance(e, DiskFullError):
             return True
-        if isinstance(e, OSError):
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                return True
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, (OSError, RuntimeError)):  # h5py raises either, with the C errno in the text
             text = str(e)
-            if "No space left on device" in text or "errno = 28," in text or "Disk quota exceeded" in text:
+            if any(m in text for m in ("No space left on device", "errno = 28,", "Disk quota exceeded",
+                                       "errno = 122,")):
                 return True
         e = e.__cause__ or e.__context__
     return False
@@ -156,3 +162,32 @@ def check_free_space(directory: PathLike, needed: int, *, what: str = "the outpu
     free = shutil.disk_usage(Path(directory)).free
     if free < needed:
         raise disk_full_error(directory, needed=needed, what=what, fix=fix)
+
+
+_ABANDONED: List[Any] = []
+_EXIT_CODE = 2  # the exit status of bad input: an output that could not be written
+
+
+def abandon_until_exit(handle: Any) -> None:
+    """Keep ``handle`` alive until the process ends, and end it with ``os._exit`` before native exit handlers run.
+
+    HDF5 crashes (a segmentation fault) when it closes a file one of whose writes failed (a full disk, a file
+    size limit): in ``File.close``, and in its own ``atexit`` handler, which closes every open file. Such a file
+    is handed here instead of being closed. Python's exit handlers run first (last registered, first run), so
+    the process flushes its logs and standard streams and exits with status 2 (an output could not be
+    written: the caller has logged the one-line error) before HDF5's handler can crash it. The unfinished file
+    stays on disk as it is; readers must treat it as damaged (the shard writer rebuilds it on resume).
+    """
+    _ABANDONED.append(handle)
+    if len(_ABANDONED) == 1:
+        atexit.register(_exit_without_native_handlers)
+
+
+def _exit_without_native_handlers() -> None:
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(_EXIT_CODE)

@@ -33,10 +33,41 @@ def setup_logging(log_file: Optional[Path] = None, rank: int = 0, level: int = l
         lg.addHandler(sh)
         if log_file is not None and rank == 0:
             Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-            fh = logging.FileHandler(log_file, mode="a")
+            fh = _LogFileHandler(log_file, mode="a")
             fh.setFormatter(fmt)
             fh._wsss = True  # type: ignore[attr-defined]
             lg.addHandler(fh)
+
+
+class _LogFileHandler(logging.FileHandler):
+    """A log file that, once it cannot be written (a full disk), says so once on stderr and stops: the console
+    keeps the log, instead of a '--- Logging error ---' traceback for every later record."""
+
+    dead = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.dead:
+            super().emit(record)
+
+    def flush(self) -> None:
+        if not self.dead:
+            try:
+                super().flush()
+            except OSError as e:
+                self._give_up(e)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):
+            self._give_up(err)
+        else:
+            super().handleError(record)
+
+    def _give_up(self, err: OSError) -> None:
+        if not self.dead:
+            self.dead = True
+            sys.stderr.write(f"log file {self.baseFilename} cannot be written ({err.strerror or err}); "
+                             f"logging to the console only\n")
 
 
 class EveryN:
