@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 
 from stage1_cam.config import config_hash
 from stage1_cam.io.shards import shard_inputs
-from stage1_cam.utils.cli import UserError
+from stage1_cam.utils.cli import EXIT_BAD_INPUT, UserError
 from stage1_cam.utils.files import atomic_write_text, file_sha256
 from stage1_cam.utils.logging import utc_timestamp
 from stage1_cam.utils.procs import child_preexec
@@ -48,6 +48,12 @@ STAGE2_CONFIGS: Dict[str, Dict[str, str]] = {
 
 class StageError(UserError, RuntimeError):
     """A stage cannot run (missing input); the message says which file and what to run first."""
+
+
+class StageReportedError(StageError):
+    """A stage command exited 2 (bad input): it has printed its one-line error, which is not repeated."""
+
+    already_reported = True
 
 
 def needs_initial_cams(cfg: Any, run: RunDir) -> bool:
@@ -236,6 +242,8 @@ def run_cmd(cmd: List[str], *, env: Optional[Dict[str, str]] = None, record: Opt
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     cost = {"seconds": time.time() - t0, "peak_rss_mib": usage.ru_maxrss / 1024.0}
+    if proc.returncode == EXIT_BAD_INPUT:
+        raise StageReportedError(f"command exited {EXIT_BAD_INPUT} (its error is above): {' '.join(cmd)}")
     if proc.returncode != 0:
         raise StageError(f"command failed with exit code {proc.returncode}: {' '.join(cmd)}")
     if record is not None and name:

@@ -244,16 +244,18 @@ def test_weights_of_another_model_do_not_fit(tmp_path, tiny_clip):
         load_clip("wsss-tiny-ViT-16", pretrained=None, weights=str(path))
 
 
-def test_empty_weights_file_exits_2_from_train(synthetic_root, tmp_path, caplog, capfd):
+@pytest.mark.parametrize("content,expected", [(b"", "is empty"), (b"not a checkpoint\n" * 4,
+                                                                   "is not a PyTorch checkpoint")])
+def test_unusable_weights_file_exits_2_from_train(synthetic_root, tmp_path, caplog, capfd, content, expected):
     from stage1_cam.train import main as train_main
 
-    path = tmp_path / "empty.pt"
-    path.write_bytes(b"")
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content)
     rc = train_main([TINY, "--run", "w", "--cfg-options", f"data.root={synthetic_root}",
                      f"run.root={tmp_path / 'runs'}", f"clip.weights={path}"])
     assert rc == 2
     (msg,) = _errors(caplog, capfd)
-    assert str(path) in msg and "empty" in msg
+    assert str(path) in msg and expected in msg
 
 
 def _refuse_mkdir_under(monkeypatch, root, error, code, text):

@@ -28,7 +28,14 @@ def test_changed_config_needs_overwrite(tmp_path, monkeypatch, capfd):
     base = ["pseudo-labels", "--config", VOC, "--run", "z"]
     main(base + ["--cfg-options", f"run.root={tmp_path / 'runs'}"])  # fails on data, but the run dir exists now
     capfd.readouterr()
+    # Nothing was made with the first config (its start failed): a corrected config is taken without OVERWRITE=1.
     rc = main(base + ["--cfg-options", f"run.root={tmp_path / 'runs'}", "train.lr=0.1"])
+    err = capfd.readouterr().err
+    assert rc == 2 and "OVERWRITE=1" not in err and "holds no outputs of its earlier config" in err
+    ckpt = tmp_path / "runs" / "voc" / "z" / "stage1" / "checkpoints" / "latest.pth"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"made with train.lr=0.1")  # once a stage has an output, a changed config is refused
+    rc = main(base + ["--cfg-options", f"run.root={tmp_path / 'runs'}", "train.lr=0.2"])
     assert rc == 2 and "OVERWRITE=1" in capfd.readouterr().err
 
 
@@ -50,3 +57,26 @@ def test_stage2_config_table():
     assert "segformer" in stage2_config("voc", "segformer_mitb2")
     with pytest.raises(StageError, match="valid"):
         stage2_config("voc", "unet")
+
+
+def test_a_stage_command_that_exits_2_is_reported_once(tmp_path, monkeypatch, capfd):
+    """A stage command that exits 2 has printed its one-line error: the pipeline exits 2 without adding a second
+    line ("command failed ..."); any other failure (a bug's traceback) still gets that line."""
+    import sys
+
+    from pipelines import __main__ as pm
+    from pipelines.stages import StageReportedError, run_cmd
+
+    def stage(code):
+        return [sys.executable, "-c", f"import sys; sys.stderr.write('the stage error\\n'); sys.exit({code})"]
+
+    with pytest.raises(StageReportedError):
+        run_cmd(stage(2))
+    argv = ["report", "--config", TINY, "--run", "r", "--cfg-options", f"run.root={tmp_path}"]
+    for code, extra in ((2, []), (1, ["command failed with exit code 1"])):
+        monkeypatch.setitem(pm.COMMANDS, "report", lambda args, code=code: run_cmd(stage(code)))
+        capfd.readouterr()
+        assert main(argv) == 2
+        lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip() and " I " not in ln]
+        assert lines[0] == "the stage error" and len(lines) == 1 + len(extra), lines
+        assert all(e in lines[1] for e in extra)

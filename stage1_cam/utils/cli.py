@@ -121,7 +121,8 @@ def exit_on_user_error(err: BaseException, logger: Union[str, logging.Logger], *
                        extra: Sequence[Type[BaseException]] = ()) -> int:
     """Map an exception caught in a ``main()`` to its exit code: bad input logs one line and gives 2.
 
-    Anything that is not bad input (a bug) is re-raised with its traceback.
+    Anything that is not bad input (a bug) is re-raised with its traceback. An error whose ``already_reported``
+    attribute is true (a stage command that exited 2 has printed its one line) is logged at debug level only.
 
     Args:
         err: the exception caught by ``except Exception as err``.
@@ -131,7 +132,10 @@ def exit_on_user_error(err: BaseException, logger: Union[str, logging.Logger], *
     if not is_user_error(err, extra):
         raise err
     log = logging.getLogger(logger) if isinstance(logger, str) else logger
-    log.error("%s", describe_error(err))
+    if getattr(err, "already_reported", False):  # e.g. a child process printed the one line: not repeated
+        log.debug("%s", describe_error(err))
+    else:
+        log.error("%s", describe_error(err))
     return EXIT_BAD_INPUT
 
 

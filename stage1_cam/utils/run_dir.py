@@ -270,6 +270,15 @@ class RunDir:
             self._lock.release()
             self._lock = None
 
+    def has_outputs(self) -> bool:
+        """Whether any stage has written an output here (a file under one of the stages' output paths)."""
+        for rels in _STAGE_OUTPUTS.values():
+            for rel in rels:
+                path = self.path / rel
+                if path.is_file() or (path.is_dir() and any(p.is_file() for p in path.rglob("*"))):
+                    return True
+        return False
+
     def supersede(self, stages: Sequence[str], reason: str) -> Optional[Path]:
         """Move the outputs of ``stages`` to ``superseded/<time>-<reason>/`` (same relative paths).
 
@@ -314,14 +323,18 @@ class RunDir:
 
         Raises:
             RunLockedError: another live process holds the run (with ``lock``).
-            RunDirError: the folder holds a run made with another config hash and ``overwrite`` is off.
+            RunDirError: the folder holds outputs made with another config hash and ``overwrite`` is off (a folder
+                without outputs takes the new config).
         """
         self.path.mkdir(parents=True, exist_ok=True)
         if lock:
             self.lock()
         h = config_hash(cfg)
         old = self.hash_file.read_text().strip() if self.hash_file.exists() else None
-        if old is not None and old != h:
+        if old is not None and old != h and not self.has_outputs():
+            # e.g. a first start that failed on bad input: nothing was made with the old config, nothing to keep apart
+            _logger.info("%s holds no outputs of its earlier config (hash %s): the config is replaced", self.path, old)
+        elif old is not None and old != h:
             if not overwrite:
                 raise RunDirError(
                     f"{self.path} was produced with config hash {old}, but the current config hashes to {h}. "
