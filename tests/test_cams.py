@@ -308,6 +308,24 @@ def test_attribute_bank_roundtrip_and_enrichment(setup, tmp_path):
     torch.testing.assert_close(enriched.text[:20], enrich_text(fg, bank))
 
 
+def test_excel_svc_passes_parity_to_the_text_enrichment(setup):
+    """ExcelSVC(parity=..., attribute_bank=...) enriches its class rows with enrich_text(..., parity=parity): under
+    parity the rows as given (ExCEL's attr_aggregate), by default normalised first; they differ for rows that are
+    not unit norm."""
+    bb, fg, bg = setup
+    g = torch.Generator().manual_seed(7)
+    rows = fg * torch.empty(fg.shape[0], 1).uniform_(0.5, 2.0, generator=g)  # norms 0.5 .. 2
+    bank = torch.randn(fg.shape[1], 12, generator=g)
+    texts = {}
+    for parity in (False, True):
+        src = ExcelSVC(backbone=bb, fg_text=rows, bg_text=bg, parity=parity, attribute_bank=bank)
+        # The source's own last step (one normalisation of the class and background rows together): same ops, exact.
+        expected = F.normalize(torch.cat([enrich_text(rows, bank, parity=parity), bg]), dim=-1)
+        assert torch.equal(src.text, expected)
+        texts[parity] = src.text[:fg.shape[0]]
+    assert (texts[True] - texts[False]).abs().max() > 1e-2  # parity reached enrich_text
+
+
 def test_build_attribute_bank_kmeans(tiny_clip):
     pytest.importorskip("sklearn")
     desc = {"cat": ["a clean origami cat. it has whiskers.", "a clean origami cat. it has fur."],

@@ -254,18 +254,35 @@ def test_text_embeddings(tiny_clip, backbone):
     tok = get_tokenizer(TINY)
     fg, bg = build_dataset_text_embeddings(tiny_clip, tok, "voc")
     assert fg.shape == (20, 64) and bg.shape == (25, 64)
-    torch.testing.assert_close(fg.norm(dim=-1), torch.ones(20))
+    # Terms: the 64-term norm and the division of the two normalisations, the 64-term norm here; unit rows: scale 1.
+    assert_close_f32(fg.norm(dim=-1), torch.ones(20), terms=3 * (64 + 2), scale=1.0)
     fg2, _ = build_dataset_text_embeddings(tiny_clip, tok, "voc")
     assert fg2 is fg  # cached
     ids = tok(["a clean origami cat."])
-    ref = F.normalize(backbone.encode_text(ids), dim=-1)[0]
-    torch.testing.assert_close(fg[7], ref)  # VOC id 8 = cat
+    pooled = []  # ln_final's output at the end-of-text token: the operands of the projection
+    hook = tiny_clip.ln_final.register_forward_hook(lambda m, i, out: pooled.append(out[0, ids[0].argmax()]))
+    try:
+        raw = backbone.encode_text(ids)[0]
+    finally:
+        hook.remove()
+    ref = F.normalize(raw, dim=-1)
+    # VOC id 8 = cat, encoded in a batch of 20 prompts vs alone (other blockings of every product). Terms: the text
+    # tower's blocks on the residual stream (width 64, 77 tokens of context), ln_final and the 64-long projection,
+    # then the normalisation (64-term norm, division). Scale: |ln_final| @ |proj| bounds the projection's partial
+    # sums (they cancel), divided by the norm the result is scaled by.
+    text = tiny_clip.transformer
+    terms = len(text.resblocks) * vit_block_terms(text.width, ids.shape[1]) + 3 * text.width + 64 + 2
+    mag = pooled[0].abs() @ tiny_clip.text_projection.abs() / raw.norm()
+    assert_close_f32(fg[7], ref, terms=terms, scale=mag)
     two, _ = build_text_embeddings(tiny_clip, tok, class_prompts=["cat"], background_words=["sky"],
                                    template=["a clean origami {}.", "a photo of a {}."])
     one_a, _ = build_text_embeddings(tiny_clip, tok, class_prompts=["cat"], background_words=["sky"])
     one_b, _ = build_text_embeddings(tiny_clip, tok, class_prompts=["cat"], background_words=["sky"],
                                      template="a photo of a {}.")
-    torch.testing.assert_close(two, F.normalize(one_a + one_b, dim=-1))
+    # Terms: the sum of the two unit rows (mean: and its exact halving), the 64-term norm and the division; scale:
+    # the sum cancels, so |one_a| + |one_b| over the norm of the sum.
+    assert_close_f32(two, F.normalize(one_a + one_b, dim=-1), terms=1 + 64 + 2,
+                     scale=(one_a.abs() + one_b.abs()) / (one_a + one_b).norm(dim=-1, keepdim=True))
     with pytest.raises(ValueError, match="placeholder"):
         build_text_embeddings(tiny_clip, tok, class_prompts=["cat"], background_words=[], template="no slot")
 

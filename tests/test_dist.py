@@ -106,3 +106,37 @@ def test_shutdown_without_a_group_does_nothing(monkeypatch):
     rec = _Recorder(monkeypatch, initialized=False)
     shutdown_distributed(ok=True)
     assert rec.calls == []
+
+
+@pytest.mark.parametrize("outcome", ["ok", "bad_input", "bug", "single_process"])
+def test_cams_entry_point_tears_the_process_group_down(outcome, monkeypatch, synthetic_root, tmp_path):
+    """``python -m stage1_cam.cams`` under a multi-process launcher ends with shutdown_distributed, as train.main does:
+    ok=True after a good run, ok=False (no barrier) after bad input or a bug; nothing when launched alone."""
+    from types import SimpleNamespace
+
+    from stage1_cam.cams import __main__ as cams_entry
+    from stage1_cam.utils.cli import BadInputError
+    from stage1_cam.utils.dist import DistInfo
+
+    world = 1 if outcome == "single_process" else 2
+    teardowns = []
+    monkeypatch.setattr(cams_entry, "init_distributed", lambda: DistInfo(rank=0, local_rank=0, world_size=world))
+    monkeypatch.setattr(cams_entry, "shutdown_distributed", teardowns.append)
+
+    def run_cams(cfg, run_dir, device):  # stands in for the CAM computation
+        if outcome == "bad_input":
+            raise BadInputError("no images in the split")
+        if outcome == "bug":
+            raise RuntimeError("a bug")
+        return tmp_path / "cams"
+
+    monkeypatch.setattr(cams_entry, "run_cams", run_cams)
+    monkeypatch.setattr(cams_entry, "build_dataset", lambda *a, **k: SimpleNamespace(has_gt=False, split="val"))
+    argv = ["configs/stage1/weclip_tiny-clip_synthetic-160x160_300i.py", "--run", "d", "--cfg-options",
+            f"data.root={synthetic_root}", f"run.root={tmp_path}"]
+    if outcome == "bug":  # re-raised with its traceback, after the teardown
+        with pytest.raises(RuntimeError, match="a bug"):
+            cams_entry.main(argv)
+    else:
+        assert cams_entry.main(argv) == (2 if outcome == "bad_input" else 0)
+    assert teardowns == {"ok": [True], "bad_input": [False], "bug": [False], "single_process": []}[outcome]

@@ -90,7 +90,10 @@ def _excel_reference(image: torch.Tensor, scales, *, flip_at_1: bool) -> torch.T
         b = _toy_predict(x.flip(-1)).flip(-1)
         fused = a if (s == 1.0 and not flip_at_1) else (a + b) / 2
         outs.append(F.interpolate(fused, size=(h, w), mode="bilinear", align_corners=False)[0])
-    return torch.stack(outs).mean(0)
+    total = outs[0]
+    for o in outs[1:]:  # the mean over the scales, summed in scale order
+        total = total + o
+    return total / len(scales)
 
 
 @pytest.mark.parametrize("parity", [False, True], ids=["flip-every-scale", "parity-no-flip-at-1"])
@@ -102,7 +105,9 @@ def test_excel_logits_match_a_per_image_reference(parity):
                                 no_flip_at_1=parity)
     for im, out in zip(images, got):
         assert out.shape == (5, *im.shape[-2:])  # every scale upsampled to the original size
-        torch.testing.assert_close(out, _excel_reference(im, scales, flip_at_1=not parity), rtol=0, atol=1e-5)
+        # The same float operations in the same order on every value: each image resized alone, the toy network
+        # element-wise per image, (a + flip(b)) / 2, each scale upsampled alone, summed in scale order: exact.
+        assert torch.equal(out, _excel_reference(im, scales, flip_at_1=not parity))
     other = dump_mod.excel_logits(_toy_predict, images, scales=scales, flip=True, side=320, patch_size=16,
                                   no_flip_at_1=not parity)
     assert not torch.allclose(got[0], other[0])  # the quirk matters for a network that is not flip-symmetric

@@ -93,7 +93,8 @@ def test_lvc_attention_rows_mask_and_diagonal():
     feats[1, :, 0, 0] = 0.0  # a zero feature vector: cosine 0 with everything, below the (positive) mean
     a = lvc_attention(feats)
     assert a.shape == (2, 12, 12) and torch.isfinite(a).all()
-    torch.testing.assert_close(a.sum(-1), torch.ones(2, 12))  # every row sums to 1
+    # Every row sums to 1. Terms: the softmax's 12-term denominator and division, the 12-term row sum; scale 1.
+    assert_close_f32(a.sum(-1), torch.ones(2, 12), terms=2 * 12 + 1, scale=1.0)
     s = centered_cosine(feats)
     off = ~torch.eye(12, dtype=torch.bool)
     assert bool((a[(s < 0) & off] == 0).all()) and bool((a[s >= 0] > 0).all())  # below-mean pairs masked
@@ -117,9 +118,9 @@ def test_centered_cosine_per_image_and_batch_global():
         f = torch.nn.functional.normalize(feats.flatten(2), dim=1)
         cos = f.transpose(1, 2) @ f
         mean = cos.mean() if got is glob_a else cos.mean(dim=(1, 2), keepdim=True)
-        torch.testing.assert_close(got, cos - mean)
+        assert torch.equal(got, cos - mean)  # the same operations as centered_cosine: exact
     aff = excel_decoder_affinity(torch.cat([x0, xa]))
-    torch.testing.assert_close(aff, torch.sigmoid(3 * per_a))
+    assert torch.equal(aff, torch.sigmoid(3 * per_a))  # the same operations: exact
 
 
 @pytest.fixture(scope="module")
@@ -139,18 +140,30 @@ def test_svc_and_lvc_attention_rows_sum_as_documented(svc_setup):
     ex = lvc_attention(torch.randn(2, 16, 3, 4, generator=torch.Generator().manual_seed(3)))
     mean, summed = svc_attention(q, k, v, head_sum=False), svc_attention(q, k, v, head_sum=True)
     assert mean.shape == summed.shape == (2, 1, n, n)
-    torch.testing.assert_close(mean.sum(-1), torch.ones(2, 1, n))  # head-averaged: rows sum to 1
-    torch.testing.assert_close(summed.sum(-1), torch.full((2, 1, n), float(heads)))  # reference: rows sum to H
-    torch.testing.assert_close(summed, heads * mean)
+    # Row sums (the logits' roundings cancel in a softmax row's sum). Terms: each softmax's n-term denominator and
+    # division, the sum of the three and / 3, the H-term head sum (and / H), the n-term row sum; the LVC rows add
+    # the (n - 1)-term denominator and division of ex's softmax, its weight and the addition. Scale: the row's sum
+    # (non-negative terms: every partial sum is below it).
+    rows = (n + 1) + 3 + (heads + 1) + n
+    lvc_rows = rows + n + 2
+    assert_close_f32(mean.sum(-1), torch.ones(2, 1, n), terms=rows, scale=1.0)  # head-averaged: rows sum to 1
+    # reference: rows sum to H
+    assert_close_f32(summed.sum(-1), torch.full((2, 1, n), float(heads)), terms=rows, scale=heads)
+    # The same maps summed over heads vs averaged (sum / H) times H: the division and multiplication (and the H-term
+    # sum, in case the two reductions order it differently); element-wise scale: the summed value.
+    assert_close_f32(summed, heads * mean, terms=heads + 2, scale=summed)
     lvc_mean = svc_attention(q, k, v, head_sum=False, ex_attn=ex)
     lvc_sum = svc_attention(q, k, v, head_sum=True, ex_attn=ex)
     rows_mean, rows_sum = lvc_mean.sum(-1)[:, 0], lvc_sum.sum(-1)[:, 0]
-    torch.testing.assert_close(rows_mean[:, 0], torch.ones(2))  # the CLS row is unchanged
-    torch.testing.assert_close(rows_mean[:, 1:], torch.full((2, n - 1), 1 + 1 / heads))  # patch rows: + 1/H
-    torch.testing.assert_close(rows_sum[:, 0], torch.full((2,), float(heads)))
-    torch.testing.assert_close(rows_sum[:, 1:], torch.full((2, n - 1), heads + 1.0))  # reference: + 1
-    torch.testing.assert_close(lvc_sum, heads * lvc_mean)  # averaged = the reference's / H, with LVC too
-    torch.testing.assert_close(lvc_sum[:, :, 1:, 1:] - summed[:, :, 1:, 1:], ex[:, None])  # added to the patch block
+    assert_close_f32(rows_mean[:, 0], torch.ones(2), terms=rows, scale=1.0)  # the CLS row is unchanged
+    # patch rows: + 1/H
+    assert_close_f32(rows_mean[:, 1:], torch.full((2, n - 1), 1 + 1 / heads), terms=lvc_rows, scale=1 + 1 / heads)
+    assert_close_f32(rows_sum[:, 0], torch.full((2,), float(heads)), terms=rows, scale=heads)
+    assert_close_f32(rows_sum[:, 1:], torch.full((2, n - 1), heads + 1.0), terms=lvc_rows, scale=heads + 1)  # + 1
+    # Averaged = the reference's / H, with LVC too: as above, plus the product ex / H and the two additions.
+    assert_close_f32(lvc_sum, heads * lvc_mean, terms=heads + 2 + 3, scale=lvc_sum)
+    # Added to the patch block: (summed + ex) - summed, two roundings at the scale of the sum (it cancels).
+    assert_close_f32(lvc_sum[:, :, 1:, 1:] - summed[:, :, 1:, 1:], ex[:, None], terms=2, scale=lvc_sum[:, :, 1:, 1:])
     with pytest.raises(ValueError, match="patch tokens"):
         svc_attention(q, k, v, head_sum=False, ex_attn=ex[:, 1:, 1:])
 
@@ -168,7 +181,7 @@ def test_excel_svc_lvc_pass(svc_setup):
     for a, b in zip(full.cams, reused.cams):
         assert torch.equal(a, b)
     assert reused.attn is plain.attn and reused.features is plain.features  # the first pass's attention
-    torch.testing.assert_close(full.attn, plain.attn)  # LVC changes only the calibrated path
+    assert torch.equal(full.attn, plain.attn)  # LVC changes only the calibrated path (the same operations)
     assert max((a - b).abs().max().item() for a, b in zip(full.cams, plain.cams)) > 1e-3  # ... and so the maps
     # Without ex_feats, reuse gives the plain maps.
     for a, b in zip(src(x, labels, reuse=plain).cams, plain.cams):

@@ -67,6 +67,23 @@ def test_gt_class_miou_and_fwiou_follow_the_weclip_clip_es_scripts():
     assert math.isnan(empty["miou_gt"]) and math.isnan(empty["fwiou"])
 
 
+def test_stage2_summary_records_gt_class_miou_and_fwiou():
+    """stage2_seg.test's metrics.json entry carries both mIoU definitions and fwIoU (a predicted class without
+    ground truth, class 2, makes them differ)."""
+    pytest.importorskip("mmseg")
+    from stage2_seg.test import summarize
+
+    gt = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    pred = np.array([0, 0, 2, 1, 1, 1, 0, 1])
+    s = summarize(ConfusionMatrix(3).update(pred, gt), ["background", "cat", "dog"])
+    iou0, iou1 = 2 / 4, 4 / 5  # background: TP 2, GT 3, pred 3; cat: TP 4, GT 5, pred 4; dog: TP 0, GT 0, pred 1
+    assert s["per_class_iou"] == pytest.approx({"background": iou0, "cat": iou1, "dog": 0.0})
+    assert s["mIoU"] == pytest.approx((iou0 + iou1 + 0) / 3)  # MMSegmentation: dog counts as 0
+    assert s["mIoU_gt_classes"] == pytest.approx((iou0 + iou1) / 2)  # WeCLIP / CLIP-ES: dog left out
+    assert s["fwIoU"] == pytest.approx(3 / 8 * iou0 + 5 / 8 * iou1)
+    json.dumps(s, allow_nan=False)
+
+
 def test_out_of_range_values_and_empty():
     cm = ConfusionMatrix(2)
     gt = np.array([0, 1, 7, 255, 1])  # 7 and 255 are skipped

@@ -19,10 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 #: exact equality of two paths through float kernels: whole files, or single tests of files that are mostly other work.
 NUMERIC_FILES = (
     "tests/test_clip_backbone.py", "tests/test_cams.py", "tests/test_refine.py", "tests/test_crf.py",
-    "tests/test_weakclip.py",
+    "tests/test_weakclip.py", "tests/test_excel_head.py", "tests/test_step_syncs.py", "tests/test_dump_protocol.py",
     "tests/test_weclip.py::test_balanced_loss_equals_reference_and_is_finite_without_foreground",
     "tests/test_weclip.py::test_balanced_loss_same_for_channels_last_logits",
     "tests/test_world.py::test_windowed_encoding_matches_open_clip_and_the_pipeline_pooling",
+    "tests/test_world.py::test_contrastive_loss_reduces_to_clip_with_one_positive_each",
     "tests/test_data.py::test_normalize", "tests/test_data.py::test_train_augment_img_box_marks_the_image_region",
     "tests/test_bench.py::test_gpu_check_run_is_deterministic_and_complete_on_cpu",
 )
@@ -61,3 +62,16 @@ def test_numerics_under_cpu_capabilities_and_threads(capability, threads):
     assert res.returncode == 0, f"ATEN_CPU_CAPABILITY={capability} threads={threads}:\n{tail}"
     assert " passed" in res.stdout and " failed" not in res.stdout, tail
     assert "only meaningful inside" not in res.stdout, tail  # the capability probe ran (-rs lists skip reasons)
+
+
+@pytest.mark.slow
+def test_every_numeric_entry_selects_tests_outside_slow():
+    """The runs above pass ``-m "not slow"``: every NUMERIC_FILES entry must select at least one test there (an entry
+    whose tests are all marked slow would drop out silently; a missing file or test fails the runs themselves)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "--collect-only", "-m", "not slow", "-p", "no:cacheprovider",
+           *NUMERIC_FILES]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    ids = [line.strip() for line in res.stdout.splitlines() if "::" in line]
+    for entry in NUMERIC_FILES:
+        assert any(i == entry or i.startswith((entry + "::", entry + "[")) for i in ids), f"{entry} selects no test"

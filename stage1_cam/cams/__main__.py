@@ -29,7 +29,7 @@ from ..data.class_names import voc_palette
 from ..io.shards import ShardMeta, ShardReader, ShardWriter, write_manifest
 from ..metrics import ConfusionMatrix
 from ..utils.cli import add_config_args, config_overrides, exit_on_user_error
-from ..utils.dist import device_for, init_distributed
+from ..utils.dist import DistInfo, device_for, init_distributed, shutdown_distributed
 from ..utils.precision import autocast_dtype, precision_name
 from ..utils.logging import EveryN, setup_logging
 from ..utils.run_dir import RunDir, git_sha
@@ -110,23 +110,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_config_args(p)
     args = p.parse_args(argv)
     setup_logging()
+    dist = DistInfo()  # replaced by init_distributed's once the config is valid
+    ok = False  # a good run: every rank meets at the barrier before the process group goes (as in train.main)
     try:
         cfg = load_config(args.config, config_overrides(args))
         run_dir = RunDir.from_config(cfg).prepare(cfg, overwrite=args.overwrite, seed=cfg.run.seed)
-        device = device_for(init_distributed())
+        dist = init_distributed()
+        device = device_for(dist)
         torch.manual_seed(cfg.run.seed)
         out = run_cams(cfg, run_dir, device)
         ds = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.eval_split)
         if not ds.has_gt:
             _logger.warning("split %s has no ground truth: CAMs written to %s, no evaluation", ds.split, out)
+            ok = True
             return 0
         result = evaluate_cams(out, ds)
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         print(format_table(result))
         _logger.info("CAMs in %s, metrics in %s", out, out / "metrics.json")
+        ok = True
         return 0
     except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
         return exit_on_user_error(e, _logger)
+    finally:
+        if dist.enabled:  # launched with several processes: tear the group down so that every rank exits 0
+            shutdown_distributed(ok)
 
 
 if __name__ == "__main__":  # as the package's module, whose logger is named after it (not "__main__")
