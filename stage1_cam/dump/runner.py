@@ -16,6 +16,7 @@ from ..data import build_dataset
 from ..data.class_names import voc_palette
 from ..heads import is_training_free
 from ..io import ShardFormatError, ShardMeta, ShardReader, ShardWriter, assign_shards, shard_filename, write_manifest
+from ..io.shards import DISK_FULL_FIX
 from ..utils.cli import BadInputError
 from ..utils.dist import peak_memory_mb
 from ..utils.files import DiskFullError, atomic_write_text, check_free_space, disk_full_error, file_sha256, \
@@ -78,7 +79,7 @@ def _check_shard_space(out_dir: Path, writer: ShardWriter, names: Sequence[str],
     needed = shard_bytes_needed(dataset, todo, settings, len(dataset.class_names))
     check_free_space(out_dir, needed, what=f"shard {writer.shard_index}/{writer.num_shards} ({len(todo)} images "
                                            f"to write; uncompressed upper bound)",
-                     fix="write the shards to another disk (--out DIR)")
+                     fix=DISK_FULL_FIX)
 
 
 def run_dump(cfg: Any, *, shards: Sequence[int], out_dir: Path, checkpoint: Optional[Path] = None,
@@ -188,7 +189,7 @@ def run_dump(cfg: Any, *, shards: Sequence[int], out_dir: Path, checkpoint: Opti
         if is_disk_full(e) and not isinstance(e, DiskFullError):
             # One clear error; the shard stays .partial and the next run resumes it.
             raise disk_full_error(out_dir, what="the pseudo-mask shards",
-                                  fix="write the shards to another disk (--out DIR)") from e
+                                  fix=DISK_FULL_FIX) from e
         raise
     finally:
         if executor is not None:

@@ -38,12 +38,11 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import quote, unquote
 
 import h5py
@@ -51,8 +50,8 @@ import numpy as np
 
 from ..constants import IGNORE_INDEX
 from ..utils.cli import UserError, describe_error
-from ..utils.files import abandon_until_exit, atomic_write_text, disk_full_error, file_sha256, fsync_dir, \
-    is_disk_full
+from ..utils.files import abandon_until_exit, atomic_write_text, check_free_space, disk_full_error, file_sha256, \
+    fsync_dir, is_disk_full
 from ..utils.locks import FileLock, LockedError
 
 _logger = logging.getLogger(__name__)
@@ -346,6 +345,7 @@ _HOOK: dict[str, Any] = {}
 # Free space a write needs beyond the image's own bytes: HDF5 metadata (group and dataset headers, chunk indexes)
 # and the next progress point's flush.
 _WRITE_HEADROOM = 256 << 10
+DISK_FULL_FIX = "write the shards to another disk (--out DIR)"  # the alternative to freeing space, in every message
 
 
 def _h5_unraisable(u: Any) -> None:
@@ -388,6 +388,40 @@ def _write_failure(err: Any) -> bool:
         return True
     text = str(err)
     return "write failed" in text or "errno = " in text
+
+
+class _H5WriteFailed(Exception):
+    """Internal: an HDF5 write of the file in hand failed (``err``); that file must never be closed."""
+
+    def __init__(self, err: BaseException) -> None:
+        super().__init__(str(err))
+        self.err = err
+
+
+@contextmanager
+def _h5_write_failures(is_failure: Callable[[BaseException], bool] = _write_failure) -> Iterator[None]:
+    """Raise :class:`_H5WriteFailed` when an HDF5 write in the block fails: an error ``is_failure`` accepts, or one
+    reported only when h5py released an object (collected by the hook above), also behind another error."""
+    seen = len(_H5_FAILURES)
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if is_failure(e):
+            raise _H5WriteFailed(e) from e
+        if len(_H5_FAILURES) > seen:
+            raise _H5WriteFailed(_H5_FAILURES[seen]) from e
+        raise
+    if len(_H5_FAILURES) > seen:
+        raise _H5WriteFailed(_H5_FAILURES[seen])
+
+
+def _write_error(path: Path, what: str, err: BaseException, then: str) -> OSError:
+    """The one error of a failed HDF5 write of ``path``: :class:`DiskFullError` for a full disk, else
+    :class:`ShardWriteError`; ``then`` says what the re-run does."""
+    if is_disk_full(err):
+        return disk_full_error(path.parent, what=f"{what} of {path.name}", fix=DISK_FULL_FIX, then=then)
+    return ShardWriteError(f"{path}: {what} failed ({_h5_reason(err)}). Check the disk (space, quota, the file size "
+                           f"limit `ulimit -f`, I/O errors) and re-run; {then}")
 
 
 class ShardWriter:
@@ -494,17 +528,12 @@ class ShardWriter:
 
     @contextmanager
     def _h5_writes(self, what: str) -> Iterator[None]:
-        """Run HDF5 writes of this file; a failed one (raised, or reported when h5py released an object) ends
-        the writer with one error (see the class docstring)."""
-        seen = len(_H5_FAILURES)
+        """Run HDF5 writes of this file; a failed one ends the writer with one error (see the class docstring)."""
         try:
-            yield
-        except (OSError, RuntimeError) as e:
-            if not _write_failure(e):
-                raise
-            raise self._fail(what, e) from e
-        if len(_H5_FAILURES) > seen:
-            raise self._fail(what, _H5_FAILURES[seen])
+            with _h5_write_failures():
+                yield
+        except _H5WriteFailed as e:
+            raise self._fail(what, e.err) from e.err
 
     def _fail(self, what: str, err: BaseException) -> OSError:
         """Abandon the file after a failed HDF5 write and return the error to raise (kept for later calls)."""
@@ -514,18 +543,11 @@ class ShardWriter:
         durable = len(self.done_ids) - len(self._pending)
         self.done_ids.difference_update(unquote(k) for k in self._pending)
         self._pending.clear()
-        resume = (f"the shard stays unfinished and the next run resumes it from its last progress point ({durable} "
-                  f"images; if the file turns out unreadable, it says so: then delete {self.partial_path.name})")
-        if is_disk_full(err):
-            failed: OSError = disk_full_error(self.out_dir, what=f"{what} of {self.partial_path.name}",
-                                              fix="write the shards to another disk (--out DIR)")
-            failed.args = (f"{failed}; {resume}",)
-        else:
-            failed = ShardWriteError(f"{self.partial_path}: {what} failed ({_h5_reason(err)})."
-                                     f" Check the disk (space, quota, the file size limit `ulimit -f`, I/O errors) "
-                                     f"and re-run; {resume}")
-        self._failed = failed
-        return failed
+        self._failed = _write_error(
+            self.partial_path, what, err,
+            then=f"the shard stays unfinished and the next run resumes it from its last progress point ({durable} "
+                 f"images; if the file turns out unreadable, it says so: then delete {self.partial_path.name})")
+        return self._failed
 
     def _recover(self) -> None:
         """Rebuild the partial file from its complete images (resume after a crash or an interruption).
@@ -536,12 +558,10 @@ class ShardWriter:
         """
         tmp = self.partial_path.with_name(self.partial_path.name + ".recover")
         tmp.unlink(missing_ok=True)
-        needed = self.partial_path.stat().st_size + _WRITE_HEADROOM
-        if shutil.disk_usage(self.out_dir).free < needed:  # the copy must fit (a failed HDF5 write cannot be undone)
-            raise disk_full_error(self.out_dir, needed=needed, what=f"resuming {self.partial_path.name}",
-                                  fix="write the shards to another disk (--out DIR)")
+        # The copy must fit: a failed HDF5 write cannot be undone.
+        check_free_space(self.out_dir, self.partial_path.stat().st_size + _WRITE_HEADROOM,
+                         what=f"resuming {self.partial_path.name}", fix=DISK_FULL_FIX)
         dropped: list[str] = []
-        seen = len(_H5_FAILURES)
         src = _open_h5(self.partial_path, "r", partial=True)
         try:
             self._check_meta(_meta_from_attrs(src.attrs, self.partial_path), self.partial_path, partial=True)
@@ -552,34 +572,15 @@ class ShardWriter:
                                        "re-run the dump to regenerate that shard") from e
             dst = h5py.File(tmp, "w", locking=False)
             try:
-                dst.attrs.update({k: v for k, v in src.attrs.items() if k not in ("complete", "num_images")})
-                images = dst.create_group(_IMAGES, track_order=True)
-                for key in keys:
-                    try:
-                        g = src[_IMAGES][key]
-                        if not bool(g.attrs.get("complete", False)):
-                            raise KeyError("not marked complete")
-                        src.copy(g, images, name=key)
-                    except (KeyError, OSError, RuntimeError, ValueError) as e:
-                        if _write_failure(e) and "write failed" in str(e):
-                            raise
-                        dropped.append(unquote(key))
-                        if key in images:
-                            del images[key]
-                        continue
-                    self.done_ids.add(unquote(key))
-                dst.flush()
-                if len(_H5_FAILURES) > seen:
-                    raise _H5_FAILURES[seen]
-            except BaseException as e:
-                if _write_failure(e) and ("write failed" in str(e) or len(_H5_FAILURES) > seen):
-                    abandon_until_exit(dst)  # HDF5 crashes closing a file whose write failed
-                    self.done_ids.clear()
-                    if is_disk_full(e):
-                        raise disk_full_error(self.out_dir, what=f"resuming {self.partial_path.name}",
-                                              fix="write the shards to another disk (--out DIR)") from e
-                    raise ShardWriteError(f"{tmp}: rebuilding the unfinished shard failed ({_h5_reason(e)}); "
-                                          "check the disk and re-run") from e
+                # Only errors that say so are failed writes here: the copy also reads src, whose errors drop a group.
+                with _h5_write_failures(lambda e: _write_failure(e) and "write failed" in str(e)):
+                    self._copy_complete(src, dst, keys, dropped)
+            except _H5WriteFailed as e:
+                abandon_until_exit(dst)  # HDF5 crashes closing a file whose write failed
+                self.done_ids.clear()
+                raise _write_error(tmp, "rebuilding the unfinished shard", e.err,
+                                   then=f"the next run tries again from {self.partial_path.name}") from e.err
+            except BaseException:
                 dst.close()
                 raise
             dst.close()
@@ -591,6 +592,27 @@ class ShardWriter:
         os.replace(tmp, self.partial_path)
         _logger.info("resuming %s: %d images complete%s", self.partial_path, len(self.done_ids),
                      f", dropped unfinished {dropped}" if dropped else "")
+
+    def _copy_complete(self, src: h5py.File, dst: h5py.File, keys: list[str], dropped: list[str]) -> None:
+        """Copy the complete, readable image groups ``keys`` of ``src`` into ``dst`` (recording them in ``done_ids``;
+        the others in ``dropped``), then flush ``dst``."""
+        dst.attrs.update({k: v for k, v in src.attrs.items() if k not in ("complete", "num_images")})
+        images = dst.create_group(_IMAGES, track_order=True)
+        for key in keys:
+            try:
+                g = src[_IMAGES][key]
+                if not bool(g.attrs.get("complete", False)):
+                    raise KeyError("not marked complete")
+                src.copy(g, images, name=key)
+            except (KeyError, OSError, RuntimeError, ValueError) as e:
+                if _write_failure(e) and "write failed" in str(e):
+                    raise  # a failed write of dst, not a damaged group of src
+                dropped.append(unquote(key))
+                if key in images:
+                    del images[key]
+                continue
+            self.done_ids.add(unquote(key))
+        dst.flush()
 
     # -- public API ----------------------------------------------------------------------------------------
 
@@ -720,10 +742,8 @@ class ShardWriter:
                 raise ValueError(f"{name}: probs has NaN/inf values or values beyond the float16 range")
 
         # Refused before HDF5 touches the file: a write HDF5 cannot finish leaves a file it cannot close.
-        needed = lab.nbytes + conf16.nbytes + (p16.nbytes if p16 is not None else 0) + _WRITE_HEADROOM
-        if shutil.disk_usage(self.out_dir).free < needed:
-            raise disk_full_error(self.out_dir, needed=needed, what=f"image {name!r} of {self.partial_path.name}",
-                                  fix="write the shards to another disk (--out DIR)")
+        check_free_space(self.out_dir, lab.nbytes + conf16.nbytes + (p16.nbytes if p16 is not None else 0)
+                         + _WRITE_HEADROOM, what=f"image {name!r} of {self.partial_path.name}", fix=DISK_FULL_FIX)
         with self._h5_writes(f"writing image {name!r}"):
             self._write_group(key, name, lab, conf16, cls_ids, p16, keys)
         self.done_ids.add(name)

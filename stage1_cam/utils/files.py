@@ -135,8 +135,9 @@ def _mib(n: float) -> str:
 
 
 def disk_full_error(directory: PathLike, *, needed: Optional[int] = None, what: str = "the output",
-                    fix: str = "") -> DiskFullError:
-    """The :class:`DiskFullError` for ``directory``: free space, the space needed (if known) and the fix."""
+                    fix: str = "", then: str = "") -> DiskFullError:
+    """The :class:`DiskFullError` for ``directory``: free space, the space needed (if known), the fix and, with
+    ``then``, what the re-run does."""
     directory = Path(directory)
     try:
         free: Optional[int] = shutil.disk_usage(directory).free
@@ -145,7 +146,7 @@ def disk_full_error(directory: PathLike, *, needed: Optional[int] = None, what: 
     need = f"{what} needs about {_mib(needed)}" if needed is not None else f"writing {what} failed"
     have = f"{_mib(free)} free" if free is not None else "free space unknown"
     err = DiskFullError(f"no space left on the disk of {directory}: {need}, {have}. Free some space there"
-                        f"{' or ' + fix if fix else ''}, then re-run")
+                        f"{' or ' + fix if fix else ''}, then re-run{'; ' + then if then else ''}")
     err.errno = errno.ENOSPC
     return err
 

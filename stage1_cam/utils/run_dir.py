@@ -331,22 +331,24 @@ class RunDir:
             self.lock()
         h = config_hash(cfg)
         old = self.hash_file.read_text().strip() if self.hash_file.exists() else None
-        if old is not None and old != h and not self.has_outputs():
-            # e.g. a first start that failed on bad input: nothing was made with the old config, nothing to keep apart
-            _logger.info("%s holds no outputs of its earlier config (hash %s): the config is replaced", self.path, old)
-        elif old is not None and old != h:
-            if not overwrite:
+        if old is not None and old != h:
+            if not self.has_outputs():
+                # e.g. a first start that failed on bad input: nothing was made with the old config, nothing to keep
+                _logger.info("%s holds no outputs of its earlier config (hash %s): the config is replaced",
+                             self.path, old)
+            elif not overwrite:
                 raise RunDirError(
                     f"{self.path} was produced with config hash {old}, but the current config hashes to {h}. "
                     f"Use another RUN name, or pass OVERWRITE=1 (--overwrite) to replace the run's config "
                     f"(outputs whose inputs changed are moved to {self.superseded_dir}/; the others are kept)."
                 )
-            stages = changed_stages(self._saved_config(), cfg)
-            self.supersede(stages, reason=f"config-{old}")
-            if self.config_file.exists():
-                backup = self.config_file.with_suffix(f".{old}.py")
-                self.config_file.rename(backup)
-                _logger.warning("previous config kept as %s", backup)
+            else:
+                stages = changed_stages(self._saved_config(), cfg)
+                self.supersede(stages, reason=f"config-{old}")
+                if self.config_file.exists():
+                    backup = self.config_file.with_suffix(f".{old}.py")
+                    self.config_file.rename(backup)
+                    _logger.warning("previous config kept as %s", backup)
         with atomic_write(self.config_file) as tmp:
             save_config(cfg, tmp)
         atomic_write_text(self.hash_file, h + "\n")
