@@ -244,8 +244,8 @@ def test_weights_of_another_model_do_not_fit(tmp_path, tiny_clip):
         load_clip("wsss-tiny-ViT-16", pretrained=None, weights=str(path))
 
 
-@pytest.mark.parametrize("content,expected", [(b"", "is empty"), (b"not a checkpoint\n" * 4,
-                                                                   "is not a PyTorch checkpoint")])
+@pytest.mark.parametrize("content,expected", [(b"", "is empty"),
+                                              (b"not a checkpoint\n" * 4, "is not a PyTorch checkpoint")])
 def test_unusable_weights_file_exits_2_from_train(synthetic_root, tmp_path, caplog, capfd, content, expected):
     from stage1_cam.train import main as train_main
 

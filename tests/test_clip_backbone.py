@@ -125,7 +125,6 @@ def test_token_mean_of_the_input_gradient_from_qkv_gradients(backbone):
     assert_close_f32(got, ref, terms=3 * 64 + 24 + vit_block_terms(64, 25), scale=mag)
 
 
-
 def _softmax64(q, k):
     """softmax_attention in float64 (softmax_attention itself computes in float32)."""
     return torch.softmax(q.double() @ k.double().transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)

@@ -25,10 +25,12 @@ def test_every_stage1_config_loads(path):
 
 def test_voc_config_matches_reference_settings():
     cfg = load_config("configs/stage1/weclip_vit-b16_voc12aug-320x320_30k.py")
-    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_iters, cfg.train.max_iters) == (2e-3, 0.01, 50, 30000)
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_iters, cfg.train.max_iters) == \
+        (2e-3, 0.01, 50, 30000)
     assert (cfg.train.batch_size, cfg.data.crop_size, tuple(cfg.data.scale_range)) == (4, 320, (0.5, 2.0))
     assert cfg.data.normalization == "imagenet" and cfg.clip.template == "a clean origami {}."
-    assert (cfg.cam.box_threshold, cfg.cam.attn_layers, cfg.head.rfm.layers, cfg.head.rfm.score) == (0.4, 8, 6, "signed")
+    assert (cfg.cam.box_threshold, cfg.cam.attn_layers, cfg.head.rfm.layers, cfg.head.rfm.score) == \
+        (0.4, 8, 6, "signed")
     assert tuple(cfg.dump.scales) == (1.0, 0.75) and cfg.dump.long_side == 512
     crf = cfg.dump.crf
     assert (crf.iterations, crf.pos_xy_std, crf.pos_w, crf.bi_xy_std, crf.bi_rgb_std, crf.bi_w) == (10, 3, 3, 64, 5, 4)

@@ -17,9 +17,9 @@ def _two_region_case(h=24, w=32, noise=0.15, seed=0):
     rng = np.random.default_rng(seed)
     image = np.zeros((h, w, 3), np.uint8)
     image[:, : w // 2] = (200, 30, 30)
-    image[:, w // 2 :] = (30, 30, 200)
+    image[:, w // 2:] = (30, 30, 200)
     truth = np.zeros((h, w), np.int64)
-    truth[:, w // 2 :] = 1
+    truth[:, w // 2:] = 1
     probs = np.full((3, h, w), 0.1, np.float32)
     probs[0][truth == 0] = 0.55
     probs[1][truth == 1] = 0.55

@@ -19,7 +19,8 @@ from stage1_cam.config import ConfigError, CrfCfg, DumpCfg, config_hash, load_co
 from stage1_cam.data import build_dataset, normalize
 from stage1_cam.io import ShardReader
 from tests.numerics import assert_close_f32
-from tests.test_dump import CONFIG, _argv, _one_thread, trained, trained_stack  # noqa: F401  (module fixtures, trained once here)
+# trained, trained_stack: module fixtures, trained once here
+from tests.test_dump import CONFIG, _argv, _one_thread, trained, trained_stack  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 

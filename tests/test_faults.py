@@ -156,8 +156,8 @@ def _mask_metrics(run: Path) -> Dict:
 def _stage2_metrics(run: Path) -> Dict:
     m = json.loads((run / "stage2" / "metrics.json").read_text())
     # provenance, not figures: the time, and the checkpoint's bytes (mmengine stores run times and message-hub state)
-    return {k: v for k, v in m.items() if k not in ("config", "checkpoint", "data_root", "computed_at",
-                                                     "checkpoint_sha256")}
+    return {k: v for k, v in m.items()
+            if k not in ("config", "checkpoint", "data_root", "computed_at", "checkpoint_sha256")}
 
 
 @pytest.fixture(scope="module")

@@ -97,7 +97,8 @@ def test_toy_head_config_is_validated_by_its_own_schema(tmp_path):
     assert dict(cfg.head) == {"type": "toy", "temperature": 2.0}
     with pytest.raises(ConfigError, match=r"head.temperature=0.0 is out of range"):
         load_config(_config(tmp_path, temperature=0.0))
-    with pytest.raises(ConfigError, match=r"unknown config key\(s\) head.rfm.*valid keys under head: type, temperature"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown config key\(s\) head.rfm.*valid keys under head: type, temperature"):
         load_config(_config(tmp_path, rfm=dict(layers=2)))
 
 

@@ -85,7 +85,7 @@ def _blob_image(h=20, w=24):
     g = torch.Generator().manual_seed(1)
     img = torch.zeros(1, 3, h, w)
     img[:, 0, :, : w // 2] = 0.8
-    img[:, 2, :, w // 2 :] = 0.9
+    img[:, 2, :, w // 2:] = 0.9
     return img + 0.05 * torch.rand(img.shape, generator=g)
 
 
@@ -414,7 +414,6 @@ def test_par_replicate_border():
         assert_close_f32(out[0, :, y, x], expected, terms=2 * len(par.offsets))  # one weighted sum, another order
 
 
-
 def test_par_propagate_matches_plain_padded_loop():
     """The ping-pong buffers with in-place replicate borders give F.pad's result, iteration after iteration."""
     g = torch.Generator().manual_seed(7)
@@ -433,6 +432,7 @@ def test_par_propagate_matches_plain_padded_loop():
         assert out.is_contiguous() and out.shape == masks.shape
         assert_close_f32(out, expected, terms=par.num_iter * 2 * len(par.offsets))  # 4 weighted sums, other order
     assert torch.equal(PAR(num_iter=0).propagate(masks, aff), masks)
+
 
 def test_par_smooths_towards_image_regions():
     imgs = _blob_image()

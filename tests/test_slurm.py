@@ -348,8 +348,8 @@ def test_dependencies_array_requeue_and_cancel_on_cluster(cluster, tmp_path, mon
 TRAIN_IMAGES, SHARDS = 32, 2  # 16 images per shard (ids dealt round-robin)
 # dump.flush_every=1: each image is durable when written, so a shard is seen part-way (the requeue test needs it).
 TINY_OPTIONS = (f"data.synthetic.num_train={TRAIN_IMAGES} data.synthetic.num_val=4 train.max_iters=4 "
-                f"train.val_interval=0 train.ckpt_interval=4 dump.num_shards={SHARDS} dump.batch_size=1 dump.crf.workers=1 "
-                f"dump.flush_every=1")
+                f"train.val_interval=0 train.ckpt_interval=4 dump.num_shards={SHARDS} dump.batch_size=1 "
+                f"dump.crf.workers=1 dump.flush_every=1")
 PER_SHARD = TRAIN_IMAGES // SHARDS
 TINY_STAGE2 = """# stage-2 smoke config shrunk to a few iterations for tests/test_slurm.py
 _base_ = [{base!r}]

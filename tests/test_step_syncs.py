@@ -156,8 +156,9 @@ def _confidence_tolerance(refined: torch.Tensor, par) -> torch.Tensor:
     (numerator and denominator: ``(r - min)`` and ``(max - min)`` each move by ``2 max`` times it); bilinear
     upsampling, the channel maximum and ``1 - max`` do not amplify; PAR's propagation (weights summing to
     ``1 + w2``) at most by ``(1 + w2)^iters``; the confidence ``max / sum`` over ``k + 1`` channels by
-    ``k + 2`` (the sum is >= 1 with the background exponent 1 used here). The roundings after the products (min-max 3, upsampling 8, background 1, PAR 2 K per iteration, the
-    confidence k + 3) are counted at the same (larger) scale.
+    ``k + 2`` (the sum is >= 1 with the background exponent 1 used here). The roundings after the products (min-max
+    3, upsampling 8, background 1, PAR 2 K per iteration, the confidence k + 3) are counted at the same (larger)
+    scale.
 
     Args:
         refined: the image's refined maps ``(k, h, w)`` (``k`` may be 0: the confidence is exactly 1 on both paths).

@@ -62,7 +62,6 @@ def test_balanced_loss_equals_reference_and_is_finite_without_foreground():
     assert torch.isfinite(balanced_seg_loss(logits, only_fg))
 
 
-
 def test_balanced_loss_same_for_channels_last_logits():
     torch.manual_seed(0)
     base = torch.randn(2, 5, 6, 7)
@@ -77,6 +76,7 @@ def test_balanced_loss_same_for_channels_last_logits():
     # Exactly equal: the cross-entropy sees the same class-last (N, C) values either way (a view or one copy).
     assert torch.equal(grads[0][0], grads[1][0])
     assert torch.equal(grads[0][1], grads[1][1])
+
 
 def test_affinity_label_and_loss():
     m = radius_mask(3, 3, 1)
@@ -125,8 +125,8 @@ def test_gradients_reach_only_the_head(synthetic_root):
 
     cfg = load_config(TINY, {"data.root": str(synthetic_root), "head.rfm.start_step": 0})
     stack = build_stage1(cfg, torch.device("cpu"))
-    out = stack.head.forward_train(TrainBatch(images=torch.randn(2, 3, 64, 64), labels=[np.array([3]),
-                                                                                      np.array([5, 7])]), step=1)
+    batch = TrainBatch(images=torch.randn(2, 3, 64, 64), labels=[np.array([3]), np.array([5, 7])])
+    out = stack.head.forward_train(batch, step=1)
     out["loss"].backward()
     assert all(p.grad is None for p in stack.clip_model.parameters())
     assert not any(p.requires_grad for p in stack.clip_model.parameters())

@@ -226,8 +226,8 @@ def test_config_hash_follows_the_world_weights_without_training_them(monkeypatch
               config_hash(tiny))
     assert config_hash(cfg) == before[0]  # stable
     # Other world weights (another preset setting -> another cache entry): the same config text, another hash.
-    monkeypatch.setitem(world.WORLD_PRESETS, "default", dataclasses.replace(world.WORLD_PRESETS["default"],
-                                                                            steps=world.WORLD_PRESETS["default"].steps + 1))
+    preset = world.WORLD_PRESETS["default"]
+    monkeypatch.setitem(world.WORLD_PRESETS, "default", dataclasses.replace(preset, steps=preset.steps + 1))
     after = (config_hash(cfg), config_hash(cfg, ("data", "clip", "cam")), config_hash(cfg, ("train",)),
              config_hash(tiny))
     assert after[0] != before[0] and after[1] != before[1]
@@ -351,8 +351,8 @@ def test_world_clip_cpu_bf16_matches_float32(world_stage1, tmp_path):
     assert train_main([WORLD_CONFIG, "--run", "gate", "--cfg-options", *opts]) == 0  # resumes: already trained
     miou = {}
     for amp in ("none", "bf16"):
-        cfg = load_config(WORLD_CONFIG, dict(o.split("=", 1) for o in opts) | {"run.name": "gate", "train.amp": amp,
-                                                                              "dump.crf.enabled": False})
+        overrides = {"run.name": "gate", "train.amp": amp, "dump.crf.enabled": False}
+        cfg = load_config(WORLD_CONFIG, dict(o.split("=", 1) for o in opts) | overrides)
         out = tmp_path / amp
         run_dump(cfg, shards=range(cfg.dump.num_shards), out_dir=out, checkpoint=run / "stage1/checkpoints/final.pth",
                  device=torch.device("cpu"), progress=False)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.clip_backbone import (ClipFeatures, FrozenClipBackbone, attention_for_grads, attention_qkv_grad_means,
-                                     block_mlp, merge_heads, qkv_heads, qkv_mean_grads_to_input)
+                                    block_mlp, merge_heads, qkv_heads, qkv_mean_grads_to_input)
 from ..registry import CAM_SOURCES
 from .base import CamOutput, attention_without_cls, check_attn_layers, minmax_scale, normalize_labels
 

@@ -60,8 +60,10 @@ def labels_from_cams(cams: np.ndarray, keys: np.ndarray, *, bg: str, value: floa
     if cams.shape[0] == 0:
         return np.zeros(cams.shape[1:], np.uint8)
     cams = cams.astype(np.float32)
-    b = (1.0 - cams.max(0, keepdims=True)) ** value if bg == "exp" else np.full((1, *cams.shape[1:]), value,
-                                                                                   np.float32)
+    if bg == "exp":
+        b = (1.0 - cams.max(0, keepdims=True)) ** value
+    else:
+        b = np.full((1, *cams.shape[1:]), value, np.float32)
     full = np.concatenate([b, cams], 0)
     lut = np.concatenate([[0], keys]).astype(np.uint8)
     return lut[full.argmax(0)]

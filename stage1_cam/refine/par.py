@@ -60,12 +60,12 @@ def _replicate_border_(buf: torch.Tensor, p: int) -> None:
         return
     hp, wp = buf.shape[-2:]
     h, w = hp - 2 * p, wp - 2 * p
-    top, bottom = buf[..., p : p + 1, p : p + w], buf[..., p + h - 1 : p + h, p : p + w]
-    buf[..., :p, p : p + w].copy_(top.expand(*top.shape[:-2], p, w))
-    buf[..., p + h :, p : p + w].copy_(bottom.expand(*bottom.shape[:-2], p, w))
-    left, right = buf[..., :, p : p + 1], buf[..., :, p + w - 1 : p + w]
+    top, bottom = buf[..., p:p + 1, p:p + w], buf[..., p + h - 1:p + h, p:p + w]
+    buf[..., :p, p:p + w].copy_(top.expand(*top.shape[:-2], p, w))
+    buf[..., p + h:, p:p + w].copy_(bottom.expand(*bottom.shape[:-2], p, w))
+    left, right = buf[..., :, p:p + 1], buf[..., :, p + w - 1:p + w]
     buf[..., :, :p].copy_(left.expand(*left.shape[:-1], p))
-    buf[..., :, p + w :].copy_(right.expand(*right.shape[:-1], p))
+    buf[..., :, p + w:].copy_(right.expand(*right.shape[:-1], p))
 
 
 class PAR(nn.Module):
@@ -120,7 +120,7 @@ class PAR(nn.Module):
     def _views(self, padded: torch.Tensor, h: int, w: int):
         p = self.pad
         for dy, dx in self.offsets:
-            yield padded[..., p + dy : p + dy + h, p + dx : p + dx + w]
+            yield padded[..., p + dy:p + dy + h, p + dx:p + dx + w]
 
     @torch.no_grad()
     def affinity(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -183,8 +183,8 @@ class PAR(nn.Module):
         p = self.pad
         bufs = [masks.new_empty((b, c, h + 2 * p, w + 2 * p)) for _ in range(2)]
         views = [list(self._views(buf, h, w)) for buf in bufs]
-        interiors = [buf[..., p : p + h, p : p + w] for buf in bufs]
-        weights = [aff[:, i : i + 1] for i in range(self.num_neighbours)]
+        interiors = [buf[..., p:p + h, p:p + w] for buf in bufs]
+        weights = [aff[:, i:i + 1] for i in range(self.num_neighbours)]
         interiors[0].copy_(masks)
         src = 0
         for _ in range(self.num_iter):
@@ -225,4 +225,5 @@ class PAR(nn.Module):
         if b == 0:
             return masks.float()
         step = self.images_per_pass or (1 if masks.device.type == "cpu" else b)
-        return torch.cat([self.propagate(masks[i:i + step], self.affinity(imgs[i:i + step])) for i in range(0, b, step)])
+        return torch.cat([self.propagate(masks[i:i + step], self.affinity(imgs[i:i + step]))
+                          for i in range(0, b, step)])

@@ -61,14 +61,15 @@ from ..models.clip_backbone import block_mlp, merge_heads, qkv_heads, softmax_at
 from ..models.model_configs import model_config
 from ..models.pretrained import drop_open_clip_random_init_warning
 from ..models.world_weights import (DATASET, ENV_CACHE, META_FILE, WEIGHTS_FILE, WORLD_PRESETS,  # noqa: F401
-                                   WORLD_SCHEME, WORLD_VERSION, WorldCfg, get_preset, read_meta, world_cache_dir,
-                                   world_hash, world_prompts)  # (re-exported: the world's public names)
+                                    WORLD_SCHEME, WORLD_VERSION, WorldCfg, get_preset, read_meta, world_cache_dir,
+                                    world_hash, world_prompts)  # (re-exported: the world's public names)
 from ..utils.cli import BadInputError
 from ..utils.files import atomic_write, atomic_write_text
 
 _logger = logging.getLogger(__name__)
 # Split codes of the generator's per-image seeds: 0 = train, 1 = val (dataset), 2 = world training, 3 = world eval.
 _CODE_TRAIN, _CODE_EVAL = 2, 3
+
 
 @dataclass(kw_only=True)
 class WorldResult:
@@ -380,7 +381,6 @@ def evaluate_world(model: nn.Module, tokens: torch.Tensor, pool: _Pool, *, stuff
 
 def _build_model(cfg: WorldCfg) -> nn.Module:
     import open_clip
-
 
     mc = model_config(cfg.model_name)
     if mc.get("vision_cfg", {}).get("pool_type") != "avg":
