@@ -52,6 +52,7 @@ from ..models.clip_backbone import ClipFeatures, FrozenClipBackbone, attention_w
     qkv_heads, softmax_attention
 from ..refine.affinity import centered_cosine
 from ..registry import CAM_SOURCES
+from ..utils.precision import images_per_pass
 from .base import CamOutput, attention_without_cls, check_attn_layers, normalize_labels
 
 _logger = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def svc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, head_sum
     b, _, n, _ = q.shape
     a = torch.empty((b, 1, n, n), dtype=torch.float32, device=q.device)
     # On a CPU one image at a time, so its (H, L, L) maps stay in cache (as attention_with_maps); in place.
-    step = 1 if q.device.type == "cpu" else max(1, b)
+    step = images_per_pass(q.device, b)
     for i in range(0, b, step):
         sl = slice(i, i + step)
         acc = softmax_attention(q[sl], q[sl])

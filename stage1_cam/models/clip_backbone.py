@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..utils.precision import images_per_pass
+
 _POS_CACHE_SIZE = 16
 
 
@@ -126,7 +128,7 @@ def attention_for_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sk
         q, k, v: ``(B, H, L, hd)``.
         skip: leading tokens whose keys are split off in ``out_skip`` (1: CLS).
     """
-    step = 1 if q.device.type == "cpu" else max(1, q.shape[0])
+    step = images_per_pass(q.device, q.shape[0])
     b, h, n, hd = q.shape
     probs = q.new_empty((b, h, n, n), dtype=torch.float32)
     out = q.new_empty((b, h, n, hd), dtype=torch.float32)
@@ -225,7 +227,7 @@ def attention_with_maps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tu
     Returns:
         ``(B, H, L, hd)`` attention output in ``v``'s dtype and ``(B, L, L)`` float32 head-averaged probabilities.
     """
-    step = 1 if q.device.type == "cpu" else max(1, q.shape[0])
+    step = images_per_pass(q.device, q.shape[0])
     outs, maps = [], []
     for b in range(0, q.shape[0], step):
         probs = softmax_attention(q[b:b + step], k[b:b + step])  # (step, H, L, L) float32

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.precision import images_per_pass
+
 _logger = logging.getLogger(__name__)
 
 __all__ = ["PAR", "neighbour_offsets"]
@@ -224,6 +226,6 @@ class PAR(nn.Module):
         b = masks.shape[0]
         if b == 0:
             return masks.float()
-        step = self.images_per_pass or (1 if masks.device.type == "cpu" else b)
+        step = self.images_per_pass or images_per_pass(masks.device, b)
         return torch.cat([self.propagate(masks[i:i + step], self.affinity(imgs[i:i + step]))
                           for i in range(0, b, step)])
