@@ -3,6 +3,7 @@
 import json
 from types import SimpleNamespace
 
+import h5py
 import numpy as np
 import pytest
 
@@ -49,6 +50,22 @@ def test_cams_entry_point_writes_shards_and_table(synthetic_root, tmp_path, caps
     assert cams_main(args) == 0
     assert json.loads((out / "metrics.json").read_text())["table"] == metrics["table"]
     assert (out / "metrics.json").stat().st_mtime_ns >= mtime
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_cams_shard_flushes_at_progress_points(synthetic_root, tmp_path, monkeypatch, every):
+    """dump.flush_every sets the CAM shard's progress points too: not a flush per image (8 images here)."""
+    calls = []
+    real = h5py.File.flush
+    monkeypatch.setattr(h5py.File, "flush", lambda self: (calls.append(1), real(self))[1])
+    args = [TINY, "--run", "c", "--cfg-options", f"data.root={synthetic_root}", f"run.root={tmp_path}",
+            "data.eval_split=val", f"dump.flush_every={every}"]
+    assert cams_main(args) == 0
+    # two flushes per progress point, plus the file's creation and the finish
+    assert len(calls) >= 8 if every == 1 else len(calls) <= 2 * 2 + 2, len(calls)
+    reader = ShardReader(tmp_path / "synthetic" / "c" / "cams")
+    assert len(reader) == 8
+    reader.close()
 
 
 def test_evaluate_cams_records_gt_class_miou_and_fwiou(tmp_path):

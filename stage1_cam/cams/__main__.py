@@ -74,7 +74,8 @@ def run_cams(cfg, run_dir: RunDir, device: torch.device) -> Path:
                      git_sha=git_sha(), extra={"kind": "initial-cam", "cam_source": cfg.cam.source,
                                                "precision": precision_name(autocast_dtype(cfg.train.amp, device))})
     initial = InitialCams.from_config(cfg, device)
-    with ShardWriter(out, 0, 1, meta=meta) as writer:
+    # A progress point every dump.flush_every images (not a flush per image): a kill recomputes at most those.
+    with ShardWriter(out, 0, 1, meta=meta, flush_every=cfg.dump.flush_every) as writer:
         todo = [n for n in ds.names if n not in writer.done_ids]
         skipped, t0, every = 0, time.time(), EveryN(seconds=30)
         _logger.info("CAMs (%s) for %d images of %s/%s (%d already done)", cfg.cam.source, len(todo),
