@@ -122,6 +122,38 @@ def vit_block_terms(width: int, tokens: int) -> int:
     return 12 * width + 2 * tokens
 
 
+#: Unit roundoff of float16 (its normal range): the largest relative error of rounding to it.
+F16_U = 2.0 ** -11
+#: Half the spacing of float16's subnormals: the largest absolute rounding error below its normal range.
+F16_SUB = 2.0 ** -25
+
+
+def dump_logit_terms(*, backbone_blocks: int, width: int, tokens: int, decoder_layers: int, embed_dim: int,
+                     fusion: int) -> int:
+    """Roundings in one dumped logit: the frozen blocks the decoder reads, its 1x1 fusion over their concatenated
+    channels, its transformer layers and classifier, then ``fusion`` more from the test-time fusion (flip average,
+    bilinear taps, the mean over scales)."""
+    return (backbone_blocks * vit_block_terms(width, tokens) + backbone_blocks * width
+            + decoder_layers * vit_block_terms(embed_dim, tokens) + embed_dim + fusion)
+
+
+def f16_probs_tolerance(probs: ArrayLike, logit_tol: float) -> torch.Tensor:
+    """Bound on ``|float16(softmax(z')) - softmax(z)|`` element-wise, given ``|z' - z| <= logit_tol`` everywhere.
+
+    ``p'_i / p_i = exp(dz_i) / sum_j p_j exp(dz_j)`` lies in ``[exp(-2 d), exp(2 d)]`` with ``d = logit_tol``, so
+    ``|p' - p| <= p (exp(2 d) - 1)``; storing ``p'`` in float16 errs by at most ``F16_U p'`` (normal range) or
+    ``F16_SUB`` (subnormals).
+
+    Args:
+        probs: the float32 (or float64) reference probabilities ``softmax(z)``.
+        logit_tol: bound on the logits' difference, e.g. an :func:`f32_tolerance` (include the softmax's own
+            roundings there: about ``classes + 2`` terms at the logits' scale).
+    """
+    p = torch.as_tensor(np.asarray(probs) if not isinstance(probs, torch.Tensor) else probs).double().abs()
+    grow = math.exp(2.0 * float(logit_tol))
+    return p * ((grow - 1.0) + F16_U * grow) + F16_SUB
+
+
 def one_torch_thread() -> Iterator[None]:
     """Generator for a fixture: torch runs one intra-op thread inside it (restored after)."""
     old = torch.get_num_threads()
