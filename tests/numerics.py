@@ -154,6 +154,14 @@ def f16_probs_tolerance(probs: ArrayLike, logit_tol: float) -> torch.Tensor:
     return p * ((grow - 1.0) + F16_U * grow) + F16_SUB
 
 
+def f16_sum_to_one_atol(count: int, terms: int) -> float:
+    """How far ``count`` float32 probabilities that sum to 1 up to ``terms`` float32 roundings (the normalising sum
+    and division, or a softmax's) may sum to after each is stored in float16: ``F16_U`` relative on the total, plus
+    ``F16_SUB`` per subnormal, plus the float32 part."""
+    f32 = f32_tolerance(terms, 1.0)
+    return F16_U * (1.0 + f32) + count * F16_SUB + f32
+
+
 def one_torch_thread() -> Iterator[None]:
     """Generator for a fixture: torch runs one intra-op thread inside it (restored after)."""
     old = torch.get_num_threads()

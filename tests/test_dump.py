@@ -21,7 +21,7 @@ from stage1_cam.config import CrfCfg, DumpCfg, load_config
 from stage1_cam.data import build_dataset, normalize
 from stage1_cam.dump import runner
 from stage1_cam.io import ShardReader, shard_filename
-from tests.numerics import F16_SUB, F16_U, dump_logit_terms, f16_probs_tolerance, f32_tolerance, one_torch_thread
+from tests.numerics import dump_logit_terms, f16_probs_tolerance, f16_sum_to_one_atol, f32_tolerance, one_torch_thread
 from tests.shard_data import interrupt_then_resume
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs/stage1/weclip_tiny-clip_synthetic-160x160_300i.py")
@@ -156,7 +156,7 @@ def test_msc_flip_matches_per_image_reference(trained):
         err = (torch.from_numpy(out.astype(np.float64)) - ref.double()).abs()
         assert bool((err <= tol).all()), f"{float((err - tol).max()):.3g} over the bound"
         # The stored probabilities sum to 1 up to the float32 softmax's roundings (K + 2) and their float16 storage.
-        atol = F16_U * 1.001 + len(k) * F16_SUB + f32_tolerance(len(k) + 2, 1.0)
+        atol = f16_sum_to_one_atol(len(k), len(k) + 2)
         np.testing.assert_allclose(out.astype(np.float64).sum(0), 1.0, rtol=0, atol=atol)
 
 
