@@ -22,6 +22,33 @@ def test_bench_train_reports_steps_and_peak_rss(head):
     assert res["peak_memory_kind"] == "process peak RSS" and res["peak_memory_mib"] > 50
 
 
+def test_timeline_peak_counts_live_tensors_in_order():
+    from torch.profiler import ProfilerActivity, profile
+
+    base = torch.zeros(2**18)  # 1 MiB from before the region, which uses it
+    unused = torch.zeros(2**18)  # not seen by the profiler
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        base.add_(1.0)
+        a = torch.ones(2**20)  # 4 MiB
+        b = torch.ones(2**21)  # 8 MiB: 13 MiB live with base
+        del a
+        c = torch.ones(2**19)  # 2 MiB: 11 MiB live
+        del b, c
+    res = bench._timeline_peak_mib(p)
+    assert res["peak_mib"] == pytest.approx(13.0, abs=0.01) and res["before_step_mib"] == pytest.approx(1.0, abs=0.01)
+    assert base.numel() == unused.numel() == 2**18
+
+
+def test_bench_train_memory_estimates_each_heads_step():
+    res = bench.bench_train_memory("wsss-tiny-ViT-16", 64, 2)
+    modes = ("bf16", "none") if native_bf16_cpu() else ("none",)
+    assert set(res["per_amp_mode"]) == set(modes) and res["settings"]["loop_shapes"] == "whole batch (a GPU's)"
+    for per in res["per_amp_mode"].values():
+        w, e = per["weclip"], per["excel"]
+        assert w["peak_mib"] > w["before_step_mib"] > 0 and e["peak_mib"] > e["before_step_mib"] > 0
+        assert per["ratio"] == e["peak_mib"] / w["peak_mib"]
+
+
 def test_bench_train_heads_interleaves_and_reports_the_ratio():
     res = bench.bench_train_heads("wsss-tiny-ViT-16", 64, 2, 3)
     modes = ("bf16", "none") if native_bf16_cpu() else ("none",)

@@ -216,7 +216,13 @@ def test_excel_svc_shapes_gradient_free_and_parity(setup):
         assert c.dtype == torch.float32 and c.grad_fn is None and not c.requires_grad
         assert c.min() >= 0 and c.max() <= 1
     assert out.attn.shape == (2, 12, 24, 24) and out.attn.grad_fn is None
-    torch.testing.assert_close(doc(x, labels, attn_layers=6).attn, out.attn[:, -6:])
+    last6 = doc(x, labels, attn_layers=6)
+    assert torch.equal(last6.attn, out.attn[:, -6:])  # the same pass, the first maps dropped
+    # Only the kept maps stay alive (not a view into all 12: on a GPU that held the step's peak) ...
+    assert last6.attn.untyped_storage().nbytes() == last6.attn.numel() * last6.attn.element_size()
+    assert len(last6.features.attn) == 6 and len(last6.features.tokens) == 12  # ... and all blocks' tokens
+    assert all(torch.equal(a, b) for a, b in zip(last6.features.attn, out.features.attn[-6:]))
+    assert all(torch.equal(a, b) for a, b in zip(last6.cams, out.cams))
     with pytest.raises(ValueError, match="attn_layers"):
         doc(x, labels, attn_layers=13)
     assert max((a - b).abs().max().item() for a, b in zip(out.cams, out_p.cams)) > 1e-3  # parity changes maps

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from stage1_cam.utils import precision
-from stage1_cam.utils.precision import autocast_dtype, cpu_features, images_per_pass, native_bf16_cpu, precision_name
+from stage1_cam.utils.precision import (autocast_dtype, cpu_features, images_per_pass, native_bf16_cpu, precision_name,
+                                        whole_batch_passes)
 
 TINY = "configs/stage1/weclip_tiny-clip_synthetic-160x160_300i.py"
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
@@ -47,6 +48,9 @@ def test_images_per_pass_one_on_a_cpu_the_batch_elsewhere():
     assert [images_per_pass(torch.device("cpu"), b) for b in (0, 1, 4)] == [1, 1, 1]
     assert [images_per_pass(torch.device("cuda", 0), b) for b in (0, 1, 4)] == [1, 1, 4]
     assert images_per_pass("meta", 3) == 3
+    with whole_batch_passes():  # a GPU's loop shapes on the CPU
+        assert [images_per_pass(torch.device("cpu"), b) for b in (0, 1, 4)] == [1, 1, 4]
+    assert images_per_pass(torch.device("cpu"), 4) == 1
 
 
 def test_cpu_bf16_training_and_dump_run_in_bf16_and_agree_with_float32(synthetic_root, tmp_path):

@@ -15,6 +15,11 @@ runs with similar rates). ViT-B/16 runs with random weights (same shapes and cos
 - ``train_heads``: WeCLIP's and ExCEL's steps interleaved in one process (W, E, W, E, ...), per autocast mode, so a
   load swing on a shared machine hits both alike: the medians, ExCEL / WeCLIP, and on CUDA each head's own peak
   memory (``max_memory_allocated`` reset before each step).
+- ``train_memory``: on a CPU, an estimate of each head's GPU training-step memory (WeCLIP and ExCEL, per autocast
+  mode): one step after two warm-ups with the GPU's loop shapes (whole batch per pass), under ``torch.profiler``'s
+  memory timeline; the peak of the live tensors, those from before the step that it uses (weights, optimizer
+  state) included.
+  Not a GPU figure (no allocator rounding, CPU kernels' workspaces); on CUDA ``train_heads`` measures it.
 - ``train_weakclip``: the same figures for the WeakCLIP head (320x320, batch 4; includes its CPU CRF loss).
 - ``dump``: pseudo-mask dump images/s for 500x375 images (long side 512, scales {1, 0.75} + flip),
   batched vs one image at a time; the backbone FLOPs per image against a measured float32 GEMM rate;
@@ -201,6 +206,65 @@ def bench_train_heads(model: str, size: int, batch: int, steps: int,
             "not separable on a CPU (one process): see train / train_excel"}
 
 
+def _timeline_peak_mib(prof: Any) -> Dict[str, float]:
+    """Peak live tensor memory of a profiled region from ``torch.profiler``'s memory timeline (``profile_memory``,
+    ``record_shapes``, ``with_stack``): tensors from before the region that it uses count from its start, then each
+    allocation and free in order."""
+    try:
+        from torch.profiler._memory_profiler import Action
+        timeline = prof._memory_profile().timeline
+    except (ImportError, AttributeError) as e:  # a private API: say so rather than guess
+        raise RuntimeError(f"this torch {torch.__version__} has no profiler memory timeline ({e})") from e
+    live: Dict[Any, int] = {}
+    cur = peak = before = 0
+    for _, action, key, size in timeline:
+        key = key[0] if isinstance(key, tuple) else key
+        if action in (Action.PREEXISTING, Action.CREATE):
+            if key not in live:
+                live[key] = size
+                cur += size
+                before += size if action == Action.PREEXISTING else 0
+        elif action == Action.DESTROY:
+            cur -= live.pop(key, 0)
+        peak = max(peak, cur)
+    return {"peak_mib": peak / 2**20, "before_step_mib": before / 2**20}
+
+
+def bench_train_memory(model: str, size: int, batch: int,
+                       heads: Tuple[str, ...] = ("weclip", "excel")) -> Dict[str, Any]:
+    """The ``train_memory`` estimate (module docstring): per autocast mode and head, the peak live tensor memory of
+    one training step run with the GPU's loop shapes on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from stage1_cam.utils.precision import whole_batch_passes
+
+    device = _device()
+    if device.type != "cpu":
+        return {"skipped": "a CPU estimate; on CUDA train_heads measures each head's max_memory_allocated"}
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    labels = [np.array([3, 12]) for _ in range(batch)]
+    per_mode: Dict[str, Any] = {}
+    for amp in _modes(device):
+        res: Dict[str, Any] = {}
+        for name in heads:
+            step = _stepper(_cfg(model, **{"data.crop_size": size, "train.batch_size": batch, **TRAIN_HEADS[name]}),
+                            device, x, labels, amp)
+            with whole_batch_passes():
+                step(0)
+                step(1)  # the optimizer's state exists from here on, as in a long run
+                with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                             with_stack=True) as prof:
+                    step(2)
+            res[name] = _timeline_peak_mib(prof)
+            del step, prof
+        res["ratio"] = res[heads[1]]["peak_mib"] / res[heads[0]]["peak_mib"]
+        per_mode[amp] = res
+    return {"settings": {"model": model, "heads": list(heads), "size": size, "batch": batch, "present_classes": 2,
+                         "overrides": {n: TRAIN_HEADS[n] for n in heads}, "loop_shapes": "whole batch (a GPU's)"},
+            "per_amp_mode": per_mode,
+            "peak_memory_kind": "live tensors in one step (torch.profiler memory timeline) on a CPU: a GPU estimate"}
+
+
 def _modes(device: torch.device) -> Tuple[str, ...]:
     """Autocast modes to time, the configs' default ("auto") first: on CUDA bf16, fp16 and float32; on a CPU with
     native bf16 bf16 and float32; elsewhere float32 only."""
@@ -352,6 +416,7 @@ BENCHES = {"cam": lambda a: bench_cam(a.model, a.size, a.batch, a.repeats),
            "train": lambda a: bench_train(a.model, a.size, 4, a.steps),
            "train_excel": lambda a: bench_train(a.model, a.size, 4, a.steps, head="excel"),
            "train_heads": lambda a: bench_train_heads(a.model, a.size, 4, max(a.steps, 5)),
+           "train_memory": lambda a: bench_train_memory(a.model, a.size, 4),
            "dump": lambda a: bench_dump(a.model, a.images, a.batch),
            "train_weakclip": lambda a: _bench_weakclip(a)}
 

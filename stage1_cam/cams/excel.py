@@ -233,7 +233,7 @@ class ExcelSVC:
 
     def image_features(self, images: torch.Tensor, *, ex_attn: Optional[torch.Tensor] = None,
                        features: Optional[ClipFeatures] = None, calibrated: bool = True,
-                       qkv_cache: Optional[List[QKV]] = None
+                       qkv_cache: Optional[List[QKV]] = None, attn_layers: Optional[int] = None
                        ) -> Tuple[Optional[torch.Tensor], ClipFeatures, Optional[torch.Tensor]]:
         """Dual-path forward.
 
@@ -247,12 +247,14 @@ class ExcelSVC:
             qkv_cache: with ``features``: the SVC blocks' ``(q, k, v)`` of the earlier call (they depend on the
                 original path only), so they are not projected again; without ``features``: a list this call
                 appends them to.
+            attn_layers: keep only the last ``attn_layers`` attention maps (default: all N): no dropped map
+                outlives the call (the values are those of the full pass).
 
         Returns:
             features ``I (B, 1 + h*w, E)`` float32 (normalised as described in the module docstring; None when not
-            ``calibrated``), :class:`ClipFeatures` of the original path (all N blocks, head-averaged attention), and
-            the attention ``(B, N, h*w, h*w)`` to return (head-summed in SVC blocks when ``parity``; None when
-            ``features`` was given).
+            ``calibrated``), :class:`ClipFeatures` of the original path (all N blocks' tokens, the kept blocks'
+            head-averaged attention), and the attention ``(B, attn_layers, h*w, h*w)`` to return (head-summed in SVC
+            blocks when ``parity``; None when ``features`` was given).
         """
         bb = self.backbone
         n_blocks = bb.num_blocks
@@ -263,6 +265,7 @@ class ExcelSVC:
         if reuse and not calibrated:
             raise ValueError("features= recomputes only the calibrated path; calibrated=False leaves nothing to do")
         cached = reuse and qkv_cache is not None and len(qkv_cache) == self.svc_blocks
+        keep = n_blocks if attn_layers is None else check_attn_layers(attn_layers, n_blocks)
         with torch.no_grad():
             if reuse:
                 tokens, grid = features.tokens, features.grid
@@ -310,21 +313,23 @@ class ExcelSVC:
                     feat = F.normalize(feat, dim=-1)
         if reuse:
             return feat, features, None
-        features = ClipFeatures(tokens=tokens, attn=attn_mean, grid=grid)
-        return feat, features, attention_without_cls(attn_out)
+        # Only the kept maps: a slice of all N stacked would hold every map alive (on a GPU, the step's peak).
+        features = ClipFeatures(tokens=tokens, attn=attn_mean[len(attn_mean) - keep:], grid=grid)
+        return feat, features, attention_without_cls(attn_out[len(attn_out) - keep:])
 
     def alignment_maps(self, images: torch.Tensor, *, ex_attn: Optional[torch.Tensor] = None,
                        features: Optional[ClipFeatures] = None, calibrated: bool = True,
-                       qkv_cache: Optional[List[QKV]] = None
+                       qkv_cache: Optional[List[QKV]] = None, attn_layers: Optional[int] = None
                        ) -> Tuple[Optional[torch.Tensor], ClipFeatures, Optional[torch.Tensor]]:
         """Patch-text maps for every foreground class (the arguments as :meth:`image_features`).
 
         Returns:
             maps ``(B, h*w, C_fg)`` in ``[0, 1]`` (None when not ``calibrated``), the original-path
-            :class:`ClipFeatures`, and the attention ``(B, N, h*w, h*w)`` (None when ``features`` was given).
+            :class:`ClipFeatures`, and the attention ``(B, attn_layers or N, h*w, h*w)`` (None when ``features`` was
+            given).
         """
         feat, features, attn = self.image_features(images, ex_attn=ex_attn, features=features, calibrated=calibrated,
-                                                   qkv_cache=qkv_cache)
+                                                   qkv_cache=qkv_cache, attn_layers=attn_layers)
         if feat is None:
             return None, features, attn
         with torch.no_grad():
@@ -342,8 +347,8 @@ class ExcelSVC:
         Args:
             images: ``(B, 3, H, W)`` normalised images.
             labels: per image, present foreground class ids (1-based).
-            attn_layers: return only the last ``attn_layers`` attention maps (default: all blocks; the SVC
-                pass computes every map either way).
+            attn_layers: return (and keep) only the last ``attn_layers`` attention maps (default: all blocks; the
+                SVC pass computes every map either way).
             ex_feats: LVC: decoder features ``(B, C, h, w)`` on the patch grid (detached here); the maps come
                 from the calibrated pass with :func:`lvc_attention` of them added in the SVC blocks.
             ex_batch_global: LVC's similarity mean over the whole batch (reference) instead of per image.
@@ -375,7 +380,8 @@ class ExcelSVC:
             attn = reuse.attn
         else:
             qkv: Optional[List[QKV]] = [] if keep_qkv or not maps else None
-            sims, features, attn = self.alignment_maps(images, ex_attn=ex_attn, calibrated=maps, qkv_cache=qkv)
+            sims, features, attn = self.alignment_maps(images, ex_attn=ex_attn, calibrated=maps, qkv_cache=qkv,
+                                                       attn_layers=attn_layers)
             if qkv is not None:
                 cache["svc_qkv"] = qkv
         h, w = features.grid

@@ -13,10 +13,11 @@ The CLIP-ES GradCAM block stays in float32 under autocast on every device (see `
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 
@@ -90,8 +91,23 @@ def precision_name(dtype: Optional[torch.dtype]) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "float32")
 
 
+_WHOLE_BATCH = [False]  # set by whole_batch_passes()
+
+
 def images_per_pass(device: torch.device, batch: int) -> int:
     """Images per pass of a loop over per-image ``L x L`` (or ``K x H x W``) maps: one on a CPU, where one image's
     maps stay in cache (about twice as fast there as the batch at once, ViT-B/16 at 320x320), the whole batch
-    elsewhere (each kernel launched once per batch). The results are the same either way."""
-    return 1 if torch.device(device).type == "cpu" else max(1, int(batch))
+    elsewhere (each kernel launched once per batch) and inside :func:`whole_batch_passes`. The results are the
+    same either way."""
+    return 1 if torch.device(device).type == "cpu" and not _WHOLE_BATCH[0] else max(1, int(batch))
+
+
+@contextlib.contextmanager
+def whole_batch_passes() -> Iterator[None]:
+    """Inside it, :func:`images_per_pass` gives the whole batch on every device: a GPU's loop shapes on a CPU (e.g.
+    to estimate a GPU step's peak memory there, ``python -m tools.bench --only train_memory``)."""
+    old, _WHOLE_BATCH[0] = _WHOLE_BATCH[0], True
+    try:
+        yield
+    finally:
+        _WHOLE_BATCH[0] = old
