@@ -47,6 +47,7 @@ def test_bench_train_memory_estimates_each_heads_step():
         w, e = per["weclip"], per["excel"]
         assert w["peak_mib"] > w["before_step_mib"] > 0 and e["peak_mib"] > e["before_step_mib"] > 0
         assert per["ratio"] == e["peak_mib"] / w["peak_mib"]
+        assert w["aten_ops_per_step"] > 1000 and e["aten_ops_per_step"] > 1000  # 12 blocks, PAR, boxes, backward
 
 
 def test_bench_train_heads_interleaves_and_reports_the_ratio():

@@ -18,8 +18,9 @@ runs with similar rates). ViT-B/16 runs with random weights (same shapes and cos
 - ``train_memory``: on a CPU, an estimate of each head's GPU training-step memory (WeCLIP and ExCEL, per autocast
   mode): one step after two warm-ups with the GPU's loop shapes (whole batch per pass), under ``torch.profiler``'s
   memory timeline; the peak of the live tensors, those from before the step that it uses (weights, optimizer
-  state) included.
-  Not a GPU figure (no allocator rounding, CPU kernels' workspaces); on CUDA ``train_heads`` measures it.
+  state) included. Not a GPU figure (no allocator rounding, CPU kernels' workspaces); on CUDA ``train_heads``
+  measures it. Also the ATen operators one such step dispatches (``aten_ops_per_step``, views included): on a GPU
+  each one that computes is at least one kernel launch, what bounds a step of this size there.
 - ``train_weakclip``: the same figures for the WeakCLIP head (320x320, batch 4; includes its CPU CRF loss).
 - ``dump``: pseudo-mask dump images/s for 500x375 images (long side 512, scales {1, 0.75} + flip),
   batched vs one image at a time; the backbone FLOPs per image against a measured float32 GEMM rate;
@@ -44,6 +45,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from stage1_cam.heads import TrainBatch
 from stage1_cam.utils.cli import run_main
@@ -230,6 +232,18 @@ def _timeline_peak_mib(prof: Any) -> Dict[str, float]:
     return {"peak_mib": peak / 2**20, "before_step_mib": before / 2**20}
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched inside it (views and in-place ones included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def bench_train_memory(model: str, size: int, batch: int,
                        heads: Tuple[str, ...] = ("weclip", "excel")) -> Dict[str, Any]:
     """The ``train_memory`` estimate (module docstring): per autocast mode and head, the peak live tensor memory of
@@ -256,6 +270,9 @@ def bench_train_memory(model: str, size: int, batch: int,
                              with_stack=True) as prof:
                     step(2)
             res[name] = _timeline_peak_mib(prof)
+            with whole_batch_passes(), _OpCounter() as ops:
+                step(3)
+            res[name]["aten_ops_per_step"] = ops.count
             del step, prof
         res["ratio"] = res[heads[1]]["peak_mib"] / res[heads[0]]["peak_mib"]
         per_mode[amp] = res

@@ -160,13 +160,16 @@ def _propagate(labels: torch.Tensor, fg: torch.Tensor, rounds: int) -> torch.Ten
     """
     n, h, w = labels.shape
     f = fg.to(labels.dtype)
+    # Slot 0 of each row stays 0 and slot 1 + i holds pixel i's label, so a label is its own gather index: the
+    # background (label 0) gathers 0 and a component's pixels gather from that component; no mask after a jump.
+    buf = labels.new_zeros((n, 1 + h * w))
+    flat = buf[:, 1:]
+    flat.copy_(labels.view(n, h * w))
     for _ in range(rounds):
-        labels = _max3x3(labels) * f
+        torch.mul(_max3x3(flat.view(n, h, w)).view(n, h * w), f.view(n, h * w), out=flat)
         for _ in range(2):  # pointer jumping: a pixel's label pixel has a label at least as large
-            flat = labels.view(n, h * w)
-            jumped = torch.gather(flat, 1, (flat.long() - 1).clamp_min(0)).view(n, h, w)
-            labels = torch.maximum(labels, jumped) * f
-    return labels
+            torch.maximum(flat, torch.gather(buf, 1, flat.long()), out=flat)
+    return flat.reshape(n, h, w).clone()
 
 
 @torch.no_grad()
