@@ -19,8 +19,9 @@ runs with similar rates). ViT-B/16 runs with random weights (same shapes and cos
   mode): one step after two warm-ups with the GPU's loop shapes (whole batch per pass), under ``torch.profiler``'s
   memory timeline; the peak of the live tensors, those from before the step that it uses (weights, optimizer
   state) included. Not a GPU figure (no allocator rounding, CPU kernels' workspaces); on CUDA ``train_heads``
-  measures it. Also the ATen operators one such step dispatches (``aten_ops_per_step``, views included): on a GPU
-  each one that computes is at least one kernel launch, what bounds a step of this size there.
+  measures it. Also the ATen operators one such step dispatches (``aten_ops_per_step``, views included; AdamW
+  multi-tensor as on CUDA): on a GPU each one that computes is at least one kernel launch, what bounds a step of
+  this size there (a CPU's 3x3 maximum in the box masks takes 11 operators where a GPU's max pooling takes 3).
 - ``train_weakclip``: the same figures for the WeakCLIP head (320x320, batch 4; includes its CPU CRF loss).
 - ``dump``: pseudo-mask dump images/s for 500x375 images (long side 512, scales {1, 0.75} + flip),
   batched vs one image at a time; the backbone FLOPs per image against a measured float32 GEMM rate;
@@ -115,14 +116,16 @@ def bench_cam(model: str, size: int, batch: int, repeats: int) -> Dict[str, Any]
 
 
 def _stepper(cfg: Any, device: torch.device, x: torch.Tensor, labels: List[np.ndarray],
-             amp: str) -> Callable[[int], None]:
+             amp: str, foreach: Optional[bool] = None) -> Callable[[int], None]:
     """A fresh head of ``cfg`` with AdamW: ``step(i)`` runs training step ``i`` (forward in autocast mode ``amp``,
-    backward, update; fp16 with the gradient scaler, as stage1_cam.train)."""
+    backward, update; fp16 with the gradient scaler, as stage1_cam.train). ``foreach``: AdamW's multi-tensor
+    update (None: torch's default for the device, as stage1_cam.train; True on CUDA)."""
     from stage1_cam.build import build_stage1
 
     torch.manual_seed(0)
     head = build_stage1(cfg, device).head.train()
-    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.01,
+                            foreach=foreach)
     dtype = autocast_dtype(amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
@@ -262,7 +265,7 @@ def bench_train_memory(model: str, size: int, batch: int,
         res: Dict[str, Any] = {}
         for name in heads:
             step = _stepper(_cfg(model, **{"data.crop_size": size, "train.batch_size": batch, **TRAIN_HEADS[name]}),
-                            device, x, labels, amp)
+                            device, x, labels, amp, foreach=True)  # a GPU's AdamW (multi-tensor)
             with whole_batch_passes():
                 step(0)
                 step(1)  # the optimizer's state exists from here on, as in a long run
