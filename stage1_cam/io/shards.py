@@ -390,6 +390,12 @@ def _write_failure(err: Any) -> bool:
     return "write failed" in text or "errno = " in text
 
 
+def _dst_write_failure(err: Any) -> bool:
+    """In the recover copy, which also reads the partial file: only errors that say so are failed writes of the copy
+    (a read error drops that image group instead)."""
+    return _write_failure(err) and "write failed" in str(err)
+
+
 class _H5WriteFailed(Exception):
     """Internal: an HDF5 write of the file in hand failed (``err``); that file must never be closed."""
 
@@ -572,8 +578,7 @@ class ShardWriter:
                                        "re-run the dump to regenerate that shard") from e
             dst = h5py.File(tmp, "w", locking=False)
             try:
-                # Only errors that say so are failed writes here: the copy also reads src, whose errors drop a group.
-                with _h5_write_failures(lambda e: _write_failure(e) and "write failed" in str(e)):
+                with _h5_write_failures(_dst_write_failure):
                     self._copy_complete(src, dst, keys, dropped)
             except _H5WriteFailed as e:
                 abandon_until_exit(dst)  # HDF5 crashes closing a file whose write failed
@@ -605,7 +610,7 @@ class ShardWriter:
                     raise KeyError("not marked complete")
                 src.copy(g, images, name=key)
             except (KeyError, OSError, RuntimeError, ValueError) as e:
-                if _write_failure(e) and "write failed" in str(e):
+                if _dst_write_failure(e):
                     raise  # a failed write of dst, not a damaged group of src
                 dropped.append(unquote(key))
                 if key in images:
