@@ -159,17 +159,18 @@ def _propagate(labels: torch.Tensor, fg: torch.Tensor, rounds: int) -> torch.Ten
     maximum over labels of the same component, so the fixed point is the component's largest index everywhere.
     """
     n, h, w = labels.shape
-    f = fg.to(labels.dtype)
+    f = fg.to(labels.dtype).view(n, h * w)
     # Slot 0 of each row stays 0 and slot 1 + i holds pixel i's label, so a label is its own gather index: the
     # background (label 0) gathers 0 and a component's pixels gather from that component; no mask after a jump.
     buf = labels.new_zeros((n, 1 + h * w))
     flat = buf[:, 1:]
+    grid = flat.view(n, h, w)  # the same labels as an image (a view: rows of stride 1 + h * w)
     flat.copy_(labels.view(n, h * w))
     for _ in range(rounds):
-        torch.mul(_max3x3(flat.view(n, h, w)).view(n, h * w), f.view(n, h * w), out=flat)
+        torch.mul(_max3x3(grid).view(n, h * w), f, out=flat)
         for _ in range(2):  # pointer jumping: a pixel's label pixel has a label at least as large
             torch.maximum(flat, torch.gather(buf, 1, flat.long()), out=flat)
-    return flat.reshape(n, h, w).clone()
+    return grid
 
 
 @torch.no_grad()
