@@ -6,7 +6,17 @@ import os
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Set, Tuple
 
+import h5py
+
 from stage1_cam.io import ShardReader
+
+
+def count_flushes(monkeypatch: Any) -> list:
+    """Record every ``h5py.File.flush`` call from here on (one item each) in the returned list."""
+    calls: list = []
+    real = h5py.File.flush
+    monkeypatch.setattr(h5py.File, "flush", lambda self: (calls.append(1), real(self))[1])
+    return calls
 
 
 class LabelDataset:

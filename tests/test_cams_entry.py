@@ -3,13 +3,13 @@
 import json
 from types import SimpleNamespace
 
-import h5py
 import numpy as np
 import pytest
 
 from stage1_cam.cams.__main__ import BG_CONSTANTS, evaluate_cams, labels_from_cams, main as cams_main
 from stage1_cam.data.class_names import voc_palette
 from stage1_cam.io.shards import ShardMeta, ShardReader, ShardWriter, write_manifest
+from tests.shard_data import count_flushes
 
 TINY = "configs/stage1/weclip_tiny-clip_synthetic-160x160_300i.py"
 
@@ -55,9 +55,7 @@ def test_cams_entry_point_writes_shards_and_table(synthetic_root, tmp_path, caps
 @pytest.mark.parametrize("every", [1, 4])
 def test_cams_shard_flushes_at_progress_points(synthetic_root, tmp_path, monkeypatch, every):
     """dump.flush_every sets the CAM shard's progress points too: not a flush per image (8 images here)."""
-    calls = []
-    real = h5py.File.flush
-    monkeypatch.setattr(h5py.File, "flush", lambda self: (calls.append(1), real(self))[1])
+    calls = count_flushes(monkeypatch)
     args = [TINY, "--run", "c", "--cfg-options", f"data.root={synthetic_root}", f"run.root={tmp_path}",
             "data.eval_split=val", f"dump.flush_every={every}"]
     assert cams_main(args) == 0

@@ -25,7 +25,7 @@ from stage1_cam.dump import runner, shard_loop, tta
 from stage1_cam.dump.writer_thread import BackgroundWriter
 from stage1_cam.io import ShardMeta, ShardWriter, shard_filename
 from stage1_cam.utils.files import DiskFullError
-from tests.shard_data import kill_then_resume
+from tests.shard_data import count_flushes, kill_then_resume
 from tests.test_dump import CONFIG, _argv, _assert_same, _contents, _one_thread, trained  # noqa: F401  (fixtures)
 
 
@@ -114,16 +114,9 @@ def _meta() -> ShardMeta:
                      palette=[(i, i, i) for i in range(256)])
 
 
-def _flushes(monkeypatch: Any) -> list:
-    calls: list = []
-    real = h5py.File.flush
-    monkeypatch.setattr(h5py.File, "flush", lambda self: (calls.append(1), real(self))[1])
-    return calls
-
-
 @pytest.mark.parametrize("flush_every", [1, 8])
 def test_progress_points_instead_of_a_flush_per_image(tmp_path, monkeypatch, flush_every):
-    calls = _flushes(monkeypatch)
+    calls = count_flushes(monkeypatch)
     rng = np.random.default_rng(0)
     with ShardWriter(tmp_path, 0, 1, meta=_meta(), flush_every=flush_every) as w:
         for i in range(20):
@@ -142,7 +135,7 @@ def test_progress_points_instead_of_a_flush_per_image(tmp_path, monkeypatch, flu
 def test_dump_flushes_at_progress_points(trained, tmp_path, monkeypatch):  # noqa: F811
     counts = {}
     for every in (1, 8):
-        calls = _flushes(monkeypatch)
+        calls = count_flushes(monkeypatch)
         cfg = load_config(CONFIG, {**trained["opts"], "dump.num_shards": 1, "dump.flush_every": every,
                                    "dump.crf.enabled": False, "dump.save_probs": False})
         runner.run_dump(cfg, shards=[0], out_dir=tmp_path / str(every), checkpoint=trained["ckpt"], progress=False)
