@@ -409,7 +409,8 @@ def config_hash(cfg: ConfigDict, sections: Optional[Sequence[str]] = None) -> st
     edited in place makes the CAMs and everything after them stale, not silently current).
 
     Args:
-        sections: restrict to these top-level sections (e.g. ``("data", "clip", "cam")`` for CAM files).
+        sections: restrict to these top-level sections (e.g. ``("data", "clip", "cam")`` for CAM files) and dotted
+            keys (``"train.amp"``: one key of a section).
     """
     flat = flatten(cfg.to_dict())
     flat = {k: v for k, v in flat.items() if k not in _HASH_EXCLUDE and k != "_base_"
@@ -434,6 +435,6 @@ def config_hash(cfg: ConfigDict, sections: Optional[Sequence[str]] = None) -> st
         path = Path(descriptors)
         flat["cam.descriptors_sha256"] = file_sha256(path) if path.is_file() else None  # missing: loading says so
     if sections is not None:
-        flat = {k: v for k, v in flat.items() if k.split(".")[0] in sections}
+        flat = {k: v for k, v in flat.items() if k.split(".")[0] in sections or k in sections}
     blob = json.dumps(flat, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

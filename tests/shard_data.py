@@ -11,6 +11,20 @@ import h5py
 from stage1_cam.io import ShardReader
 
 
+def file_contents(path: Path) -> dict:
+    """Everything stored in one shard file, in group order: the file's attributes, and per image group its
+    attributes and each dataset's dtype, compression, chunk shape and values (for equality checks)."""
+    def val(v: Any) -> Any:
+        return v.tolist() if hasattr(v, "tolist") else v
+
+    with h5py.File(path, "r") as f:
+        out = {"attrs": {k: val(v) for k, v in f.attrs.items()}, "images": []}
+        for key, g in f["images"].items():
+            out["images"].append((key, {k: val(v) for k, v in g.attrs.items()},
+                                  {k: (d.dtype.str, d.compression, d.chunks, d[()].tolist()) for k, d in g.items()}))
+    return out
+
+
 def count_flushes(monkeypatch: Any) -> list:
     """Record every ``h5py.File.flush`` call from here on (one item each) in the returned list."""
     calls: list = []

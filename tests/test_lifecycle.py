@@ -265,6 +265,9 @@ def test_stage_hashes_follow_the_sections_each_stage_reads():
     assert changed_stages(base, lr) == ["train", "dump", "stage2", "report"]
     assert changed_stages(base, cam)[0] == "cams" and "train" in changed_stages(base, cam)
     assert set(changed_stages(None, base)) >= {"cams", "train", "dump", "stage2", "report"}
+    # The CAM run follows train.amp (and no other train key).
+    assert changed_stages(base, default_config({"train.amp": "bf16"}))[0] == "cams"
+    assert stage_hash(base, "cams") == stage_hash(lr, "cams")
 
 
 def _fake_outputs(run: RunDir) -> dict:

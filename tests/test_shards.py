@@ -21,7 +21,7 @@ import pytest
 from stage1_cam.io import (FORMAT_NAME, FORMAT_VERSION, ShardFormatError, ShardLockedError, ShardMeta, ShardReader,
                            ShardWriter, assign_shards, checksum_path, shard_filename, write_manifest)
 from stage1_cam.io.export import export_png, main as export_main
-from tests.shard_data import LabelDataset
+from tests.shard_data import LabelDataset, file_contents
 
 CLASSES = ("background", "cat", "dog", "person")
 REPO = Path(__file__).resolve().parents[1]
@@ -59,19 +59,6 @@ def _write_shards(out: Path, ids, num_shards: int, meta: ShardMeta | None = None
             for name in part:
                 w.write(name, **_sample(name))
             w.finalize()
-
-
-def _contents(path: Path) -> dict:
-    """Everything stored in a shard file, in group order (for equality checks)."""
-    def val(v):
-        return v.tolist() if isinstance(v, np.ndarray) else v
-
-    with h5py.File(path, "r") as f:
-        out = {"attrs": {k: val(v) for k, v in f.attrs.items()}, "images": []}
-        for key, g in f["images"].items():
-            out["images"].append((key, {k: val(v) for k, v in g.attrs.items()},
-                                  {k: (d.dtype.str, d.compression, d[()].tolist()) for k, d in g.items()}))
-    return out
 
 
 def test_shard_filename_and_assignment():
@@ -230,7 +217,7 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, crash, caplog):
     assert final == out / shard_filename(0, 1) and ShardWriter.shard_complete(out, 0, 1)
     assert not (out / (shard_filename(0, 1) + ".partial")).exists()
     assert not (out / (shard_filename(0, 1) + ".lock")).exists()
-    assert _contents(final) == _contents(ref_dir / shard_filename(0, 1))
+    assert file_contents(final) == file_contents(ref_dir / shard_filename(0, 1))
 
 
 def test_finished_shard_is_never_rewritten(tmp_path):
@@ -259,6 +246,26 @@ def test_resume_with_other_settings_is_refused(tmp_path, change):
     assert shard_filename(0, 2) + ".partial" in str(err.value)
     with ShardWriter(tmp_path, 0, 2, meta=_meta()) as w:  # the refused attempt did not hold on to the lock
         assert w.done_ids == {"a"}
+
+
+def test_another_precision_is_never_mixed_in(tmp_path):
+    """``extra.precision`` (what train.amp="auto" resolved to on the writing machine) must match on resume and across
+    the shards of a directory, whatever the rest of ``extra`` says."""
+    bf16 = _meta(extra={"scales": [1.0], "precision": "bf16"})
+    with ShardWriter(tmp_path / "a", 0, 2, meta=bf16) as w:
+        w.write("a", **_sample("a"))
+    with pytest.raises(ShardFormatError, match=r"extra\.precision: 'bf16' vs 'float32'.*train\.amp='bf16'"):
+        ShardWriter(tmp_path / "a", 0, 2, meta=_meta(extra={"scales": [1.0], "precision": "float32"}))
+    with ShardWriter(tmp_path / "a", 0, 2, meta=_meta(extra={"scales": [0.5], "precision": "bf16"})) as w:
+        assert w.done_ids == {"a"}  # the other extra keys are not compared
+    parts = assign_shards(IDS, 2)
+    for k, precision in enumerate(("bf16", "float32")):
+        with ShardWriter(tmp_path / "b", k, 2, meta=_meta(extra={"precision": precision})) as w:
+            for name in parts[k]:
+                w.write(name, **_sample(name))
+            w.finalize()
+    with pytest.raises(ShardFormatError, match=r"extra\.precision"):
+        write_manifest(tmp_path / "b", 2)
 
 
 def test_truncated_files(tmp_path):

@@ -66,8 +66,12 @@ _LOCK_SUFFIX = ".lock"
 _CHECKSUM_SUFFIX = ".sha256"
 _IMAGES = "images"
 # Settings that must agree between a partial shard and the writer resuming it, and across the shards
-# of one directory. ``git_sha`` and ``extra`` may differ (a warning is logged).
+# of one directory. ``git_sha`` and the rest of ``extra`` may differ (a warning is logged for ``git_sha``).
 _MUST_MATCH = ("dataset", "split", "class_names", "palette", "ignore_index", "config_hash", "checkpoint_hash")
+# Keys of ``extra`` that must agree too: the precision the network ran in. ``train.amp="auto"`` resolves per machine
+# (bf16 on GPUs and CPUs with native bf16, float32 elsewhere), so the config hash alone does not fix it.
+_MUST_MATCH_EXTRA = ("precision",)
+_AMP_OF_PRECISION = {"bf16": "bf16", "fp16": "fp16", "float32": "none"}
 
 
 class ShardFormatError(UserError, ValueError):
@@ -270,6 +274,14 @@ def _meta_mismatches(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
             vb = [list(x) if isinstance(x, (list, tuple)) else x for x in (vb or [])]
         if va != vb:
             out.append(f"{k}: {_short(va)} vs {_short(vb)}")
+    extra_a, extra_b = a.get("extra") or {}, b.get("extra") or {}
+    for k in _MUST_MATCH_EXTRA:
+        if extra_a.get(k) != extra_b.get(k):
+            hint = ""
+            if k == "precision" and extra_a.get(k) in _AMP_OF_PRECISION:
+                hint = (f" (train.amp='auto' picks the precision per machine; train.amp="
+                        f"{_AMP_OF_PRECISION[extra_a[k]]!r} runs in the first one)")
+            out.append(f"extra.{k}: {_short(extra_a.get(k))} vs {_short(extra_b.get(k))}{hint}")
     return out
 
 

@@ -51,9 +51,10 @@ RUN_LOCK_ENV = "WSSS_RUN_LOCK"  # tokens (os.pathsep-separated) of run locks hel
 RUN_LOCK_NAME = "run.lock"
 SUPERSEDED_DIR = "superseded"
 
-# Top-level config sections that each stage's own outputs depend on (the stages before it aside).
+# Top-level config sections (or single dotted keys) that each stage's own outputs depend on (the stages before it
+# aside). The CAM run follows train.amp (bf16 autocast where it resolves to bf16).
 STAGE_SECTIONS: Dict[str, Tuple[str, ...]] = {
-    "cams": ("data", "clip", "cam"),
+    "cams": ("data", "clip", "cam", "train.amp"),
     "train": ("run", "data", "clip", "cam", "head", "train"),
     "dump": ("run", "data", "clip", "cam", "head", "train", "dump"),
 }
