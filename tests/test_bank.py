@@ -79,20 +79,31 @@ def test_write_synthetic_descriptions_never_overwrites(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- the cache
 def test_bank_is_deterministic_and_cached(tmp_path, desc_file, tiny_clip, monkeypatch, caplog):
+    import sklearn.cluster
+
     cfg = _cfg(tmp_path, desc_file)
-    first = cached_attribute_bank(cfg, tiny_clip)
+    real_kmeans, settings = sklearn.cluster.KMeans, []
+
+    def kmeans(*a, **k):
+        settings.append(k)
+        return real_kmeans(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(sklearn.cluster, "KMeans", kmeans)
+        first = cached_attribute_bank(cfg, tiny_clip)
+    # every setting that decides the clusters is given, not left to scikit-learn's defaults of the day
+    assert settings == [{"n_clusters": K, "random_state": 0, "n_init": 1}]
     assert first.source == "built" and first.path.parent == tmp_path / "runs" / "synthetic" / "r" / "bank"
     assert first.bank.shape == (64, K) and first.membership.shape == (20, K)
     assert torch.equal(first.membership.sum(0), torch.ones(K))
-    assert json.loads(first.path.with_suffix(".json").read_text())["k"] == K
+    recorded = json.loads(first.path.with_suffix(".json").read_text())
+    assert (recorded["k"], recorded["seed"], recorded["n_init"]) == (K, 0, 1)
     # the same inputs in a fresh run directory cluster to identical tensors
     again = cached_attribute_bank(_cfg(tmp_path, desc_file, run="fresh"), tiny_clip)
     assert again.source == "built" and again.path.name == first.path.name
     assert torch.equal(again.bank, first.bank) and torch.equal(again.membership, first.membership)
 
     # a second call loads the cache: no KMeans
-    import sklearn.cluster
-
     def no_kmeans(*a, **k):
         raise AssertionError("KMeans ran although the bank is cached")
 

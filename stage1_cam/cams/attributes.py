@@ -28,6 +28,10 @@ _logger = logging.getLogger(__name__)
 
 BANK_SUFFIXES = (".pth", ".pt")  # cam.descriptors with these suffixes is a bank file, anything else a JSON
 KMEANS_SEED = 0  # ExCEL's random_state
+# One k-means++ run: scikit-learn's default since 1.4 (setup.cfg needs >= 1.4), written out so that a later default
+# cannot change the banks. The reference's era defaulted to 10 runs, so a bank rebuilt from ExCEL's descriptions can
+# differ from its released *_embedding_bank.pth: load that file for parity.
+KMEANS_N_INIT = 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,7 +226,7 @@ def build_attribute_bank(descriptions: Dict[str, Sequence[str]], clip_model: nn.
         _logger.warning("%d of %d sentences are longer than the text tower's context (%d tokens) and were cut",
                         truncated, len(sentences), ids.shape[1])
     emb = torch.cat(chunks).numpy().astype(np.float64)
-    km = KMeans(n_clusters=n_attr, random_state=seed).fit(emb)
+    km = KMeans(n_clusters=n_attr, random_state=seed, n_init=KMEANS_N_INIT).fit(emb)
     bank = torch.from_numpy(km.cluster_centers_.T.copy()).float()
     owner_arr = np.asarray(owner)
     membership = torch.zeros((len(descriptions), n_attr), dtype=torch.float32)

@@ -45,8 +45,8 @@ from ..utils.cli import BadInputError, add_config_args, config_overrides, run_ma
 from ..utils.files import atomic_write, atomic_write_text
 from ..utils.logging import setup_logging
 from ..utils.run_dir import RunDir
-from .attributes import (BANK_SUFFIXES, KMEANS_SEED, build_attribute_bank, is_bank_file,  # noqa: F401 (re-exported)
-                         load_attribute_bank, load_bank_file, load_descriptions, match_classes)
+from .attributes import (BANK_SUFFIXES, KMEANS_N_INIT, KMEANS_SEED, build_attribute_bank,  # noqa: F401 (re-exported)
+                         is_bank_file, load_attribute_bank, load_bank_file, load_descriptions, match_classes)
 
 _logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def cached_attribute_bank(cfg: Any, clip_model: Optional[nn.Module], description
     with atomic_write(out) as tmp:
         torch.save([bank, membership], tmp)
     meta = {"key": key, "bank_version": BANK_VERSION, "descriptions": str(source), "k": k, "seed": KMEANS_SEED,
-            "clip": {"model_name": cfg.clip.model_name, "pretrained": cfg.clip.pretrained,
+            "n_init": KMEANS_N_INIT, "clip": {"model_name": cfg.clip.model_name, "pretrained": cfg.clip.pretrained,
                      "weights": cfg.clip.weights, "precision": cfg.clip.precision, "config_hash": clip_identity(cfg)},
             "device": str(next(clip_model.parameters()).device), "dataset": cfg.data.dataset,
             "classes": list(classes), "sentences": n_sent, "shape": list(bank.shape),
