@@ -13,9 +13,11 @@ lived on a GPU:
   a blocking ``Tensor.to`` with a device (here always the CPU; on a GPU a device-to-host copy, or a host-to-device
   copy that waits for the stream).
 
-It over-counts rather than under-counts: a CPU tensor that would stay on the host in a GPU run (e.g. an optimizer's
-step counter) is counted too, so count only code that handles device tensors. It cannot see host-to-device copies
-made by factories (``torch.tensor(data, device=...)``): the GPU check adds those.
+It over-counts what it sees: a CPU tensor that would stay on the host in a GPU run (e.g. an optimizer's step
+counter) is counted too, so count only code that handles device tensors. It does not see, and the GPU check adds:
+host-to-device copies made by factories (``torch.tensor(data, device=...)``), ``torch.tensor`` / ``torch.as_tensor``
+of a list of 0-d device tensors, ``torch.allclose`` (a Python ``bool``), and ``copy_`` from a device tensor into a
+host buffer. None of these is in the training step (grep before adding one).
 """
 
 from __future__ import annotations
