@@ -100,3 +100,19 @@ def test_bench_weakclip_step_reports_time_and_memory():
     res = bench.bench_train_weakclip(model="wsss-tiny-ViT-16", size=64, batch=2, steps=1, device=torch.device("cpu"))
     assert res["seconds_per_iter_median"] > 0 and res["peak_memory_mib"] > 0
     assert res["settings"]["trainable_parameters"] > 0
+
+
+def test_bench_files_record_the_cpu_and_the_precision(tmp_path):
+    """Every saved figure carries the CPU's capabilities next to the GEMM probes, and the CAM benchmark runs in the
+    precision the CAM run would pick (train.amp="auto")."""
+    import json
+
+    from stage1_cam.utils.precision import autocast_dtype, precision_name
+
+    assert bench.main(["--only", "cam", "--model", "wsss-tiny-ViT-16", "--size", "64", "--batch", "2",
+                       "--repeats", "1", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "cam-cpu.json").read_text())
+    assert set(res["cpu"]) >= {"aten_capability", "avx512_bf16", "amx_bf16", "native_bf16", "threads"}
+    assert res["cpu"]["native_bf16"] == native_bf16_cpu() and len(res["fp32_gemm_gflops_before_after"]) == 2
+    assert res["settings"]["amp"] == precision_name(autocast_dtype("auto", torch.device("cpu")))
+    assert res["batched"]["images_per_s"] > 0 and res["looped"]["images_per_s"] > 0

@@ -103,16 +103,22 @@ def bench_cam(model: str, size: int, batch: int, repeats: int) -> Dict[str, Any]
     _, backbone, cam = build_cam_stack(_cfg(model), device)
     x = torch.randn(batch, 3, size, size, device=device)
     labels = [np.array([3, 12]) for _ in range(batch)]
+    dtype = autocast_dtype("auto", device)  # what the CAM run uses here (train.amp="auto")
+
+    def run() -> None:
+        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            cam(x, labels)
+
     res: Dict[str, Any] = {}
     for mode in ("batched", "looped"):
         cam.looped = mode == "looped"
-        cam(x, labels)  # warm-up
-        times = _timed(lambda: cam(x, labels), device, repeats)
+        run()  # warm-up
+        times = _timed(run, device, repeats)
         res[mode] = {"seconds_per_batch": statistics.median(times), "images_per_s": batch / statistics.median(times)}
     cam.looped = False
     res["speedup"] = res["batched"]["images_per_s"] / res["looped"]["images_per_s"]
-    return {"settings": {"model": model, "size": size, "batch": batch, "present_classes": 2, "repeats": repeats},
-            **res}
+    return {"settings": {"model": model, "size": size, "batch": batch, "present_classes": 2, "repeats": repeats,
+                         "amp": precision_name(dtype)}, **res}
 
 
 def _stepper(cfg: Any, device: torch.device, x: torch.Tensor, labels: List[np.ndarray],
@@ -446,7 +452,8 @@ def bench_train_weakclip(*, model: str = "ViT-B-16", size: int = 320, batch: int
     """WeakCLIP training seconds/iteration and peak memory (random CLIP weights, VOC classes).
 
     One warm-up step, then ``steps`` timed steps (forward with the CPU CRF, backward, AdamW) on random
-    images and blocky random masks; bf16 autocast on CUDA.
+    images and blocky random masks; autocast as ``train.amp="auto"`` picks it (bf16 on CUDA and on CPUs with native
+    bf16).
 
     Returns:
         settings, ``seconds_per_iter_median``, ``seconds_per_iter_all``, ``peak_memory_mib`` and its kind.
@@ -469,8 +476,8 @@ def bench_train_weakclip(*, model: str = "ViT-B-16", size: int = 320, batch: int
     blocks = torch.tensor([0, 3, 12, IGNORE_INDEX])[torch.randint(0, 4, (batch, size // 32, size // 32), generator=g)]
     masks = blocks.repeat_interleave(32, 1).repeat_interleave(32, 2)
     masks = F.pad(masks, (0, size - masks.shape[-1], 0, size - masks.shape[-2]), value=IGNORE_INDEX).to(device)
-    amp = device.type == "cuda"
-    if amp:
+    dtype = autocast_dtype("auto", device)
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def sync() -> None:
@@ -480,7 +487,7 @@ def bench_train_weakclip(*, model: str = "ViT-B-16", size: int = 320, batch: int
     def step(i: int) -> float:
         sync()
         t = time.perf_counter()
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = head.forward_train(TrainBatch(images=x, labels=[], masks=masks), i)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -491,7 +498,7 @@ def bench_train_weakclip(*, model: str = "ViT-B-16", size: int = 320, batch: int
     step(0)  # warm-up
     times = [step(i + 1) for i in range(steps)]
     n_train = sum(p.numel() for p in head.parameters() if p.requires_grad)
-    return {"settings": {"model": model, "size": size, "batch": batch, "steps": steps, "amp": "bf16" if amp else "none",
+    return {"settings": {"model": model, "size": size, "batch": batch, "steps": steps, "amp": precision_name(dtype),
                          "trainable_parameters": n_train},
             "seconds_per_iter_median": statistics.median(times), "seconds_per_iter_all": times,
             "peak_memory_mib": peak_memory_mb(device),
