@@ -240,6 +240,9 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    # As the references seed (reference_spec 1.11, 4.8): deterministic cuDNN algorithms, no autotuning (a GPU's
+    # resume then repeats the convolutions exactly; no effect on a CPU).
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     tc = cfg.train
     chash, thash = config_hash(cfg), stage_hash(cfg, "train")
 

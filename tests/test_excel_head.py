@@ -323,10 +323,14 @@ def _opts(synthetic_root, tmp_path, **extra):
     return [f"{k}={v}" for k, v in opts.items()]
 
 
-def test_resume_continues_exactly(synthetic_root, tmp_path):
+def test_resume_continues_exactly(synthetic_root, tmp_path, monkeypatch):
     """4 steps in one go vs 2 + resume 2, with LVC (step 1) and the decoder's affinity labels (step 3) in both."""
     common = _opts(synthetic_root, tmp_path, **{"train.max_iters": 4, "train.ckpt_interval": 2})
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     assert train_main([CONFIG, "--run", "full", "--cfg-options", *common]) == 0
+    # the references' seeding: deterministic cuDNN without autotuning (what a GPU's exact resume needs)
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     ckpts = tmp_path / "runs" / "synthetic" / "full" / "stage1" / "checkpoints"
     full = load_checkpoint(ckpts / "final.pth")
     assert full["head_type"] == "excel"
