@@ -49,13 +49,12 @@ def _torch_probe(name: str) -> Optional[bool]:
 def cpu_features() -> Dict[str, Any]:
     """What the benchmarks record next to their figures: ATen's kernel level and the bf16-relevant ISA flags."""
     flags = _cpuinfo_flags()
-    avx512_bf16 = _torch_probe("_is_avx512_bf16_supported")
     amx = _torch_probe("_is_amx_tile_supported")
     return {
         "aten_capability": torch.backends.cpu.get_cpu_capability(),
         "avx2": "avx2" in flags or bool(_torch_probe("_is_avx2_supported")),
         "avx512f": "avx512f" in flags or bool(_torch_probe("_is_avx512_supported")),
-        "avx512_bf16": bool(avx512_bf16) if avx512_bf16 is not None else "avx512_bf16" in flags,
+        "avx512_bf16": "avx512_bf16" in flags or bool(_torch_probe("_is_avx512_bf16_supported")),  # as native_bf16
         "amx_bf16": "amx_bf16" in flags or bool(amx),
         "native_bf16": native_bf16_cpu(),
         "threads": torch.get_num_threads(),
