@@ -156,14 +156,18 @@ def test_svc_and_lvc_attention_rows_sum_as_documented(svc_setup):
     lvc_sum = svc_attention(q, k, v, head_sum=True, ex_attn=ex)
     rows_mean, rows_sum = lvc_mean.sum(-1)[:, 0], lvc_sum.sum(-1)[:, 0]
     assert_close_f32(rows_mean[:, 0], torch.ones(2), terms=rows, scale=1.0)  # the CLS row is unchanged
-    # patch rows: + 1/H
-    assert_close_f32(rows_mean[:, 1:], torch.full((2, n - 1), 1 + 1 / heads), terms=lvc_rows, scale=1 + 1 / heads)
+    # ex is added to every head's patch block before the heads are combined (reference_spec 4.7): patch rows + 1 in
+    # the head mean, + H in the reference's head sum.
+    assert_close_f32(rows_mean[:, 1:], torch.full((2, n - 1), 2.0), terms=lvc_rows, scale=2.0)
     assert_close_f32(rows_sum[:, 0], torch.full((2,), float(heads)), terms=rows, scale=heads)
-    assert_close_f32(rows_sum[:, 1:], torch.full((2, n - 1), heads + 1.0), terms=lvc_rows, scale=heads + 1)  # + 1
-    # Averaged = the reference's / H, with LVC too: as above, plus the product ex / H and the two additions.
+    assert_close_f32(rows_sum[:, 1:], torch.full((2, n - 1), 2.0 * heads), terms=lvc_rows, scale=2 * heads)
+    # Averaged = the reference's / H, with LVC too: as above, plus the product H ex and the two additions.
     assert_close_f32(lvc_sum, heads * lvc_mean, terms=heads + 2 + 3, scale=lvc_sum)
-    # Added to the patch block: (summed + ex) - summed, two roundings at the scale of the sum (it cancels).
-    assert_close_f32(lvc_sum[:, :, 1:, 1:] - summed[:, :, 1:, 1:], ex[:, None], terms=2, scale=lvc_sum[:, :, 1:, 1:])
+    # Added to the patch block: (summed + H ex) - summed, two roundings at the scale of the sum (it cancels), and
+    # the product H ex at its own scale.
+    assert_close_f32(lvc_sum[:, :, 1:, 1:] - summed[:, :, 1:, 1:], heads * ex[:, None], terms=3,
+                     scale=lvc_sum[:, :, 1:, 1:])
+    assert_close_f32(lvc_mean[:, :, 1:, 1:] - mean[:, :, 1:, 1:], ex[:, None], terms=3, scale=lvc_mean[:, :, 1:, 1:])
     with pytest.raises(ValueError, match="patch tokens"):
         svc_attention(q, k, v, head_sum=False, ex_attn=ex[:, 1:, 1:])
 

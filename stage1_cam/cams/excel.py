@@ -26,7 +26,8 @@ each token, and L2-normalises the class rows before TSE (equal up to rounding fo
 
 Learnable visual calibration (LVC, 4.7): called with ``ex_feats`` (the detached fused decoder features ``F_u``,
 ``(B, C, h, w)``), the SVC blocks add :func:`lvc_attention` of them to the patch block of their calibrated
-attention (:func:`svc_attention`) and the maps come from that calibrated pass. Only the calibrated path changes,
+attention, in every head before the heads are combined (:func:`svc_attention`), and the maps come from that
+calibrated pass. Only the calibrated path changes,
 so a call with ``reuse=`` (the plain pass's :class:`CamOutput` of the same images) recomputes just that path and
 returns the plain pass's attention and features (ExCEL refines with the first pass's attention).
 
@@ -149,11 +150,11 @@ def svc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, head_sum
                   ex_attn: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SVC's intra-correlation attention, combined over heads, optionally with LVC's attention added.
 
-    ``A = [softmax(q q^T s) + softmax(k k^T s) + softmax(v v^T s)] / 3`` per head, then summed over the heads
-    (``head_sum``: the reference; rows sum to H) or averaged (rows sum to 1). ``ex_attn`` (rows summing to 1) is
-    added to the patch block ``A[:, :, 1:, 1:]`` with weight 1 when summing (the reference) and ``1 / H`` when
-    averaging, so the averaged attention is the summed one divided by H with or without LVC: the CLS row sums to
-    H (sum) / 1 (mean), the patch rows to H + 1 / 1 + 1/H.
+    ``A_h = [softmax(q q^T s) + softmax(k k^T s) + softmax(v v^T s)] / 3`` per head ``h``; ``ex_attn`` (rows summing
+    to 1) is added to every head's patch block ``A_h[1:, 1:]`` (reference_spec 4.7: "for each head", then the head
+    sum of 4.3); then the heads are summed (``head_sum``: the reference) or averaged. So LVC weighs H in the summed
+    attention and 1 in the averaged one, which stays the summed one divided by H: the CLS row sums to H (sum) / 1
+    (mean), the patch rows to 2H / 2.
 
     Args:
         q, k, v: ``(B, H, L, hd)``.
@@ -177,7 +178,8 @@ def svc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, head_sum
         if ex_attn.shape != (b, n - 1, n - 1):
             raise ValueError(f"ex_attn must be (B={b}, {n - 1}, {n - 1}) (the patch tokens), got "
                              f"{tuple(ex_attn.shape)}: LVC features on another grid or batch than the images")
-        weight = 1.0 if head_sum else 1.0 / q.shape[1]
+        # sum_h (A_h + ex) = sum_h A_h + H ex, and the mean over heads adds ex itself.
+        weight = float(q.shape[1]) if head_sum else 1.0
         a[:, :, 1:, 1:] += weight * ex_attn.to(a.dtype)[:, None]
     return a
 

@@ -28,8 +28,8 @@ Documented behaviour by default; the reference's quirks behind switches (referen
 - ``cam.parity``: the CAM source's head-sum attention and token-axis normalisation, the box border off-by-one.
 
 Deliberate differences: LVC's attention keeps the diagonal of an all-negative row (a zero feature vector) instead of
-a NaN row; with head-averaged SVC attention (``cam.parity=False``) LVC's attention is added with weight ``1/H``, so
-that the calibrated attention is the reference's divided by H (:func:`~stage1_cam.cams.excel.svc_attention`).
+a NaN row; with head-averaged SVC attention (``cam.parity=False``) the calibrated attention, LVC's included, is the
+reference's divided by H (:func:`~stage1_cam.cams.excel.svc_attention`).
 """
 
 from __future__ import annotations
