@@ -45,8 +45,8 @@ class _InlineWriter:
         pass
 
 
-def _dump(trained: dict, out: Path, monkeypatch: Any, *, old: bool, flush_every: int = 0,
-          **opts: Any) -> dict:  # noqa: F811
+def _dump(trained: dict, out: Path, monkeypatch: Any, *, old: bool, flush_every: int = 0,  # noqa: F811
+          **opts: Any) -> dict:
     """Dump both shards into ``out``: the old path (``old``) or the new one (a progress point every ``flush_every``
     images; default 1 for the old path, 3 for the new); returns the calls of the device decoding and the writer
     threads seen."""

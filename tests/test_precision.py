@@ -45,8 +45,8 @@ def test_native_bf16_needs_the_flag_and_the_avx512_kernels(monkeypatch):
     # Either source of a feature is enough, in the record as in the decision: a probe that says no does not hide the
     # flag, nor the reverse.
     for flag_on, probe_on in [(True, False), (False, True)]:
-        monkeypatch.setattr(precision, "_cpuinfo_flags", lambda on=flag_on: frozenset({"avx512f", "avx512_bf16"} if on
-                                                                                       else {"avx512f"}))
+        flags = frozenset({"avx512f", "avx512_bf16"} if flag_on else {"avx512f"})
+        monkeypatch.setattr(precision, "_cpuinfo_flags", lambda flags=flags: flags)
         monkeypatch.setattr(precision, "_torch_probe", lambda name, on=probe_on: on)
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
         assert cpu_features()["avx512_bf16"] is True and native_bf16_cpu() is True

@@ -164,7 +164,8 @@ def cached_attribute_bank(cfg: Any, clip_model: Optional[nn.Module], description
     with atomic_write(out) as tmp:
         torch.save([bank, membership], tmp)
     meta = {"key": key, "bank_version": BANK_VERSION, "descriptions": str(source), "k": k, "seed": KMEANS_SEED,
-            "n_init": KMEANS_N_INIT, "clip": {"model_name": cfg.clip.model_name, "pretrained": cfg.clip.pretrained,
+            "n_init": KMEANS_N_INIT,
+            "clip": {"model_name": cfg.clip.model_name, "pretrained": cfg.clip.pretrained,
                      "weights": cfg.clip.weights, "precision": cfg.clip.precision, "config_hash": clip_identity(cfg)},
             "device": str(next(clip_model.parameters()).device), "dataset": cfg.data.dataset,
             "classes": list(classes), "sentences": n_sent, "shape": list(bank.shape),
