@@ -93,3 +93,26 @@ def test_cpu_bf16_training_and_dump_run_in_bf16_and_agree_with_float32(synthetic
     # bf16 keeps 8 significant bits: logits move by ~1% of their scale, and only near-ties change class.
     assert (bf16 - fp32).norm() / fp32.norm() < 0.05
     assert (bf16.argmax(1) == fp32.argmax(1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_follows_the_cpu_in_training_and_the_cam_run(synthetic_root, tmp_path, monkeypatch, native):
+    """``train.amp="auto"`` (the configs' default) trains and computes CAMs in bf16 exactly where the CPU has native
+    bf16, and the CAM shards record what it resolved to (a resume elsewhere must not mix precisions)."""
+    from stage1_cam.cams.__main__ import main as cams_main
+    from stage1_cam.config import load_config
+    from stage1_cam.io import ShardReader
+    from stage1_cam.train import main as train_main
+
+    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: native)
+    opts = {"data.root": str(synthetic_root), "run.root": str(tmp_path / "runs"), "data.crop_size": 64,
+            "data.num_workers": 0, "train.batch_size": 2, "train.max_iters": 1, "train.val_interval": 0,
+            "train.amp": "auto", "data.eval_split": "val"}
+    argv = [TINY, "--cfg-options", *[f"{k}={v}" for k, v in opts.items()]]
+    expected = "bf16" if native else "float32"
+    assert train_main(argv) == 0
+    run = tmp_path / "runs/synthetic" / load_config(TINY, opts).run.name
+    assert json.loads((run / "stage1/train_summary.json").read_text())["precision"] == expected
+    assert cams_main(argv) == 0
+    with ShardReader(run / "cams", allow_incomplete=True) as r:
+        assert r.meta["extra"]["precision"] == expected
