@@ -35,9 +35,16 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning applies to glibc only")
 def test_retained_memory_stops_page_faults_of_repeated_allocations():
-    out = subprocess.run([sys.executable, "-c", _CYCLES, "1"], capture_output=True, text=True, check=True)
-    faults = int(out.stdout.strip().splitlines()[-1])
-    assert faults <= 64, f"{faults} minor faults in 8 steady-state cycles of 4 x 16 MiB (one cycle touches 16384 pages)"
+    # The kernel can fault a process's pages in again on its own (reclaim, huge-page collapse while other jobs load
+    # the machine: once 8192 faults in a CI run beside other work): the fewest of three runs is the allocator's.
+    counts = []
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", _CYCLES, "1"], capture_output=True, text=True, check=True)
+        counts.append(int(out.stdout.strip().splitlines()[-1]))
+        if counts[-1] <= 64:
+            break
+    assert min(counts) <= 64, (f"{counts} minor faults in 8 steady-state cycles of 4 x 16 MiB (one cycle touches "
+                               f"16384 pages), in each of three runs")
 
 
 def test_opt_out_leaves_malloc_alone(monkeypatch):
