@@ -157,6 +157,9 @@ class DumpCfg(SectionSchema):
     ``flush_every``, ``crf.workers``); the dump (``stage1_cam.dump``) runs on this schema."""
 
     long_side: int = 512  # images resized so the long side is this (reference 512 for VOC), snapped to the patch
+    # weclip: the reference's sizes instead of snapping to the patch: int(H r) x int(W r), scales as floor(size s); the
+    # stride-16 patch embedding then drops the remainder rows/columns (a flip is then not an exact mirror)
+    parity_sizes: bool = False
     scales: Tuple[float, ...] = (1.0, 0.75)  # test-time scales relative to the long-side-resized input
     flip: bool = True  # fuse horizontal flips
     batch_size: int = 8  # images per forward batch (twice as many network inputs with flip)
@@ -217,6 +220,8 @@ class DumpCfg(SectionSchema):
         if self.protocol != "weclip":  # recorded only when not the default: earlier WeCLIP shards keep matching
             out.update(protocol=self.protocol, square_size=self.square_size,
                        parity_no_flip_at_1=self.parity_no_flip_at_1)
+        elif self.parity_sizes:
+            out.update(parity_sizes=True)
         return out
 
 
@@ -236,7 +241,8 @@ SECTIONS: Dict[str, type] = {f: type(getattr(Stage1Cfg(), f)) for f in ("run", "
 
 # Keys added after runs existed, hashed only when they differ from these values (their behaviour before they
 # existed), so that earlier runs, checkpoints and shards keep their hashes. Never change these values.
-_HASH_IF_NOT = {"dump.protocol": "weclip", "dump.square_size": 320, "dump.parity_no_flip_at_1": False}
+_HASH_IF_NOT = {"dump.protocol": "weclip", "dump.square_size": 320, "dump.parity_no_flip_at_1": False,
+                "dump.parity_sizes": False}
 
 # Settings read only by the dump's excel protocol (as DumpCfg.record() has them): not hashed under the weclip one.
 _EXCEL_PROTOCOL_ONLY = ("dump.square_size", "dump.parity_no_flip_at_1")

@@ -160,6 +160,47 @@ def test_msc_flip_matches_per_image_reference(trained):
         np.testing.assert_allclose(out.astype(np.float64).sum(0), 1.0, rtol=0, atol=atol)
 
 
+def test_parity_sizes_follow_the_reference(trained):
+    """``dump.parity_sizes``: the reference's input sizes (``int(H r)``, ``scale_factor`` resizes, the remainder rows
+    and columns dropped by the patch embedding), per image as reference_spec 2.2 writes it: resize the logits of each
+    scale to the scale-1 grid, then average the flip pair."""
+    assert dump_mod.network_size(96, 119, long_side=64, patch=16, exact=True) == (51, 64)
+    assert dump_mod.network_size(96, 119, long_side=64, patch=16) == (48, 64)  # the default snaps
+    assert dump_mod.scaled_size((51, 64), 0.75, 16, exact=True) == (38, 48)
+    assert dump_mod.scaled_size((51, 64), 0.5, 16, exact=True) == (25, 32)
+    cfg = trained["cfg"]
+    stack = trained_stack(trained)
+    predictor = dump_mod.build_predictor(cfg, trained["ckpt"], torch.device("cpu"))
+    settings = DumpCfg(long_side=64, scales=(1.0, 0.75, 0.5), flip=True, parity_sizes=True, crf=CrfCfg(enabled=False))
+    assert settings.record()["parity_sizes"] is True and "parity_sizes" not in DumpCfg().record()
+    ds = build_dataset("synthetic", cfg.data.root, "train_aug")
+    im = ds.load_image(ds.names[0])[:, :-9].copy()  # 96 x 119: 51.6 x 64 at the long side 64
+    keys = dump_mod.allowed_classes(ds.image_labels(ds.names[0]), 21, label_constrained=True)
+    out = dump_mod.predict_probs(predictor, [im], [keys], settings=settings)[0]
+
+    x = torch.from_numpy(normalize(im, stack.mean, stack.std)).permute(2, 0, 1)[None]
+    x = F.interpolate(x, size=(51, 64), mode="bilinear", align_corners=False)
+    fused = []
+    for s in (1.0, 0.75, 0.5):
+        xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        pair = [stack.head.predict_logits(xs), stack.head.predict_logits(xs.flip(-1))]
+        pair = [F.interpolate(a, size=(3, 4), mode="bilinear", align_corners=False) for a in pair]
+        fused.append((pair[0] + pair[1].flip(-1)) / 2)
+    logits = torch.stack(fused).mean(0)[0, torch.as_tensor(keys)]
+    ref = F.interpolate(logits[None], size=im.shape[:2], mode="bilinear", align_corners=False)[0].softmax(0)
+    assert out.shape == (len(keys),) + im.shape[:2]
+    # As in the test above: the network's roundings (13 tokens), the fusion and the softmax, then float16 storage.
+    terms = dump_logit_terms(backbone_blocks=stack.head.num_inputs, width=stack.backbone.width, tokens=13,
+                             decoder_layers=cfg.head.decoder_layers, embed_dim=cfg.head.embed_dim,
+                             fusion=2 + 4 + 3 + 4) + len(keys) + 2
+    tol = f16_probs_tolerance(ref, f32_tolerance(terms, logits.abs().max()))
+    err = (torch.from_numpy(out.astype(np.float64)) - ref.double()).abs()
+    assert bool((err <= tol).all()), f"{float((err - tol).max()):.3g} over the bound"
+    snapped = dump_mod.predict_probs(predictor, [im], [keys], settings=DumpCfg(
+        long_side=64, scales=(1.0, 0.75, 0.5), flip=True, crf=CrfCfg(enabled=False)))[0]
+    assert np.abs(snapped.astype(np.float32) - out.astype(np.float32)).max() > 1e-3  # the switch changes the sizes
+
+
 def test_label_constrained_crf_only_emits_allowed_labels():
     """Probabilities that favour absent classes still decode to background + present classes only."""
     rng = np.random.default_rng(0)

@@ -8,7 +8,8 @@ the decoder-only ``test_msc_flip_seg.py`` path), shard by shard, resumably:
    backbone's stride-16 patch embedding would otherwise drop the remainder rows/columns, so the logit
    grid would cover only the top-left part of the image and a horizontal flip would not be an exact
    mirror. For the usual 500x375 VOC image and a long side of 512 the snapped size is the reference's
-   512x384 exactly; other aspect ratios move by at most 8 pixels.
+   512x384 exactly; other aspect ratios move by at most 8 pixels. ``dump.parity_sizes=True`` uses the reference's
+   sizes instead: ``(int(H r), int(W r))``, each scale by ``scale_factor``, the remainder dropped by the backbone.
 2. For each scale in ``dump.scales`` the scale-1 input is resized by the scale (again snapped to the
    patch), ``[x, flip(x)]`` go through the network in one batch (``dump.flip``), the flipped logits are
    flipped back and averaged, and the result is resized to the scale-1 logit grid. The mean over scales

@@ -45,16 +45,22 @@ def snap_to_patch(x: float, patch: int) -> int:
     return max(patch, int(math.floor(x / patch + 0.5)) * patch)
 
 
-def network_size(height: int, width: int, *, long_side: int, patch: int) -> Tuple[int, int]:
-    """Scale-1 network input size of an (height, width) image: long side -> ``long_side``, snapped to ``patch``."""
+def network_size(height: int, width: int, *, long_side: int, patch: int, exact: bool = False) -> Tuple[int, int]:
+    """Scale-1 network input size of an (height, width) image: long side -> ``long_side``, snapped to ``patch``;
+    ``exact``: the reference's ``(int(H r), int(W r))`` (at least one patch), not snapped."""
     r = long_side / max(height, width)
+    if exact:
+        return max(patch, int(height * r)), max(patch, int(width * r))
     return snap_to_patch(height * r, patch), snap_to_patch(width * r, patch)
 
 
-def scaled_size(size: Tuple[int, int], scale: float, patch: int) -> Tuple[int, int]:
-    """Input size at a test-time ``scale`` of the scale-1 ``size`` (snapped to ``patch``)."""
+def scaled_size(size: Tuple[int, int], scale: float, patch: int, exact: bool = False) -> Tuple[int, int]:
+    """Input size at a test-time ``scale`` of the scale-1 ``size`` (snapped to ``patch``); ``exact``: what the
+    reference's ``F.interpolate(scale_factor=scale)`` gives, ``floor(size * scale)`` (at least one patch)."""
     if scale == 1.0:
         return size
+    if exact:
+        return max(patch, math.floor(size[0] * scale)), max(patch, math.floor(size[1] * scale))
     return snap_to_patch(size[0] * scale, patch), snap_to_patch(size[1] * scale, patch)
 
 
@@ -106,7 +112,7 @@ def batch_key(height: int, width: int, settings: DumpCfg, patch: int) -> Tuple[i
     of the ExCEL protocol (every image: they are all resized to the same squares)."""
     if settings.protocol == "excel":
         return square_size(1.0, settings.square_size, patch)
-    return network_size(height, width, long_side=settings.long_side, patch=patch)
+    return network_size(height, width, long_side=settings.long_side, patch=patch, exact=settings.parity_sizes)
 
 
 # -------------------------------------------------------------------------------------------- inference
@@ -157,27 +163,35 @@ class Predictor:
 
 @torch.no_grad()
 def msc_flip_logits(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, *,
-                    scales: Sequence[float], flip: bool, patch_size: int) -> torch.Tensor:
+                    scales: Sequence[float], flip: bool, patch_size: int, exact_sizes: bool = False) -> torch.Tensor:
     """Multi-scale + flip fused logits at the scale-1 logit grid (reference_spec 2.2 steps 3-6), batched.
 
     Args:
         predict: ``(N, 3, h, w)`` -> ``(N, C, h // patch, w // patch)`` logits.
-        images: (B, 3, H, W) normalised scale-1 inputs, H and W multiples of ``patch_size``.
+        images: (B, 3, H, W) normalised scale-1 inputs, H and W multiples of ``patch_size`` (any size with
+            ``exact_sizes``).
         scales: test-time scales (each input size snapped to the patch).
         flip: average each scale with its horizontally flipped input (one batch of 2B).
         patch_size: backbone patch size.
+        exact_sizes: the reference's sizes (``dump.parity_sizes``): each scale resized by ``scale_factor`` as it
+            does, sizes not snapped; the patch embedding drops the remainder rows/columns.
 
     Returns:
         (B, C, H // patch, W // patch) float32: mean over scales of the flip-averaged logits.
     """
     b, _, h, w = images.shape
-    if h % patch_size or w % patch_size:
+    if (h % patch_size or w % patch_size) and not exact_sizes:
         raise ValueError(f"input size {(h, w)} is not a multiple of the patch size {patch_size}")
     grid = (h // patch_size, w // patch_size)
     total: Optional[torch.Tensor] = None
     for s in scales:
-        size = scaled_size((h, w), float(s), patch_size)
-        x = images if size == (h, w) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        size = scaled_size((h, w), float(s), patch_size, exact=exact_sizes)
+        if size == (h, w):
+            x = images
+        elif exact_sizes:  # scale_factor maps coordinates by s itself, not by the floored size's ratio
+            x = F.interpolate(images, scale_factor=float(s), mode="bilinear", align_corners=False)
+        else:
+            x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         if flip:
             x = torch.cat([x, x.flip(-1)])
         out = predict(x).float()  # (B or 2B, C, size // patch)
@@ -339,7 +353,8 @@ def predict_async(predictor: Predictor, images: Sequence[np.ndarray], keys: Sequ
     else:
         size = sizes.pop()
         x = torch.stack([predictor.prepare(im, size) for im in images])
-        logits = msc_flip_logits(predictor, x, scales=settings.scales, flip=settings.flip, patch_size=p)
+        logits = msc_flip_logits(predictor, x, scales=settings.scales, flip=settings.flip, patch_size=p,
+                                 exact_sizes=settings.parity_sizes)
         probs = [logits_to_probs(logits[b], im.shape[:2], ks[b]).to(torch.float16) for b, im in enumerate(images)]
     if decode:
         return PendingBatch([decode_on_device(pr, k) for pr, k in zip(probs, ks)], decoded=True)

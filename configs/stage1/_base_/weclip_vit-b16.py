@@ -12,7 +12,8 @@ head = dict(
 # Effective lr 2e-3 (the reference's 2e-4 times its hidden 10x multiplier), AdamW wd 0.01, warmup 50 then poly.
 train = dict(max_iters=30000, batch_size=4, lr=2e-3, weight_decay=0.01, warmup_iters=50, power=1.0, amp="auto",
              log_interval=50, ckpt_interval=2000, val_interval=2000, val_max_images=0)
+# parity_sizes=True: the reference's unsnapped input sizes (int(H r) x int(W r); the patch embedding drops the rest).
 dump = dict(long_side=512, scales=(1.0, 0.75), flip=True, batch_size=8, label_constrained=True,
-            ignore_threshold=0.0, save_probs=False, num_shards=16,
+            ignore_threshold=0.0, save_probs=False, num_shards=16, parity_sizes=False,
             crf=dict(enabled=True, iterations=10, pos_xy_std=3.0, pos_w=3.0, bi_xy_std=64.0, bi_rgb_std=5.0,
                      bi_w=4.0, workers=0))
