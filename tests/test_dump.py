@@ -118,6 +118,23 @@ def trained_stack(trained):
     return stack
 
 
+def _assert_probs_match_fused_logits(out: np.ndarray, fused: torch.Tensor, keys: np.ndarray, size: tuple, stack,
+                                     cfg) -> None:
+    """The dump's float16 probabilities ``out`` against a per-image reference: the fused ``(C, 3, 4)`` logits, the
+    allowed ``keys``, upsampled to the image ``size`` and soft-maxed. Bound: the network's roundings in another order
+    (13 tokens at the largest scale), the fusion (flip 2, grid upsampling 4, scale mean 3, final upsampling 4) and
+    the softmax (K + 2), at the logits' scale; then the float16 storage."""
+    logits = fused[torch.as_tensor(keys)]
+    ref = F.interpolate(logits[None], size=tuple(size), mode="bilinear", align_corners=False)[0].softmax(0)
+    assert out.dtype == np.float16 and out.shape == (len(keys),) + tuple(size)
+    terms = dump_logit_terms(backbone_blocks=stack.head.num_inputs, width=stack.backbone.width, tokens=13,
+                             decoder_layers=cfg.head.decoder_layers, embed_dim=cfg.head.embed_dim,
+                             fusion=2 + 4 + 3 + 4) + len(keys) + 2
+    tol = f16_probs_tolerance(ref, f32_tolerance(terms, logits.abs().max()))
+    err = (torch.from_numpy(out.astype(np.float64)) - ref.double()).abs()
+    assert bool((err <= tol).all()), f"{float((err - tol).max()):.3g} over the bound"
+
+
 def test_msc_flip_matches_per_image_reference(trained):
     """Batched multi-scale + flip inference equals a plain per-image loop (reference_spec 2.2) on the network
     training used (the tiny CLIP is random: the dump must rebuild it from the run's seed)."""
@@ -143,18 +160,7 @@ def test_msc_flip_matches_per_image_reference(trained):
             a = stack.head.predict_logits(xs)
             b = stack.head.predict_logits(xs.flip(-1)).flip(-1)
             fused.append(F.interpolate((a + b) / 2, size=(3, 4), mode="bilinear", align_corners=False))
-        logits = torch.stack(fused).mean(0)[0, torch.as_tensor(k)]
-        ref = F.interpolate(logits[None], size=im.shape[:2], mode="bilinear", align_corners=False)[0].softmax(0)
-        assert out.dtype == np.float16 and out.shape == (len(k),) + im.shape[:2]
-        # Batched against one image at a time: the network's roundings in another order (13 tokens at the largest
-        # scale), the fusion (flip 2, grid upsampling 4, scale mean 3, final upsampling 4) and the softmax (K + 2),
-        # at the logits' scale; then the float16 storage.
-        terms = dump_logit_terms(backbone_blocks=stack.head.num_inputs, width=stack.backbone.width, tokens=13,
-                                 decoder_layers=cfg.head.decoder_layers, embed_dim=cfg.head.embed_dim,
-                                 fusion=2 + 4 + 3 + 4) + len(k) + 2
-        tol = f16_probs_tolerance(ref, f32_tolerance(terms, logits.abs().max()))
-        err = (torch.from_numpy(out.astype(np.float64)) - ref.double()).abs()
-        assert bool((err <= tol).all()), f"{float((err - tol).max()):.3g} over the bound"
+        _assert_probs_match_fused_logits(out, torch.stack(fused).mean(0)[0], k, im.shape[:2], stack, cfg)
         # The stored probabilities sum to 1 up to the float32 softmax's roundings (K + 2) and their float16 storage.
         atol = f16_sum_to_one_atol(len(k), len(k) + 2)
         np.testing.assert_allclose(out.astype(np.float64).sum(0), 1.0, rtol=0, atol=atol)
@@ -186,16 +192,7 @@ def test_parity_sizes_follow_the_reference(trained):
         pair = [stack.head.predict_logits(xs), stack.head.predict_logits(xs.flip(-1))]
         pair = [F.interpolate(a, size=(3, 4), mode="bilinear", align_corners=False) for a in pair]
         fused.append((pair[0] + pair[1].flip(-1)) / 2)
-    logits = torch.stack(fused).mean(0)[0, torch.as_tensor(keys)]
-    ref = F.interpolate(logits[None], size=im.shape[:2], mode="bilinear", align_corners=False)[0].softmax(0)
-    assert out.shape == (len(keys),) + im.shape[:2]
-    # As in the test above: the network's roundings (13 tokens), the fusion and the softmax, then float16 storage.
-    terms = dump_logit_terms(backbone_blocks=stack.head.num_inputs, width=stack.backbone.width, tokens=13,
-                             decoder_layers=cfg.head.decoder_layers, embed_dim=cfg.head.embed_dim,
-                             fusion=2 + 4 + 3 + 4) + len(keys) + 2
-    tol = f16_probs_tolerance(ref, f32_tolerance(terms, logits.abs().max()))
-    err = (torch.from_numpy(out.astype(np.float64)) - ref.double()).abs()
-    assert bool((err <= tol).all()), f"{float((err - tol).max()):.3g} over the bound"
+    _assert_probs_match_fused_logits(out, torch.stack(fused).mean(0)[0], keys, im.shape[:2], stack, cfg)
     snapped = dump_mod.predict_probs(predictor, [im], [keys], settings=DumpCfg(
         long_side=64, scales=(1.0, 0.75, 0.5), flip=True, crf=CrfCfg(enabled=False)))[0]
     assert np.abs(snapped.astype(np.float32) - out.astype(np.float32)).max() > 1e-3  # the switch changes the sizes
