@@ -68,9 +68,9 @@ _IMAGES = "images"
 # Settings that must agree between a partial shard and the writer resuming it, and across the shards
 # of one directory. ``git_sha`` and the rest of ``extra`` may differ (a warning is logged for ``git_sha``).
 _MUST_MATCH = ("dataset", "split", "class_names", "palette", "ignore_index", "config_hash", "checkpoint_hash")
-# Keys of ``extra`` that must agree too: the precision the network ran in. ``train.amp="auto"`` resolves per machine
-# (bf16 on GPUs and CPUs with native bf16, float32 elsewhere), so the config hash alone does not fix it.
-_MUST_MATCH_EXTRA = ("precision",)
+# ``extra.precision`` must agree too: the precision the network ran in. ``train.amp="auto"`` resolves per machine
+# (bf16 on GPUs and CPUs with native bf16, float32 elsewhere), so the config hash alone does not fix it. The
+# train.amp value of each recorded precision (utils.precision.precision_name's inverse; this module imports no torch):
 _AMP_OF_PRECISION = {"bf16": "bf16", "fp16": "fp16", "float32": "none"}
 
 
@@ -274,14 +274,11 @@ def _meta_mismatches(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
             vb = [list(x) if isinstance(x, (list, tuple)) else x for x in (vb or [])]
         if va != vb:
             out.append(f"{k}: {_short(va)} vs {_short(vb)}")
-    extra_a, extra_b = a.get("extra") or {}, b.get("extra") or {}
-    for k in _MUST_MATCH_EXTRA:
-        if extra_a.get(k) != extra_b.get(k):
-            hint = ""
-            if k == "precision" and extra_a.get(k) in _AMP_OF_PRECISION:
-                hint = (f" (train.amp='auto' picks the precision per machine; train.amp="
-                        f"{_AMP_OF_PRECISION[extra_a[k]]!r} runs in the first one)")
-            out.append(f"extra.{k}: {_short(extra_a.get(k))} vs {_short(extra_b.get(k))}{hint}")
+    pa, pb = ((m.get("extra") or {}).get("precision") for m in (a, b))
+    if pa != pb:
+        hint = (f" (train.amp='auto' picks the precision per machine; train.amp={_AMP_OF_PRECISION[pa]!r} runs in the "
+                f"first one)" if pa in _AMP_OF_PRECISION else "")
+        out.append(f"extra.precision: {_short(pa)} vs {_short(pb)}{hint}")
     return out
 
 
