@@ -32,7 +32,7 @@ from .utils.cpu_malloc import retain_freed_memory
 from .utils.dist import DistInfo, device_for, init_distributed, peak_memory_mb, shutdown_distributed
 from .utils.logging import setup_logging
 from .utils.files import atomic_write
-from .utils.precision import autocast_dtype, precision_name
+from .utils.precision import autocast, autocast_dtype, precision_name
 from .utils.run_dir import RunDir, RunDirError, git_sha, stage_hash
 
 _logger = logging.getLogger(__name__)
@@ -287,7 +287,6 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
         _logger.info("resumed from %s at step %d", resume_path, step)
 
     amp_dtype = autocast_dtype(tc.amp, device)
-    use_amp = amp_dtype is not None
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp_dtype == torch.float16)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -338,7 +337,7 @@ def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Opt
                         labels=labels_from_multi_hot(batch["cls_label"]),
                         masks=batch["mask"].to(device, non_blocking=True) if "mask" in batch else None,
                         names=batch["name"])
-        with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
+        with autocast(device, amp_dtype):
             out = head.forward_train(tb, step)
         loss = out["loss"]
         losses.record(step, loss, batch["name"])  # checked at the next flush (log line, validation, checkpoint)

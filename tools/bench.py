@@ -50,7 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from stage1_cam.heads import TrainBatch
 from stage1_cam.utils.cli import run_main
-from stage1_cam.utils.precision import autocast_dtype, cpu_features, native_bf16_cpu, precision_name
+from stage1_cam.utils.precision import autocast, autocast_dtype, cpu_features, native_bf16_cpu, precision_name
 
 _logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def bench_cam(model: str, size: int, batch: int, repeats: int) -> Dict[str, Any]
     dtype = autocast_dtype("auto", device)  # what the CAM run uses here (train.amp="auto")
 
     def run() -> None:
-        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, dtype):
             cam(x, labels)
 
     res: Dict[str, Any] = {}
@@ -136,7 +136,7 @@ def _stepper(cfg: Any, device: torch.device, x: torch.Tensor, labels: List[np.nd
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
     def step(i: int) -> None:
-        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, dtype):
             out = head.forward_train(TrainBatch(images=x, labels=labels), step=i)
         opt.zero_grad(set_to_none=True)
         scaler.scale(out["loss"]).backward()
@@ -487,7 +487,7 @@ def bench_train_weakclip(*, model: str = "ViT-B-16", size: int = 320, batch: int
     def step(i: int) -> float:
         sync()
         t = time.perf_counter()
-        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, dtype):
             out = head.forward_train(TrainBatch(images=x, labels=[], masks=masks), i)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()

@@ -27,7 +27,7 @@ import torch
 
 from stage1_cam.heads import TrainBatch
 from stage1_cam.utils.cli import run_main
-from stage1_cam.utils.precision import cpu_features
+from stage1_cam.utils.precision import autocast, cpu_features
 
 from .bench import save_results
 
@@ -71,9 +71,8 @@ def _run(stack: Any, x: torch.Tensor, keys: List[np.ndarray], amp: Optional[torc
     for m in head.modules():  # dropout off: its masks come from different generators on the two devices
         if isinstance(m, torch.nn.modules.dropout._DropoutNd):
             m.eval()
-    autocast = torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None)
     captured: Dict[str, Any] = {}
-    with autocast:
+    with autocast(device, amp):
         head.cam_source = _Spy(head.cam_source, captured)
         try:
             out = head.forward_train(TrainBatch(images=x, labels=keys), step=0)
@@ -83,7 +82,7 @@ def _run(stack: Any, x: torch.Tensor, keys: List[np.ndarray], amp: Optional[torc
     out["loss"].float().backward()
     res = {"cams": torch.cat([c.flatten() for c in captured["cams"]]), "loss": out["loss"].detach().float().cpu(),
            "grad": _grad(head), "pseudo": out["pseudo_label"].cpu()}
-    with autocast:
+    with autocast(device, amp):
         feats = head.backbone(x, num_blocks=head.num_inputs, with_attn=False)
         logits, _, aff = head.decode(feats)
     res["logits"] = logits.detach().float().cpu()
@@ -94,7 +93,7 @@ def _run(stack: Any, x: torch.Tensor, keys: List[np.ndarray], amp: Optional[torc
     fixed.backward()
     res["grad_fixed_targets"] = _grad(head)
     head.eval()
-    with autocast:
+    with autocast(device, amp):
         res["dump_logits"] = head.predict_logits(x).float().cpu()
     return res
 
@@ -184,7 +183,7 @@ def sync_check(model: str, size: int, batch: int, steps: int = 3, amp: Optional[
 
     def step(i: int) -> None:
         tb = TrainBatch(images=x.to(device, non_blocking=True), labels=keys)
-        with torch.autocast(device_type="cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast("cuda", dtype):
             out = head.forward_train(tb, i)
         history.record(i, out["loss"], ["crop"])
         optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ from ..build import build_cam_stack
 from ..data.transforms import normalization, normalize
 from ..refine.affinity import attention_affinity, refine_cams
 from ..refine.sinkhorn import transition_matrix
-from ..utils.precision import autocast_dtype
+from ..utils.precision import autocast, autocast_dtype
 from .base import minmax_scale
 
 _logger = logging.getLogger(__name__)
@@ -126,8 +126,7 @@ class InitialCams:
         h, w = image.shape[:2]
         x = self.normalized(image) if normalized is None else normalized
         x = F.interpolate(x, size=self.input_size(h, w), mode="bicubic", align_corners=False)
-        with torch.autocast(device_type=self.device.type, dtype=self.amp or torch.float32,
-                            enabled=self.amp is not None):
+        with autocast(self.device, self.amp):
             out = self.cam_source(x, [labels])
         maps = refined_cams(out.cams[0], out.attn[0], out_size=(h, w), attn_layers=self.attn_layers,
                             box_threshold=self.box_threshold, parity=self.parity).cpu().numpy()

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..config import DumpCfg
 from ..utils.cli import BadInputError
-from ..utils.precision import autocast_dtype, precision_name
+from ..utils.precision import autocast, autocast_dtype, precision_name
 
 _logger = logging.getLogger(__name__)
 
@@ -139,8 +139,7 @@ class Predictor:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> float32 logits (B, C, H // patch, W // patch)."""
-        with torch.autocast(device_type=images.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+        with autocast(images.device, self.amp_dtype):
             return self.predict(images).float()
 
     def prepare(self, image: np.ndarray, size: Tuple[int, int]) -> torch.Tensor:

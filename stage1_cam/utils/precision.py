@@ -17,7 +17,7 @@ import contextlib
 import functools
 import logging
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Union
 
 import torch
 
@@ -83,6 +83,12 @@ def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     if amp == "bf16" or (amp == "auto" and native_bf16_cpu()):
         return torch.bfloat16
     return None
+
+
+def autocast(device: Union[str, torch.device], dtype: Optional[torch.dtype]) -> torch.autocast:
+    """``torch.autocast`` on ``device``'s type in ``dtype`` (from :func:`autocast_dtype`); None: off (float32)."""
+    kind = torch.device(device).type
+    return torch.autocast(device_type=kind, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def precision_name(dtype: Optional[torch.dtype]) -> str:
