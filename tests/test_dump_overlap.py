@@ -45,11 +45,9 @@ class _InlineWriter:
         pass
 
 
-def _dump(trained: dict, out: Path, monkeypatch: Any, *, old: bool, flush_every: int = 0,  # noqa: F811
-          **opts: Any) -> dict:
-    """Dump both shards into ``out``: the old path (``old``) or the new one (a progress point every ``flush_every``
-    images; default 1 for the old path, 3 for the new); returns the calls of the device decoding and the writer
-    threads seen."""
+def _dump(trained: dict, out: Path, monkeypatch: Any, *, old: bool, **opts: Any) -> dict:  # noqa: F811
+    """Dump both shards into ``out``: the old path (``old``) or the new one; returns the calls of the device
+    decoding and the writer threads seen."""
     seen = {"device_decode": 0, "threads": set()}
     real_decode, real_write = tta.decode_on_device, ShardWriter.write
 
@@ -68,7 +66,7 @@ def _dump(trained: dict, out: Path, monkeypatch: Any, *, old: bool, flush_every:
             real_async = shard_loop.predict_async
             m.setattr(shard_loop, "predict_async", lambda *a, decode=False, **k: real_async(*a, decode=False, **k))
             m.setattr(shard_loop, "BackgroundWriter", _InlineWriter)
-        cfg = load_config(CONFIG, {**trained["opts"], "dump.flush_every": flush_every or (1 if old else 3), **opts})
+        cfg = load_config(CONFIG, {**trained["opts"], "dump.flush_every": 1 if old else 3, **opts})
         runner.run_dump(cfg, shards=[0, 1], out_dir=out, checkpoint=trained["ckpt"], progress=False)
     return seen
 
@@ -97,22 +95,12 @@ def test_new_path_writes_the_old_shards_bit_for_bit(trained, tmp_path, monkeypat
     a, b = _contents(tmp_path / "old"), _contents(tmp_path / "new")
     _assert_same(a, b)
     assert len(a) == 16 and all((a[n]["probs"] is None) != bool(opts.get("dump.save_probs")) for n in a)
-    for k in range(2):  # and every stored thing, in the same order: attributes, groups, dtypes, chunks, values
-        name = shard_filename(k, 2)
-        assert file_contents(tmp_path / "old" / name) == file_contents(tmp_path / "new" / name), name
-
-
-@pytest.mark.parametrize("case", ["weclip-threshold", "excel-crf"])
-def test_new_path_at_a_flush_per_image_writes_the_same_file_bytes(trained, tmp_path, monkeypatch, case):  # noqa: F811
-    """With the old path's flush cadence the writer thread and device decoding give byte-identical files (with
-    progress points every few images HDF5 lays its metadata out differently; the contents stay the same, above)."""
-    monkeypatch.setattr(runner, "git_sha", lambda: "0" * 40)  # a file edited between the two runs changes "-dirty"
-    old = _dump(trained, tmp_path / "old", monkeypatch, old=True, **CASES[case])
-    new = _dump(trained, tmp_path / "new", monkeypatch, old=False, flush_every=1, **CASES[case])
-    assert old["threads"] == {"MainThread"} and new["threads"] == {"dump-write"}
+    # And every stored thing, in the same order: attributes, groups, dtypes, chunks, values. Not the file bytes: HDF5's
+    # layout of the same writes can differ by a few bytes from run to run (346266 or 346270 bytes for one shard here,
+    # seen between two runs of the old path as well), so the bytes are no property of a shard.
     for k in range(2):
         name = shard_filename(k, 2)
-        assert (tmp_path / "old" / name).read_bytes() == (tmp_path / "new" / name).read_bytes(), name
+        assert file_contents(tmp_path / "old" / name) == file_contents(tmp_path / "new" / name), name
 
 
 def test_device_decoding_equals_host_decoding_with_ties():
