@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Set, Tuple
 
 import h5py
+import torch
 
 from stage1_cam.io import ShardReader
 
@@ -117,7 +118,10 @@ def kill_then_resume(module: str, argv: List[str], out: Path, *, after: int, mod
     import h5py
 
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    # The child computes with this process's thread count: another count splits the float sums differently, and the
+    # images it kept would differ in their last bits from those an uninterrupted run here computes.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run([sys.executable, "-c", _KILLED_CHILD, mode, str(after), module, *argv], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-3000:]

@@ -39,6 +39,7 @@ def test_timeline_peak_counts_live_tensors_in_order():
     assert base.numel() == unused.numel() == 2**18
 
 
+@pytest.mark.slow  # the profiler's memory timeline of 8 steps (about 15 s)
 def test_bench_train_memory_estimates_each_heads_step():
     res = bench.bench_train_memory("wsss-tiny-ViT-16", 64, 2)
     modes = ("bf16", "none") if native_bf16_cpu() else ("none",)

@@ -557,6 +557,7 @@ def test_a_failed_hdf5_write_is_one_error_and_the_shard_resumes(tmp_path):
             assert (r.confidence(f"img{i}") == ref["confidence"].astype(np.float16)).all()
 
 
+@pytest.mark.slow  # four dump processes (about 25 s); test_enospc_while_writing covers the error path fast
 def test_a_disk_that_fills_during_the_dump_is_one_error(trained, tmp_path):
     """A real full disk (a small tmpfs, filled by another writer once the shard is open): exit 2 with one line, no
     crash; with space again the dump resumes to the same shard as an uninterrupted run. Needs mount rights."""

@@ -154,6 +154,7 @@ def test_report_labels_training_free_rows():
 
 
 # ------------------------------------------------------------------------------------------------ pipelines
+@pytest.mark.slow  # the whole pipeline twice and the report (about 20 s)
 def test_pipelines_head_none_end_to_end(tmp_path, monkeypatch, capfd):
     """`make pseudo-labels HEAD=none` then `make report`: no training, the training-free writer, the evaluation;
     a second run skips everything."""
