@@ -340,6 +340,43 @@ def test_train_augment_scale_and_flip_ranges():
         TrainAugment(scale_range=(2.0, 1.0))
 
 
+def _triangle_resize(img: np.ndarray, size) -> np.ndarray:
+    """Float64 bilinear (triangle) resampling with the kernel widened by the shrink factor: the filter reference_spec
+    1.1's PIL BILINEAR applies, written out for the test."""
+    out = img.astype(np.float64)
+    for axis, n_out in ((1, size[1]), (0, size[0])):
+        n_in = out.shape[axis]
+        scale = n_in / n_out
+        support = max(scale, 1.0)
+        centres = (np.arange(n_out) + 0.5) * scale
+        taps = np.maximum(0.0, 1 - np.abs((np.arange(n_in)[None] + 0.5 - centres[:, None]) / support))
+        taps /= taps.sum(1, keepdims=True)
+        out = np.moveaxis(np.tensordot(taps, np.moveaxis(out, axis, 0), axes=1), 0, axis)
+    return out
+
+
+@pytest.mark.parametrize("ratio", [0.55, 0.8, 1.7])
+def test_train_augment_rescales_with_pils_widened_bilinear_kernel(ratio):
+    """reference_spec 1.1: the rescale is PIL BILINEAR, which averages over 1/r pixels when it shrinks (OpenCV's
+    INTER_LINEAR, used before, reads 2 and differs by tens of grey levels on a textured image)."""
+    import cv2
+
+    img = np.random.default_rng(3).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    aug = TrainAugment(crop_size=128, scale_range=(ratio, ratio), flip=False)  # the crop holds the whole image
+    out, (y0, y1, x0, x1) = aug(img, sample_rng(0, 0))
+    h, w = int(ratio * 40), int(ratio * 60)
+    assert (y1 - y0, x1 - x0) == (h, w)
+    ref = _triangle_resize(img, (h, w))
+    std = np.array(IMAGENET_STD, np.float32)
+    got = out.transpose(1, 2, 0)[y0:y1, x0:x1] * std + np.array(IMAGENET_MEAN, np.float32)
+    # PIL rounds to uint8 after each of its two passes: at most 1 grey level from the exact filter (plus float32
+    # rounding of the un-normalisation, far below it).
+    assert np.abs(got - ref).max() <= 1.01
+    if ratio < 1:
+        linear = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR).astype(np.float64)
+        assert np.abs(linear - ref).max() > 10  # the check above tells the two filters apart
+
+
 def test_train_crop_dataset(synthetic_root):
     base = SegDataset(root=synthetic_root, dataset="synthetic", split="train_aug")
     ds = TrainCropDataset(base, TrainAugment(crop_size=64, scale_range=(0.75, 1.5)), seed=3)
