@@ -131,6 +131,9 @@ class TrainCfg(SectionSchema):
     ckpt_interval: int = 2000  # steps between checkpoints
     val_interval: int = 2000  # steps between validations (0 = off)
     val_max_images: int = 0  # cap on validation images (0 = all)
+    # WeCLIP's logged validation (reference_spec 1.11, 7.1 item 3): dropout stays on (its validate() never calls
+    # model.eval()) and the pixels beyond a patch multiple are dropped (1.2), not resized away
+    val_parity: bool = False
 
     PREFIX: ClassVar[str] = "train"
     RANGES: ClassVar[Dict[str, Range]] = {
@@ -242,7 +245,7 @@ SECTIONS: Dict[str, type] = {f: type(getattr(Stage1Cfg(), f)) for f in ("run", "
 # Keys added after runs existed, hashed only when they differ from these values (their behaviour before they
 # existed), so that earlier runs, checkpoints and shards keep their hashes. Never change these values.
 _HASH_IF_NOT = {"dump.protocol": "weclip", "dump.square_size": 320, "dump.parity_no_flip_at_1": False,
-                "dump.parity_sizes": False}
+                "dump.parity_sizes": False, "train.val_parity": False}
 
 # Settings read only by the dump's excel protocol (as DumpCfg.record() has them): not hashed under the weclip one.
 _EXCEL_PROTOCOL_ONLY = ("dump.square_size", "dump.parity_no_flip_at_1")

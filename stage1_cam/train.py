@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -184,27 +184,55 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     return ckpt
 
 
+# the layers WeCLIP's validation leaves in training mode (train.val_parity)
+_DROPOUTS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d)
+
+
 @torch.no_grad()
 def validate(stack: Any, cfg: Any, device: torch.device, *, max_images: int = 0) -> Dict[str, float]:
     """mIoU of the head's validation figures (``head.validation_figures``, e.g. WeCLIP's online pseudo labels with
     and without RFM and its decoder) on ``cfg.data.val_split``.
 
-    Runs with the head in eval mode (dropout off), batch 1, full-resolution images cropped to a
-    multiple of the patch size on the network side and labels resized to the original size.
+    Runs with the head in eval mode (dropout off), batch 1, full-resolution images resized to a multiple of the
+    patch size on the network side and labels resized to the original size. With ``train.val_parity`` as WeCLIP's
+    logged validation: the dropout layers stay on (drawing from a forked RNG, so the training stream and resume are
+    unchanged) and the network input is the image cropped to a patch multiple (its patch embedding drops the rest).
 
     Returns:
         ``<figure>_miou`` and ``<figure>_miou_gt`` per figure, ``images``, and ``figures`` (name -> description,
         the report's row labels).
     """
-    from .data.transforms import normalize
-
-    head = stack.head
-    was_training = head.training
-    head.eval()
     ds = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.val_split)
     if not ds.has_gt:
         _logger.warning("validation split %s has no ground truth; skipped", cfg.data.val_split)
         return {}
+    head = stack.head
+    was_training = head.training
+    parity = bool(cfg.train.val_parity)
+    head.eval()
+    if parity:
+        for m in head.modules():
+            if isinstance(m, _DROPOUTS):
+                m.train()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            scores, n = _validation_scores(stack, cfg, device, ds, parity=parity, max_images=max_images)
+    finally:
+        head.train(was_training)
+    # _miou: MMSegmentation's definition; _miou_gt: WeCLIP's (classes with ground truth only; stage1_cam.metrics)
+    return {**{f"{key}_miou": r["miou"] for key, r in scores.items()},
+            **{f"{key}_miou_gt": r["miou_gt"] for key, r in scores.items()}, "images": n,
+            # in the head's order (the report's row order), then any figure the head did not describe
+            "figures": {**{k: v for k, v in head.FIGURES.items() if k in scores},
+                        **{k: k for k in scores if k not in head.FIGURES}}}
+
+
+def _validation_scores(stack: Any, cfg: Any, device: torch.device, ds: Any, *, parity: bool, max_images: int
+                       ) -> Tuple[Dict[str, Dict[str, Any]], int]:
+    """Confusion-matrix scores per validation figure over the first ``max_images`` (0: all) images of ``ds``."""
+    from .data.transforms import normalize
+
+    head = stack.head
     n_cls = len(stack.class_names)
     cms: Dict[str, ConfusionMatrix] = {}
     n = len(ds) if not max_images else min(max_images, len(ds))
@@ -216,18 +244,14 @@ def validate(stack: Any, cfg: Any, device: torch.device, *, max_images: int = 0)
         img = torch.from_numpy(normalize(item["image"], stack.mean, stack.std)).permute(2, 0, 1)[None].to(device)
         h, w = img.shape[-2:]
         ph, pw = max(p, h // p * p), max(p, w // p * p)
-        net_in = torch.nn.functional.interpolate(img, size=(ph, pw), mode="bilinear", align_corners=False)
+        if parity and h >= p and w >= p:
+            net_in = img[..., :ph, :pw]
+        else:
+            net_in = torch.nn.functional.interpolate(img, size=(ph, pw), mode="bilinear", align_corners=False)
         preds = head.validation_figures(net_in, [item["labels"]], out_size=(h, w), full_images=img)
         for key, pred in preds.items():
             cms.setdefault(key, ConfusionMatrix(n_cls)).update(pred[0].cpu().numpy(), item["gt"])
-    head.train(was_training)
-    scores = {key: cm.compute() for key, cm in cms.items()}
-    # _miou: MMSegmentation's definition; _miou_gt: WeCLIP's (classes with ground truth only; stage1_cam.metrics)
-    return {**{f"{key}_miou": r["miou"] for key, r in scores.items()},
-            **{f"{key}_miou_gt": r["miou_gt"] for key, r in scores.items()}, "images": n,
-            # in the head's order (the report's row order), then any figure the head did not describe
-            "figures": {**{k: v for k, v in head.FIGURES.items() if k in scores},
-                        **{k: k for k in scores if k not in head.FIGURES}}}
+    return {key: cm.compute() for key, cm in cms.items()}, n
 
 
 def train(cfg: Any, run_dir: RunDir, *, resume: Optional[Path] = None, dist: Optional[DistInfo] = None) -> Path:
