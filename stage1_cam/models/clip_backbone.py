@@ -10,8 +10,9 @@ come out of one pass. Differences from the reference encoder (``WeCLIP/clip/mode
 - tokens are batch-first ``(B, L, D)`` with the CLS token first;
 - the positional embedding is interpolated bilinearly (align_corners=False) from the pretrained grid to
   ``(H // p, W // p)`` once per input size and cached, instead of on every forward;
-- attention logits and the softmax are computed in float32 whatever the weight precision (the reference
-  also ran its attention in fp32 and returned fp32 maps).
+- the attention softmax runs in float32, and so do its logits without autocast (the reference ran its attention
+  in fp32 and returned fp32 maps); under a ``train.amp`` autocast their matmul runs in the autocast dtype
+  (reference_spec 7.1 item 12; ``train.amp=none`` gives float32 throughout).
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def merge_heads(block: nn.Module, out: torch.Tensor) -> torch.Tensor:
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product attention probabilities computed in float32.
+    """Scaled dot-product attention probabilities, float32 (the logits' matmul in the autocast dtype if one is on).
 
     Args:
         q, k: ``(B, H, L, hd)``.
