@@ -166,6 +166,29 @@ def test_msc_flip_matches_per_image_reference(trained):
         np.testing.assert_allclose(out.astype(np.float64).sum(0), 1.0, rtol=0, atol=atol)
 
 
+def test_msc_flip_fuses_a_finer_head_on_its_own_grid():
+    """A head that predicts at stride 4 (WeakCLIP's FPN head, reference_spec 5.2) keeps its grid through the fusion:
+    each scale's flip-fused logits are resized to the scale-1 output's grid (here 4 x the patch grid), not to the
+    patch grid; at scale 1 without flip the fusion is the head's own output."""
+    proj = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+
+    def predict(x: torch.Tensor) -> torch.Tensor:  # (N, 3, h, w) -> (N, 5, h / 4, w / 4)
+        return torch.einsum("kc,nchw->nkhw", proj, F.avg_pool2d(x, 4))
+
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(dump_mod.msc_flip_logits(predict, x, scales=(1.0,), flip=False, patch_size=16), predict(x))
+    got = dump_mod.msc_flip_logits(predict, x, scales=(1.0, 0.5), flip=True, patch_size=16)
+    assert got.shape == (2, 5, 16, 24)
+    ref = []
+    for xs in (x, F.interpolate(x, size=(32, 48), mode="bilinear", align_corners=False)):
+        pair = (predict(xs) + predict(xs.flip(-1)).flip(-1)) / 2
+        ref.append(F.interpolate(pair, size=(16, 24), mode="bilinear", align_corners=False))
+    ref = torch.stack(ref).mean(0)
+    # the same operations batched and per image: the pooling (16) and projection (3) roundings, flip mean (2),
+    # resizing (4) and scale mean (2), at the logits' scale
+    assert bool(((got - ref).abs() <= f32_tolerance(16 + 3 + 2 + 4 + 2, ref.abs().max())).all())
+
+
 def test_parity_sizes_follow_the_reference(trained):
     """``dump.parity_sizes``: the reference's input sizes (``int(H r)``, ``scale_factor`` resizes, the remainder rows
     and columns dropped by the patch embedding), per image as reference_spec 2.2 writes it: resize the logits of each

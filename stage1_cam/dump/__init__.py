@@ -12,8 +12,9 @@ the decoder-only ``test_msc_flip_seg.py`` path), shard by shard, resumably:
    sizes instead: ``(int(H r), int(W r))``, each scale by ``scale_factor``, the remainder dropped by the backbone.
 2. For each scale in ``dump.scales`` the scale-1 input is resized by the scale (again snapped to the
    patch), ``[x, flip(x)]`` go through the network in one batch (``dump.flip``), the flipped logits are
-   flipped back and averaged, and the result is resized to the scale-1 logit grid. The mean over scales
-   is upsampled to the original (H, W) and soft-maxed.
+   flipped back and averaged, and the result is resized to the scale-1 logit grid (the head's own: the patch
+   grid for WeCLIP's and ExCEL's decoders, stride 4 for WeakCLIP's). The mean over scales is upsampled to the
+   original (H, W) and soft-maxed.
 3. Label-constrained decoding (``dump.label_constrained``): only background and the image-level classes
    may appear; the logits are restricted to those channels *before* the softmax, and the CRF runs on
    them only (fewer labels, faster).

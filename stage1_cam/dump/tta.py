@@ -121,7 +121,8 @@ class Predictor:
     """The network side of the dump: decoder logits for normalised batches, plus what the dump needs.
 
     Attributes:
-        predict: ``(B, 3, H, W)`` normalised images -> ``(B, C, H // patch, W // patch)`` logits.
+        predict: ``(B, 3, H, W)`` normalised images -> ``(B, C, f * (H // patch), f * (W // patch))`` logits (``f``
+            logits per patch side: 1 for the WeCLIP and ExCEL decoders, 4 for WeakCLIP).
         patch_size: backbone patch size.
         num_classes: C, background included.
         mean, std: per-channel normalisation (0-255 scale, RGB).
@@ -138,7 +139,7 @@ class Predictor:
     amp_dtype: Optional[torch.dtype] = None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> float32 logits (B, C, H // patch, W // patch)."""
+        """(B, 3, H, W) -> float32 logits (B, C, f * (H // patch), f * (W // patch))."""
         with autocast(images.device, self.amp_dtype):
             return self.predict(images).float()
 
@@ -165,8 +166,12 @@ def msc_flip_logits(predict: Callable[[torch.Tensor], torch.Tensor], images: tor
                     scales: Sequence[float], flip: bool, patch_size: int, exact_sizes: bool = False) -> torch.Tensor:
     """Multi-scale + flip fused logits at the scale-1 logit grid (reference_spec 2.2 steps 3-6), batched.
 
+    The scale-1 logit grid is the head's own output grid: ``f`` logits per patch side, ``f`` read from the first
+    pass (1 for the decoders on the patch tokens, 4 for WeakCLIP's stride-4 FPN head, reference_spec 5.2), so a
+    finer head keeps its resolution.
+
     Args:
-        predict: ``(N, 3, h, w)`` -> ``(N, C, h // patch, w // patch)`` logits.
+        predict: ``(N, 3, h, w)`` -> ``(N, C, f * (h // patch), f * (w // patch))`` logits, ``f`` >= 1.
         images: (B, 3, H, W) normalised scale-1 inputs, H and W multiples of ``patch_size`` (any size with
             ``exact_sizes``).
         scales: test-time scales (each input size snapped to the patch).
@@ -176,12 +181,12 @@ def msc_flip_logits(predict: Callable[[torch.Tensor], torch.Tensor], images: tor
             does, sizes not snapped; the patch embedding drops the remainder rows/columns.
 
     Returns:
-        (B, C, H // patch, W // patch) float32: mean over scales of the flip-averaged logits.
+        (B, C, f * (H // patch), f * (W // patch)) float32: mean over scales of the flip-averaged logits.
     """
     b, _, h, w = images.shape
     if (h % patch_size or w % patch_size) and not exact_sizes:
         raise ValueError(f"input size {(h, w)} is not a multiple of the patch size {patch_size}")
-    grid = (h // patch_size, w // patch_size)
+    grid: Optional[Tuple[int, int]] = None
     total: Optional[torch.Tensor] = None
     for s in scales:
         size = scaled_size((h, w), float(s), patch_size, exact=exact_sizes)
@@ -196,6 +201,9 @@ def msc_flip_logits(predict: Callable[[torch.Tensor], torch.Tensor], images: tor
         out = predict(x).float()  # (B or 2B, C, size // patch)
         if flip:
             out = (out[:b] + out[b:].flip(-1)) / 2
+        if grid is None:
+            f = out.shape[-2] // max(1, x.shape[-2] // patch_size)
+            grid = (f * (h // patch_size), f * (w // patch_size))
         if tuple(out.shape[-2:]) != grid:
             out = F.interpolate(out, size=grid, mode="bilinear", align_corners=False)
         total = out if total is None else total + out
@@ -210,7 +218,8 @@ def excel_logits(predict: Callable[[torch.Tensor], torch.Tensor], images: Sequen
     """ExCEL's multi-scale + flip inference (reference_spec 4.9), batched over images of any size.
 
     Args:
-        predict: ``(N, 3, h, w)`` -> ``(N, C, h // patch, w // patch)`` logits.
+        predict: ``(N, 3, h, w)`` -> ``(N, C, f * (h // patch), f * (w // patch))`` logits (any ``f``: each scale is
+            upsampled to the original size).
         images: B normalised images (3, H_b, W_b) at their original size.
         scales: test-time scales; the input at scale ``s`` is the whole image resized (bilinear,
             ``align_corners=False``) to the square :func:`square_size` ``(s, side)``.
