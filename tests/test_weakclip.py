@@ -189,9 +189,13 @@ def test_parity_switches_change_the_model(synthetic_root, masks_dir):
     assert dec.contexts.std() > 0.5  # reference init std 1
     out = head.forward_train(TrainBatch(images=torch.randn(2, 3, 64, 64), labels=[], masks=_masks()), 0)
     out["loss"].backward()
-    # Unchained co-attention: only the last layer of each direction is used.
+    # Unchained co-attention: only the last layer of each direction is used; the others are frozen, so every
+    # trainable parameter gets a gradient (what DDP without find_unused_parameters needs: the VOC config's 2 GPUs).
     assert dec.coattention.text_layers[0].self_attn.in_proj_weight.grad is None
     assert dec.coattention.text_layers[-1].self_attn.in_proj_weight.grad is not None
+    assert not any(p.requires_grad for layer in (dec.coattention.text_layers[0], dec.coattention.pixel_layers[0])
+                   for p in layer.parameters())
+    assert all(p.grad is not None for name, p in dec.named_parameters() if p.requires_grad)
     # Class embedding twice: the embedded CLS token differs from the backbone's; patches are identical.
     x = torch.randn(1, 3, 32, 32)
     twice, _ = head._embed(x)

@@ -139,7 +139,8 @@ class CoAttention(nn.Module):
         dropout: dropout (0.1).
         scale_init: initial value of ``gamma`` and ``beta`` (0.1).
         chain: feed each layer the previous layer's output (fix); False = the reference, where every layer
-            gets the original input and only the last layer's output is used (so only it is computed).
+            gets the original input and only the last layer's output is used (so only it is computed, and the
+            others are built but frozen: they would get no gradient, which AdamW skips and DDP refuses).
     """
 
     def __init__(self, *, dim: int, width: int, heads: int, layers: int, dropout: float, scale_init: float,
@@ -164,6 +165,9 @@ class CoAttention(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        if not chain:
+            for layer in [*self.text_layers[:-1], *self.pixel_layers[:-1]]:
+                layer.requires_grad_(False)
 
     def _run(self, layers: nn.ModuleList, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         if not self.chain:
