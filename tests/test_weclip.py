@@ -185,6 +185,41 @@ def test_validation_scores_the_rfm_ablation_on_the_same_decoder(synthetic_root):
     assert plain["pseudo_miou"] == both["pseudo_no_rfm_miou"] and plain["decoder_miou"] == both["decoder_miou"]
 
 
+def test_validation_parity_keeps_dropout_on_and_crops_the_input_without_touching_the_training_rng(tmp_path):
+    """train.val_parity (reference_spec 1.11, 7.1 item 3, 1.2): the decoder's dropout stays on and the network sees
+    the image cropped to a patch multiple; by default dropout is off and the image is resized. Either way the
+    training RNG stream is what it was, and the head is back in training mode."""
+    from stage1_cam.build import build_stage1
+    from stage1_cam.config import load_config
+    from stage1_cam.data.synthetic import generate_synthetic
+    from stage1_cam.train import validate
+
+    root = tmp_path / "synthetic"
+    generate_synthetic(root, num_train=2, num_val=2, image_size=(90, 122), max_objects=2, seed=1)
+    seen, cpu = [], torch.device("cpu")
+    for parity in (False, True):
+        cfg = load_config(TINY, {"data.root": str(root), "train.val_parity": parity})
+        torch.manual_seed(0)
+        stack = build_stage1(cfg, cpu)
+        head, real = stack.head, stack.head.validation_figures
+
+        def spy(images, labels, *, out_size, full_images, parity=parity, head=head, real=real):
+            seen.append((parity, images.clone(), full_images.clone(), head.decoder.dropout.training, head.training))
+            return real(images, labels, out_size=out_size, full_images=full_images)
+
+        head.validation_figures = spy
+        rng = torch.get_rng_state()
+        first = validate(stack, cfg, cpu)
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert validate(stack, cfg, cpu) == first  # the dropout draws repeat: the logged figures are reproducible
+        assert head.training and head.decoder.dropout.training
+    assert len(seen) == 8 and {s[0] for s in seen} == {False, True}
+    for parity, net_in, full, dropout_on, head_training in seen:
+        assert full.shape[-2:] == (90, 122) and net_in.shape[-2:] == (80, 112) and not head_training
+        assert dropout_on == parity
+        assert torch.equal(net_in, full[..., :80, :112]) == parity
+
+
 def test_twenty_steps_lower_the_loss_and_write_a_checkpoint(synthetic_root, tmp_path):
     assert train_main([TINY, "--run", "t20", "--cfg-options",
                        *_opts(synthetic_root, tmp_path, **{"train.max_iters": 20, "train.ckpt_interval": 10})]) == 0
