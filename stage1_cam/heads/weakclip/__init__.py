@@ -21,7 +21,7 @@ Per training step:
 5. Losses against the input pseudo-mask crop (255 = no cue): balanced seed loss and CRF-constraint
    boundary loss at stride ``loss_stride``, plus ``score_weight`` x CE of ``score_map / tau``.
 
-Reference bugs fixed by default, each behind an option (``parity=True`` selects all reference values):
+Reference bugs fixed by default, each behind an option (``parity=True`` selects the reference values of these six):
 co-attention layers are chained (``chain_coattention``), the class embedding is added once
 (``class_embedding_twice``), the pyramid adapters are trained (``train_adapters``), no stochastic depth in
 the frozen encoder (``backbone_drop_path``), context init std 0.02 (``ctx_init_std``), and the score-map CE
@@ -32,6 +32,16 @@ Other deliberate differences: plain BatchNorm (the reference's SyncBN; convert u
 every token of the longest class name (the reference truncated to 5 tokens; identical for VOC/COCO names);
 the CRF image is downsampled with torch bilinear (corners aligned) instead of scipy zoom; crops come from
 the shared WeCLIP augmentation (no cat_max_ratio, no photometric distortion).
+
+Not covered by ``parity`` (reference_spec 5.4, 7.4; no switch): the training split is ``train_aug`` alone (the
+reference lists VOC train twice: its 1,464 images are 24% of the samples there, 14% here); the rescale is WeCLIP's,
+the original image by ``r ~ U(0.5, 2)`` (mmseg scales the short side to ``512 r``, about 1.37x larger for a 500x375
+image), padded black at a random offset (mmseg: zero after normalisation, bottom-right); the schedule decays
+linearly (the reference: cosine to 1e-6); the dump uses the shared protocol, long side ``dump.long_side``, whole
+images, logits averaged over scales (the reference: short side 512, slide windows 512 / stride 341, softmax
+probabilities averaged); the positional embedding is interpolated from 14x14 to the grid in one step (the
+reference: 14 -> 32 -> grid; equal at the 512 training crops); the final checkpoint is dumped (the reference
+picked its checkpoint on val).
 
 The training loop hands the head the mask crop that matches each image crop: :meth:`WeakCLIPHead.
 wrap_train_dataset` wraps the loop's ``TrainCropDataset`` in :class:`MaskedTrainCrops`, which applies the
