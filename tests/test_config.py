@@ -34,6 +34,32 @@ def test_voc_config_matches_reference_settings():
     assert tuple(cfg.dump.scales) == (1.0, 0.75) and cfg.dump.long_side == 512
     crf = cfg.dump.crf
     assert (crf.iterations, crf.pos_xy_std, crf.pos_w, crf.bi_xy_std, crf.bi_rgb_std, crf.bi_w) == (10, 3, 3, 64, 5, 4)
+    # reference_spec 1.6-1.11: schedule shape, loss weights, decoder, RFM start (the documented step; 9144 is the
+    # reference's effective one, 7.1 item 2), validation on VOC train every 2000 steps, seed 1
+    assert (cfg.train.warmup_ratio, cfg.train.power, cfg.cam.bg_exponent, cfg.cam.par) == (1e-6, 1.0, 1.0, True)
+    h = cfg.head
+    assert (h.aff_loss_weight, h.aff_radius, h.dropout, h.embed_dim, h.decoder_layers, h.decoder_heads) == \
+        (0.1, 8, 0.1, 256, 3, 8)
+    assert (h.rfm.enabled, h.rfm.start_step) == (True, 15000)
+    assert (cfg.data.train_split, cfg.data.val_split, cfg.train.val_interval, cfg.run.seed) == \
+        ("train_aug", "train", 2000, 1)
+
+
+def test_coco_config_matches_reference_settings():
+    """reference_spec 1.12: COCO differs from VOC in the box threshold, the RFM layers and start, the length,
+    validation (off) and the checkpoint interval; the rest is VOC's."""
+    voc = load_config("configs/stage1/weclip_vit-b16_voc12aug-320x320_30k.py")
+    cfg = load_config("configs/stage1/weclip_vit-b16_coco14-320x320_80k.py")
+    assert (cfg.data.dataset, cfg.data.train_split, cfg.cam.box_threshold) == ("coco", "train", 0.7)
+    assert (cfg.head.rfm.layers, cfg.head.rfm.start_step, cfg.head.rfm.score) == (10, 40000, "signed")
+    assert (cfg.train.max_iters, cfg.train.val_interval, cfg.train.ckpt_interval) == (80000, 0, 10000)
+    for section, keys in {"train": ("lr", "weight_decay", "warmup_iters", "warmup_ratio", "power", "batch_size"),
+                          "data": ("crop_size", "scale_range", "normalization"),
+                          "cam": ("source", "attn_layers", "bg_exponent", "par"),
+                          "head": ("aff_loss_weight", "aff_radius", "dropout", "embed_dim", "decoder_layers",
+                                   "decoder_heads")}.items():
+        for k in keys:
+            assert cfg[section][k] == voc[section][k], f"{section}.{k}"
 
 
 def test_unknown_key_is_an_error_naming_the_file(tmp_path):
