@@ -435,3 +435,20 @@ def test_main_generates_synthetic_from_config(tmp_path, capsys):
     cfg.write_text(cfg.read_text().replace("seed=5", "seed=6"))
     assert main(["--config", str(cfg)]) == 2
     assert "different parameters" in capsys.readouterr().err
+
+
+def test_prompt_words_are_the_references():
+    """reference_spec 1.3 written out: the VOC names with its four substitutions, the 25 background words in order,
+    COCO's 80 synonym names and its 23 background words (VOC's without keyboard and sign)."""
+    from stage1_cam.data.class_names import BACKGROUND_WORDS, COCO_BACKGROUND_WORDS, COCO_PROMPT_NAMES, VOC_PROMPT_NAMES
+
+    subs = {"bird": "bird avian", "chair": "chair seat", "person": "person with clothes,people,human",
+            "tvmonitor": "tvmonitor screen"}
+    assert VOC_PROMPT_NAMES == tuple(subs.get(n, n) for n in VOC_CLASSES[1:])
+    bg = ("ground land grass tree building wall sky lake water river sea railway railroad keyboard helmet cloud "
+          "house mountain ocean road rock street valley bridge sign").split()
+    assert BACKGROUND_WORDS["voc"] == tuple(bg) and len(bg) == 25
+    assert COCO_BACKGROUND_WORDS == BACKGROUND_WORDS["coco"] == tuple(w for w in bg if w not in ("keyboard", "sign"))
+    assert len(COCO_BACKGROUND_WORDS) == 23
+    assert len(COCO_PROMPT_NAMES) == len(COCO_CLASSES) - 1 == 80
+    assert {"backpack,bag", "umbrella,parasol"} <= set(COCO_PROMPT_NAMES)
