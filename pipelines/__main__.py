@@ -16,15 +16,16 @@ import argparse
 import logging
 from typing import Any, List, Optional
 
-from stage1_cam.config import DictAction, config_hash, load_config, with_head
+from stage1_cam.config import config_hash, load_config, with_head
 from stage1_cam.heads import HEADS, is_training_free
-from stage1_cam.utils.cli import add_config_args, config_overrides, exit_on_user_error
+from stage1_cam.utils.cli import (BadInputError, add_cfg_options, add_config_args, config_overrides,
+                                  exit_on_user_error, whole_number)
 from stage1_cam.utils.logging import setup_logging
 from stage1_cam.utils.run_dir import RunDir
 
 from .stages import (Paths, StageError, checked_manifest, manifest_complete, mask_metrics_current, needs_initial_cams,
-                     python_cmd, read_manifest, record_stage2_inputs, run_cmd, stage2_config, stage2_decision,
-                     stage2_inputs)
+                     python_cmd, read_manifest, record_stage2_inputs, run_cmd, stage2_config, stage2_config_file,
+                     stage2_decision, stage2_inputs)
 
 _logger = logging.getLogger(__name__)
 
@@ -49,7 +50,15 @@ def _resolve(args: argparse.Namespace, *, prepare: bool) -> tuple:
         asked = cfg
         cfg = load_config(run.config_file)  # later stages use the run's resolved config, not the template
         _refuse_ignored_options(args, asked, cfg, run)
+        # run.root and the run name located the run (a run copied or moved keeps its old ones in config.py);
+        # they are not hashed (config._HASH_EXCLUDE) and only say where the run is
+        for key in _LOCATION_KEYS:
+            cfg.run[key] = asked.run[key]
     return cfg, run
+
+
+# Stage-1 keys that say where a run directory is, not what it holds: the run found with them is the run.
+_LOCATION_KEYS = ("root", "name")
 
 
 def _lookup(tree: Any, key: str) -> Any:
@@ -66,12 +75,15 @@ def _refuse_ignored_options(args: argparse.Namespace, asked: Any, cfg: Any, run:
 
     Retrain, report, status and cancel read the run's ``config.py``, not the template: an option that differs
     from it would be silently ignored, so it is refused (options equal to the run's values are fine, e.g. the
-    same ``OPTIONS`` passed to every target of ``make demo``). ``asked`` is the template with the options applied.
+    same ``OPTIONS`` passed to every target of ``make demo``). ``run.root`` and ``run.name`` are not compared:
+    they located the run (one copied to another root keeps its old root in config.py). ``asked`` is the template
+    with the options applied.
 
     Raises:
         StageError: naming the options, the run's values and where they take effect.
     """
-    opts = {k: v for k, v in (getattr(args, "cfg_options", None) or {}).items() if k != "run.name"}
+    opts = {k: v for k, v in (getattr(args, "cfg_options", None) or {}).items()
+            if k not in {f"run.{key}" for key in _LOCATION_KEYS}}  # they located the run: they agree with it
     if not opts:
         return
     wanted, have = asked.to_dict(), cfg.to_dict()  # both validated: the same types
@@ -133,7 +145,8 @@ def _evaluate_masks(paths: Paths, conf: str) -> None:
 
 def cmd_retrain(args: argparse.Namespace) -> None:
     cfg, run = _resolve(args, prepare=False)
-    s2 = stage2_config(cfg.data.dataset, args.model)
+    s2 = stage2_config(cfg.data.dataset, args.model)  # as recorded in stage2/inputs.json (repo-relative)
+    s2_file = str(stage2_config_file(s2))  # the file itself, wherever the command runs
     if args.scheduler == "slurm":
         from .slurm import submit_retrain
 
@@ -157,7 +170,7 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     work = run.stage2_dir
     last = work / "last_checkpoint"  # mmengine writes the path of its latest checkpoint here
     s2_opts = [f"{k}={v}" for k, v in (args.s2_options or {}).items()]
-    run_cmd(python_cmd("stage2_seg.train", s2, "--shards", str(run.shard_dir), "--work-dir", str(work),
+    run_cmd(python_cmd("stage2_seg.train", s2_file, "--shards", str(run.shard_dir), "--work-dir", str(work),
                        "--data-root", _data_root(cfg), *(["--resume"] if last.is_file() else []),
                        *(["--launcher", "pytorch"] if args.gpus > 1 else []),
                        *(["--cfg-options", *s2_opts] if s2_opts else []), gpus=args.gpus),
@@ -165,7 +178,7 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     if not last.is_file():
         raise StageError(f"stage-2 training finished without a checkpoint in {work}")
     ckpt = last.read_text().strip()
-    run_cmd(python_cmd("stage2_seg.test", s2, ckpt, "--work-dir", str(work), "--data-root", _data_root(cfg),
+    run_cmd(python_cmd("stage2_seg.test", s2_file, ckpt, "--work-dir", str(work), "--data-root", _data_root(cfg),
                        "--aug-test", *(["--cfg-options", *s2_opts] if s2_opts else [])),
             record=paths.costs, name="stage2 evaluation")
     _logger.info("stage-2 metrics: %s", paths.stage2_metrics)
@@ -217,6 +230,18 @@ def cmd_cancel(args: argparse.Namespace) -> None:
     cancel_jobs(run.path / "slurm" / "jobs.json")
 
 
+def _check_gpus(args: argparse.Namespace) -> None:
+    """``--gpus 0`` is a SLURM job without GPUs; the local scheduler runs at least one process (and would use a
+    GPU anyway), so there it is refused rather than read as 1.
+
+    Raises:
+        BadInputError: ``--gpus 0`` with the local scheduler.
+    """
+    if args.gpus < 1 and args.scheduler == "local":
+        raise BadInputError(f"--gpus {args.gpus} (GPUS={args.gpus}): the local scheduler runs the stages with at "
+                            f"least one process; use GPUS=1 (one process, on the GPU if there is one) or more")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -225,15 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_args(s, positional=False, run_default="default", run_help="run name: runs/<dataset>/<run>/",
                         cfg_options_help="stage-1 config overrides a.b=v (resolved once into the run directory)")
         s.add_argument("--scheduler", choices=("local", "slurm"), default="local")
-        s.add_argument("--gpus", type=int, default=1)
+        s.add_argument("--gpus", type=whole_number(0), default=1,
+                       help="GPUs (processes) of the training stages, >= 1; with --scheduler slurm 0 requests none")
         if name == "pseudo-labels":
             s.add_argument("--shards", type=int, default=None, help="number of shards (default: config)")
             s.add_argument("--head", default=None,
                            help="refinement head (weclip | weakclip | none: training-free, the refined initial CAMs)")
         if name == "retrain":
             s.add_argument("--model", default=None, help="stage-2 model name or config path")
-            s.add_argument("--s2-options", nargs="+", action=DictAction, default={},
-                           help="stage-2 (mmseg) config overrides a.b=v, e.g. train_cfg.max_iters=100")
+            add_cfg_options(s, flag="--s2-options",
+                            help="stage-2 (mmseg) config overrides a.b=v, e.g. train_cfg.max_iters=100")
     return p
 
 
@@ -245,6 +271,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
+        _check_gpus(args)
         COMMANDS[args.command](args)
         return 0
     except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback

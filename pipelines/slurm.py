@@ -553,6 +553,7 @@ def _submit_retrain(cfg: Any, run: RunDir, s2_config: str, *, gpus: int = 1, ove
                          f"run `make pseudo-labels` for this DATASET/RUN first")
     options = SbatchOptions.from_env(gpus=gpus, env=env)
     cmd = python_cmd("pipelines", "retrain", "--config", str(run.config_file), "--run", cfg.run.name,
+                     "--cfg-options", f"run.root={cfg.run.root}",  # the root that found the run (it may have moved)
                      "--scheduler", "local", "--gpus", str(max(options.job_gpus("retrain"), 1)),
                      "--model", s2_config, *(["--overwrite"] if overwrite else []),
                      *(["--s2-options", *(f"{k}={v}" for k, v in s2_options.items())] if s2_options else []))
@@ -569,7 +570,7 @@ def _submit_report(cfg: Any, run: RunDir, *, env: Optional[Mapping[str, str]] = 
     deps, _ = _upstream(run, ("pseudo-labels", "retrain"))
     options = SbatchOptions.from_env(gpus=0, env=env)
     cmd = python_cmd("pipelines", "report", "--config", str(run.config_file), "--run", cfg.run.name,
-                     "--scheduler", "local")
+                     "--cfg-options", f"run.root={cfg.run.root}", "--scheduler", "local")
     spec = JobSpec(stage="report", template="job.sbatch", values={"command": shlex.join(cmd)},
                    description=f"report for {run.path}")
     return submit_jobs([(spec, deps)], run=run, options=options, env=env)

@@ -30,7 +30,11 @@ from stage1_cam.utils.run_dir import RunDir
 
 _logger = logging.getLogger(__name__)
 
-# stage-2 configs per (dataset, model); `make retrain MODEL=...` picks the model.
+# The repository holding configs/: the stage-2 configs below are relative to it (and recorded so in
+# stage2/inputs.json, whose hash decides whether stage 2 is current), not to the current directory.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# stage-2 configs per (dataset, model), relative to REPO_ROOT; `make retrain MODEL=...` picks the model.
 STAGE2_CONFIGS: Dict[str, Dict[str, str]] = {
     "synthetic": {"default": "configs/stage2/fcn_r18-c16-d8_1xb8-800i_synthetic-pseudo-128x128.py"},
     "voc": {
@@ -99,15 +103,32 @@ class Paths:
 
 
 def stage2_config(dataset: str, model: Optional[str]) -> str:
+    """The stage-2 config of ``MODEL`` (a name of :data:`STAGE2_CONFIGS` or a config path) as it is recorded:
+    a table entry relative to the repository, a path as given; :func:`stage2_config_file` finds the file.
+
+    Raises:
+        StageError: no configs for the dataset, or an unknown name that is not a config file either.
+    """
     table = STAGE2_CONFIGS.get(dataset)
     if table is None:
         raise StageError(f"no stage-2 configs for dataset {dataset!r}; valid: {', '.join(STAGE2_CONFIGS)}")
     key = model or "default"
-    if key not in table and Path(key).is_file():
+    if key not in table and stage2_config_file(key).is_file():
         return key
     if key not in table:
         raise StageError(f"unknown MODEL={key!r} for {dataset}; valid: {', '.join(sorted(table))} or a config path")
     return table[key]
+
+
+def stage2_config_file(config: str) -> Path:
+    """The file of a stage-2 config from :func:`stage2_config`: the shipped configs (and any other path relative
+    to the repository that is not a file here) resolve against :data:`REPO_ROOT`, so that the pipeline runs
+    from any directory; other paths as given (relative to the current directory)."""
+    path = Path(config)
+    shipped = {c for table in STAGE2_CONFIGS.values() for c in table.values()}
+    if not path.is_absolute() and (config in shipped or not path.is_file()) and (REPO_ROOT / path).is_file():
+        return REPO_ROOT / path
+    return path
 
 
 def checked_manifest(paths: Paths, cfg: Any) -> Optional[Dict[str, Any]]:
@@ -170,7 +191,7 @@ def stage2_inputs(paths: Paths, s2_config: str, s2_options: Optional[Dict[str, A
 
     Args:
         paths: the run's paths (the manifest must exist).
-        s2_config: stage-2 config file.
+        s2_config: stage-2 config as :func:`stage2_config` gives it (recorded as it is; the file's sha256 too).
         s2_options: ``--s2-options`` overrides.
 
     Returns:
@@ -180,7 +201,7 @@ def stage2_inputs(paths: Paths, s2_config: str, s2_options: Optional[Dict[str, A
     inputs: Dict[str, Any] = {
         "shards_config_hash": m.get("config_hash"), "checkpoint_hash": m.get("checkpoint_hash"),
         "shards": shard_inputs(m),
-        "stage2_config": str(s2_config), "stage2_config_sha256": file_sha256(s2_config),
+        "stage2_config": str(s2_config), "stage2_config_sha256": file_sha256(stage2_config_file(s2_config)),
         "s2_options": {str(k): v for k, v in sorted((s2_options or {}).items())},
     }
     inputs["hash"] = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]

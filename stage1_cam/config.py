@@ -36,14 +36,33 @@ _SEED = Range(0, 2 ** 32 - 1)  # numpy's seed range
 # ``check`` the rules between fields. validate_config builds them, so a bad value fails before a run dir is made.
 
 
+RUN_NAME_RULE = ("a run name is one folder name under run.root/<dataset>/: not empty, without '/', '\\' or "
+                 "'..' (e.g. base, lr2e-3_seed2); put the runs elsewhere with run.root")
+
+
+def check_run_name(name: Any) -> None:
+    """Refuse a run name that is not one plain folder name (empty, absolute, a path, ``..``): a run directory
+    ``<run.root>/<dataset>/<name>`` must lie inside run.root.
+
+    Raises:
+        ConfigError: naming the value and the rule (:data:`RUN_NAME_RULE`).
+    """
+    if (not isinstance(name, str) or not name.strip() or name == "." or ".." in name or "/" in name
+            or "\\" in name or "\0" in name or (os.altsep and os.altsep in name)):
+        raise ConfigError(f"run.name={name!r} (--run / RUN) is not a valid run name: {RUN_NAME_RULE}")
+
+
 @dataclass
 class RunCfg(SectionSchema):
-    name: str = "default"  # run name: runs/<dataset>/<name>/
+    name: str = "default"  # run name: runs/<dataset>/<name>/ (one folder name: check_run_name)
     root: str = "runs"  # parent of all run directories
     seed: int = 1  # global seed (per-rank offset added under DDP)
 
     PREFIX: ClassVar[str] = "run"
     RANGES: ClassVar[Dict[str, Range]] = {"seed": _SEED}
+
+    def check(self) -> None:
+        check_run_name(self.name)
 
 
 @dataclass
@@ -390,20 +409,57 @@ def save_config(cfg: ConfigDict, path: Union[str, Path]) -> None:
     Config(cfg.to_dict()).dump(str(path))
 
 
+_CONFIG_SUFFIXES = (".py", ".json", ".yml", ".yaml")
+
+
+def read_config_file(path: Union[str, Path]) -> Config:
+    """``Config.fromfile`` of a config file the user named, whose parse errors are bad input.
+
+    mmengine raises whatever reading the file raised (a ``SyntaxError``, a YAML or JSON error, the exception of
+    a config that fails when it is executed, an ``OSError`` for another extension); each becomes one line naming
+    the file and the error.
+
+    Raises:
+        ConfigError: the file cannot be read as an mmengine config, or a file it inherits (``_base_``) is missing.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in _CONFIG_SUFFIXES:
+        raise ConfigError(f"{path}: a config file must be an mmengine .py (or .json, .yml, .yaml) file, not "
+                          f"{path.suffix or 'a file without extension'!r}; pass the config file itself (configs/)")
+    try:
+        return Config.fromfile(str(path))
+    except FileNotFoundError as e:  # the file exists (checked by the callers): a _base_ file it names does not
+        raise ConfigError(f"{path}: a file it inherits (_base_) does not exist: {e.filename or e}; fix the _base_ "
+                          f"path (relative to the config file's folder)") from e
+    except Exception as e:  # anything reading the user's file raised: the file is bad, not the code
+        where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
+        detail = " ".join(str(e.msg if isinstance(e, SyntaxError) else e).split()) or "no message"
+        fix = ("it is a run's resolved config (damaged?): `make pseudo-labels` with the run's CONFIG, RUN and "
+               "OPTIONS writes it again" if (path.parent / "config_hash.txt").is_file() else "fix the file")
+        raise ConfigError(f"{path}: cannot read this config file{where}: {type(e).__name__}: {detail}; "
+                          f"{fix}") from e
+
+
 def load_config(path: Union[str, Path], cfg_options: Optional[Dict[str, Any]] = None) -> ConfigDict:
     """Load a stage-1 config file, apply ``--cfg-options`` style overrides, validate, fill defaults.
 
     Raises:
         FileNotFoundError: the file does not exist (message names it).
-        ConfigError: unknown keys, wrongly typed or out-of-range values, unknown names.
+        ConfigError: the file cannot be parsed (:func:`read_config_file`), unknown keys, wrongly typed or
+            out-of-range values, unknown names.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found; stage-1 configs live in configs/stage1/")
-    cfg = Config.fromfile(str(path))
+    cfg = read_config_file(path)
     if cfg_options:
         # Overrides may only touch keys that exist in the schema; validation below enforces it.
-        cfg.merge_from_dict(cfg_options)
+        try:
+            cfg.merge_from_dict(cfg_options)
+        except (TypeError, KeyError, ValueError, AttributeError) as e:  # e.g. train.lr.x=1: a value given sub-keys
+            raise ConfigError(f"{path}: cannot apply the overrides (--cfg-options) "
+                              f"{' '.join(f'{k}={v!r}' for k, v in cfg_options.items())}: "
+                              f"{' '.join(str(e).split())}") from e
     return validate_config(cfg, source=str(path))
 
 

@@ -10,9 +10,12 @@ position and every RNG state, so ``--resume`` (or re-running the same command) c
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
+import pickle
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -31,7 +34,7 @@ from .utils.cli import BadInputError, add_config_args, config_overrides, exit_on
 from .utils.cpu_malloc import retain_freed_memory
 from .utils.dist import DistInfo, device_for, init_distributed, peak_memory_mb, shutdown_distributed
 from .utils.logging import setup_logging
-from .utils.files import atomic_write
+from .utils.files import DiskFullError, atomic_write, disk_full_error, is_disk_full
 from .utils.precision import autocast, autocast_dtype, precision_name
 from .utils.run_dir import RunDir, RunDirError, git_sha, stage_hash
 
@@ -152,10 +155,70 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_CKPT_DISK_FIX = "point run.root at another disk"
+_CKPT_DISK_THEN = "training resumes from stage1/checkpoints/latest.pth when there is one"
+# torch's zip writer reports a failed write (a full disk) as a RuntimeError without the errno
+_WRITE_FAILED = ("unexpected pos", "file write failed", "PytorchStreamWriter failed writing")
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) checkpoint payload: a lower bound of its size on disk."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _ran_out_of_space(err: BaseException, directory: Path, payload: Dict[str, Any]) -> Optional[int]:
+    """The checkpoint's size when ``err`` (from ``torch.save``) is a full disk, else None.
+
+    An ``OSError`` says so itself (``is_disk_full``); torch's zip writer raises a ``RuntimeError`` ("unexpected
+    pos ...") that does not, so then the disk counts as full when it has less free space than the checkpoint
+    needs (serialized in memory to measure it; the failed temporary file is already removed).
+    """
+    full = is_disk_full(err)
+    if not full and not (isinstance(err, RuntimeError) and any(m in str(err) for m in _WRITE_FAILED)):
+        return None
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    size = buf.getbuffer().nbytes
+    if full:
+        return size
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return None
+    return size if free < size + max(1 << 20, size // 100) else None  # file system overhead: a margin
+
+
 def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
-    """Atomic save (a temporary file unique to this writer, then a rename): never a truncated checkpoint."""
-    with atomic_write(path, fsync=True) as tmp:
-        torch.save(payload, tmp)
+    """Atomic save (a temporary file unique to this writer, then a rename): never a truncated checkpoint.
+
+    The disk is checked for the payload's tensors before writing; a write that still finds the disk full
+    (``ENOSPC``, or torch's ``RuntimeError`` for it) leaves no file behind. Either way one ``DiskFullError``
+    names the checkpoint folder.
+
+    Raises:
+        DiskFullError: not enough free space in ``path``'s folder (the message names it, the space and the fix).
+    """
+    what = f"checkpoint {path.name}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    needed = _tensor_bytes(payload)  # a lower bound: a disk with less free space cannot take the checkpoint
+    if shutil.disk_usage(path.parent).free < needed:
+        raise disk_full_error(path.parent, needed=needed, what=what, fix=_CKPT_DISK_FIX, then=_CKPT_DISK_THEN)
+    try:
+        with atomic_write(path, fsync=True) as tmp:
+            torch.save(payload, tmp)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, DiskFullError):
+            raise
+        size = _ran_out_of_space(e, path.parent, payload)
+        if size is None:
+            raise
+        raise disk_full_error(path.parent, needed=size, what=what, fix=_CKPT_DISK_FIX, then=_CKPT_DISK_THEN) from e
 
 
 def checkpoint_matches(ckpt: Dict[str, Any], cfg: Any) -> bool:
@@ -174,13 +237,48 @@ def trained_for(path: Path, cfg: Any) -> bool:
     return Path(path).is_file() and checkpoint_matches(load_checkpoint(Path(path)), cfg)
 
 
+_CKPT_DAMAGED_FIX = ("delete it and re-run the training (a run's stage1/checkpoints/ are saved again), or pass "
+                     "another stage-1 checkpoint")
+_CKPT_FOREIGN_FIX = ("pass a stage-1 checkpoint (a run's stage1/checkpoints/final.pth); if this file sits in a run's "
+                     "stage1/checkpoints/, delete it and re-run the training")
+
+
 def load_checkpoint(path: Path) -> Dict[str, Any]:
-    """Load a stage-1 checkpoint with ``weights_only=True``; refuses files of another format."""
+    """Load a stage-1 checkpoint with ``weights_only=True``; refuses files of another format.
+
+    Raises:
+        FileNotFoundError: no such file.
+        BadInputError: the file is empty, truncated or damaged, or not a stage-1 head checkpoint (a stage-2 or
+            other checkpoint, a text file); the message names it and the fix.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    size = path.stat().st_size
+    if size == 0:
+        raise BadInputError(f"checkpoint {path} is empty (0 bytes; an interrupted save or copy?); "
+                            f"{_CKPT_DAMAGED_FIX}")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic != b"PK" and magic[:1] != b"\x80":  # neither a torch.save zip archive nor a (legacy) pickle
+        raise BadInputError(f"{path} ({size} bytes) is not a PyTorch checkpoint (neither a torch.save zip archive "
+                            f"nor a pickle); {_CKPT_FOREIGN_FIX}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refuses the objects of other checkpoints (mmengine's)
+        if "weights only" not in str(e).lower():  # a damaged pickle
+            raise BadInputError(f"could not read checkpoint {path} ({size} bytes; a truncated or damaged file?): "
+                                f"{' '.join(str(e).split())[:160]}; {_CKPT_DAMAGED_FIX}") from e
+        raise BadInputError(f"{path} is not a stage-1 head checkpoint: it holds objects that one does not (a "
+                            f"stage-2 or other checkpoint?); {_CKPT_FOREIGN_FIX}") from e
+    except (PermissionError, IsADirectoryError, FileNotFoundError):
+        raise  # the file system's own errors are named by the error mapping (utils/cli.py)
+    except Exception as e:  # torch.load of a truncated or damaged archive: RuntimeError, EOFError, BadZipFile, ...
+        detail = " ".join(str(e).split()).split(". ")[0][:160] or type(e).__name__
+        raise BadInputError(f"could not read checkpoint {path} ({size} bytes; a truncated or damaged file?): "
+                            f"{detail}; {_CKPT_DAMAGED_FIX}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise BadInputError(f"{path} is not a stage-1 head checkpoint (format {CKPT_FORMAT!r} expected)")
+        raise BadInputError(f"{path} is not a stage-1 head checkpoint (format {CKPT_FORMAT!r} expected); "
+                            f"{_CKPT_FOREIGN_FIX}")
     return ckpt
 
 

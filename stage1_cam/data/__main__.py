@@ -50,7 +50,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_layout(dataset, root)
         splits = {s: SegDataset(root=root, dataset=dataset, split=s) for s in available_splits(dataset, root)}
     except Exception as err:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
-        return exit_on_user_error(err, _logger)
+        where = args.root if args.root is not None else "data.root"
+        return exit_on_user_error(err, _logger, output=("--root", str(where)))
     first = next(iter(splits.values()), None)
     classes = first.class_names if first is not None else ()
     _logger.info("%s at %s: %d classes (%s)", dataset, root, len(classes), ", ".join(classes))

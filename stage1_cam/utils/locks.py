@@ -70,25 +70,43 @@ class FileLock:
                 "time_utc": utc_timestamp()}
 
     def read(self) -> Optional[Dict[str, Any]]:
-        """The holder's record; ``{}`` when there is no lock file, None when it is unreadable."""
+        """The holder's record; ``{}`` when there is no lock file, None when it is unreadable (or not a record)."""
         try:
-            return json.loads(self.path.read_text())
+            record = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {}
         except (OSError, ValueError):
             return None
+        return record if isinstance(record, dict) and record else None  # [], "x", {}: damaged, not "no lock"
 
     _read = read  # the name the shard lock's callers used
 
+    @staticmethod
+    def _holder_pid(holder: Any) -> Optional[int]:
+        """The pid of a well-formed holder record (an int, or a string of digits); None for anything else."""
+        if not isinstance(holder, dict):
+            return None
+        pid = holder.get("pid")
+        if isinstance(pid, bool):
+            return None
+        if isinstance(pid, int):
+            return pid
+        if isinstance(pid, str) and pid.strip().isdigit():
+            return int(pid)
+        return None
+
     def _stale_reason(self, holder: Optional[Dict[str, Any]]) -> Optional[str]:
         me = self._info()
-        if holder is None or not isinstance(holder, dict) or "pid" not in holder:
+        pid = self._holder_pid(holder)
+        if pid is None:  # unreadable, or a record without a usable pid (damaged): no holder can be checked
             try:
                 age = time.time() - self.path.stat().st_mtime
             except FileNotFoundError:
                 return "lock vanished"
-            return f"unreadable lock file {age:.0f}s old" if age > EMPTY_LOCK_GRACE_S else None
-        pid, host = int(holder.get("pid", -1)), str(holder.get("host", ""))
+            what = "unreadable" if not isinstance(holder, dict) else "malformed"
+            return f"{what} lock file {age:.0f}s old" if age > EMPTY_LOCK_GRACE_S else None
+        assert isinstance(holder, dict)  # _holder_pid found a pid in it
+        host = str(holder.get("host", ""))
         if host == me["host"]:
             if pid == me["pid"]:
                 ref = self._held.get(str(self.path))
@@ -106,6 +124,11 @@ class FileLock:
 
     def locked_message(self, holder: Optional[Dict[str, Any]]) -> str:
         """The error message for a lock held by ``holder``."""
+        if self._holder_pid(holder) is None:  # unreadable or damaged, younger than the grace time
+            what = ("is unreadable (being written?)" if holder is None else
+                    f"is a malformed lock record ({json.dumps(holder, default=str)[:120]}: no valid pid)")
+            return (f"{self.path} {what}, written less than {EMPTY_LOCK_GRACE_S:.0f}s ago: if no other command is "
+                    f"using it, delete the lock file and re-run (an older one is taken over as stale)")
         h = holder or {}
         return (f"{self.path} is held by pid {h.get('pid', '?')} on host {h.get('host', '?')}"
                 f"{' (SLURM job ' + str(h['slurm_job_id']) + ')' if h.get('slurm_job_id') else ''}: "
@@ -127,7 +150,7 @@ class FileLock:
                     continue
                 reason = self._stale_reason(holder)
                 if reason is None:
-                    if holder and self._shared(holder):
+                    if isinstance(holder, dict) and holder and self._shared(holder):
                         return
                     raise self.error(self.locked_message(holder))
                 self.log.warning("taking over stale %s %s (%s; holder %s)", self.kind, self.path, reason, holder)
@@ -162,7 +185,7 @@ class FileLock:
         self._acquired = False
         self._held.pop(str(self.path), None)
         holder = self.read()
-        if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        if isinstance(holder, dict) and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
             self.path.unlink(missing_ok=True)
         else:  # pragma: no cover - somebody broke our lock
             self.log.warning("%s %s was taken over by %s while we held it", self.kind, self.path, holder)

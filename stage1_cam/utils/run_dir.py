@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import re
 import secrets
 import shutil
 import subprocess
@@ -31,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mmengine.config import ConfigDict as Config
 
-from ..config import config_hash, load_config, save_config
+from ..config import check_run_name, config_hash, load_config, save_config
 from .cli import UserError
 from .files import atomic_write, atomic_write_text
 from .locks import FileLock
@@ -47,6 +48,7 @@ class RunLockedError(RunDirError):
     """Another live process holds the run directory's lock."""
 
 
+_HASH_RE = re.compile(r"[0-9a-f]{12}")  # config_hash.txt: config_hash()'s 12 hex digits
 RUN_LOCK_ENV = "WSSS_RUN_LOCK"  # tokens (os.pathsep-separated) of run locks held by this process or a parent
 RUN_LOCK_NAME = "run.lock"
 SUPERSEDED_DIR = "superseded"
@@ -209,6 +211,12 @@ class RunDir:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "RunDir":
+        """``<run.root>/<dataset>/<run.name>``; a run name that is not one folder name is refused.
+
+        Raises:
+            ConfigError: ``run.name`` is empty, absolute, a path or holds ``..`` (``config.check_run_name``).
+        """
+        check_run_name(cfg.run.name)  # validated configs passed it already; this guards hand-made ones
         return cls(Path(cfg.run.root) / cfg.data.dataset / cfg.run.name)
 
     @property
@@ -332,11 +340,20 @@ class RunDir:
             self.lock()
         h = config_hash(cfg)
         old = self.hash_file.read_text().strip() if self.hash_file.exists() else None
+        damaged = old is not None and not _HASH_RE.fullmatch(old)  # empty or garbled: the record is unknown
         if old is not None and old != h:
+            tag = "damaged" if damaged else old  # names the superseded folder and the backup config
             if not self.has_outputs():
                 # e.g. a first start that failed on bad input: nothing was made with the old config, nothing to keep
                 _logger.info("%s holds no outputs of its earlier config (hash %s): the config is replaced",
-                             self.path, old)
+                             self.path, old if not damaged else f"unknown: {self.hash_file} is damaged")
+            elif not overwrite and damaged:
+                raise RunDirError(
+                    f"{self.hash_file} is damaged (holds {old[:40]!r}, not a 12-digit config hash), so the config "
+                    f"the outputs in {self.path} were made with is unknown. If {self.config_file} is that config, "
+                    f"delete {self.hash_file.name} to record it again (the outputs are kept as they are); otherwise "
+                    f"pass OVERWRITE=1 (--overwrite): outputs whose inputs differ from the saved config.py are moved "
+                    f"to {self.superseded_dir}/.")
             elif not overwrite:
                 raise RunDirError(
                     f"{self.path} was produced with config hash {old}, but the current config hashes to {h}. "
@@ -345,9 +362,12 @@ class RunDir:
                 )
             else:
                 stages = changed_stages(self._saved_config(), cfg)
-                self.supersede(stages, reason=f"config-{old}")
+                self.supersede(stages, reason=f"config-{tag}")
                 if self.config_file.exists():
-                    backup = self.config_file.with_suffix(f".{old}.py")
+                    backup, n = self.config_file.with_suffix(f".{tag}.py"), 1
+                    while backup.exists():  # an earlier backup is never replaced
+                        n += 1
+                        backup = self.config_file.with_suffix(f".{tag}-{n}.py")
                     self.config_file.rename(backup)
                     _logger.warning("previous config kept as %s", backup)
         with atomic_write(self.config_file) as tmp:

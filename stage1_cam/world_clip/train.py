@@ -614,7 +614,7 @@ def _preset_from_stage1_config(path: str) -> Tuple[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m stage1_cam.world_clip``: train (or find cached) the synthetic world's CLIP; prints its path."""
-    from ..utils.cli import add_cfg_options, exit_on_user_error
+    from ..utils.cli import add_cfg_options, exit_on_user_error, positive_int
     from ..utils.logging import setup_logging
 
     p = argparse.ArgumentParser(prog="python -m stage1_cam.world_clip", description=__doc__.split("\n\n")[0])
@@ -625,7 +625,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_cfg_options(p, help="override preset fields, e.g. steps=100 (the result is cached under its own hash and is "
                     "then used through clip.weights=<printed path>, not through the preset)")
     p.add_argument("--cache", default=None, help=f"cache root (default ${ENV_CACHE} or ~/.cache/wsss-clip)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads, >= 1 (default: torch's)")
     p.add_argument("--force", action="store_true", help="retrain even if cached")
     args = p.parse_args(argv)
     setup_logging()
@@ -635,7 +635,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             name = args.preset or "default"
         cfg = _cfg_from_options(get_preset(name), dict(args.cfg_options))
-        if args.threads:
+        if args.threads is not None:
             torch.set_num_threads(args.threads)
         result = train_world_clip(cfg, root=args.cache, force=args.force)
     except Exception as err:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback
