@@ -31,6 +31,7 @@ from ..constants import DEFAULT_DATA_ROOT, ENV_DATA_ROOT, IGNORE_INDEX
 from ..utils.cli import BadInputError, UnknownNameError, UserError
 from ..utils.files import atomic_write_text
 from .class_names import CLASSES, get_classes
+from .synthetic import IN_PROGRESS as SYNTHETIC_IN_PROGRESS
 from .synthetic import MARKER as SYNTHETIC_MARKER
 
 _logger = logging.getLogger(__name__)
@@ -93,8 +94,18 @@ _HOWTO = {
       SegmentationClass/<id>.png
       ImageSets/Segmentation/train.txt, val.txt""",
     "synthetic": """How to prepare the synthetic dataset: run `make data DATASET=synthetic`
-  (or `python -m stage1_cam.data --dataset synthetic --root {root}`); it is generated in seconds.""",
+  (or `python -m stage1_cam.data --config CONFIG --root {root}` with your stage-1 config, whose data.synthetic
+  sets the images); it is generated in seconds.""",
 }
+# The synthetic folder exists but the generator cannot write into it as it is: what to do instead.
+_SYNTHETIC_FOREIGN = """How to prepare the synthetic dataset: {root} holds files that the generator did not
+  write (no {marker}), and it never writes into such a folder. Point data.root to a new or empty folder and
+  generate the set there (`python -m stage1_cam.data --config CONFIG --root NEW_FOLDER` with your stage-1
+  config), or delete {root} and run `python -m stage1_cam.data --config CONFIG --root {root}`; it is generated
+  in seconds."""
+_SYNTHETIC_DAMAGED = """How to prepare the synthetic dataset: {root} was generated ({marker} is there) but has
+  lost files since, and the generator does not repair a finished folder. Delete {root} and run
+  `python -m stage1_cam.data --config CONFIG --root {root}` with your stage-1 config; it is generated in seconds."""
 
 _REQUIRED = {
     "voc": ("JPEGImages/", "SegmentationClass/", "SegmentationClassAug/", "ImageSets/Segmentation/train.txt",
@@ -126,10 +137,17 @@ def check_layout(dataset: str, root: Union[str, Path]) -> None:
         return
     head = (f"{dataset} dataset folder {root} does not exist" if not root.exists()
             else f"{dataset} dataset at {root} is incomplete")
-    if dataset == "synthetic" and root.is_dir() and not (root / SYNTHETIC_MARKER).exists():
-        head += " (an interrupted generation leaves no .generated.json)"
+    howto = _HOWTO[dataset]
+    if dataset == "synthetic" and root.is_dir() and any(root.iterdir()):
+        if (root / SYNTHETIC_MARKER).exists():
+            howto = _SYNTHETIC_DAMAGED
+        elif (root / SYNTHETIC_IN_PROGRESS).exists():
+            head += f" (an interrupted generation: no {SYNTHETIC_MARKER}; generating again redoes it)"
+        else:
+            head = f"{dataset} dataset folder {root} is not a synthetic dataset"
+            howto = _SYNTHETIC_FOREIGN
     raise DatasetLayoutError(
-        f"{head}; missing:\n" + "\n".join(missing) + "\n" + _HOWTO[dataset].format(root=root)
+        f"{head}; missing:\n" + "\n".join(missing) + "\n" + howto.format(root=root, marker=SYNTHETIC_MARKER)
         + f"\nThe dataset folder is <data.root> if set, else ${ENV_DATA_ROOT}/{DATASET_DIRS[dataset]}, "
         f"else {DEFAULT_DATA_ROOT}/{DATASET_DIRS[dataset]} (relative to the working directory)."
     )

@@ -39,7 +39,7 @@ _logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1  # bump when the rendering changes: old folders are then refused, never mixed
 MARKER = ".generated.json"  # written last; its presence means the folder is complete
-_IN_PROGRESS = ".generating"  # written first; a folder with it but without MARKER was interrupted
+IN_PROGRESS = ".generating"  # written first; a folder with it but without MARKER was interrupted
 JPEG_QUALITY = 95
 
 
@@ -359,14 +359,14 @@ def generate_synthetic(root: Union[str, Path], *, num_train: int = 240, num_val:
             f"Delete the folder {root} or pick another root; it is never overwritten silently."
         )
     if root.is_dir() and any(root.iterdir()):
-        if not (root / _IN_PROGRESS).exists():
+        if not (root / IN_PROGRESS).exists():
             raise BadInputError(
                 f"{root} is a non-empty folder that was not written by the synthetic generator (no {MARKER}); "
                 f"pick an empty or new folder for the synthetic dataset, or delete {root}."
             )
         _logger.warning("%s holds an interrupted synthetic generation; regenerating it", root)
     root.mkdir(parents=True, exist_ok=True)
-    (root / _IN_PROGRESS).write_text(json.dumps(params, sort_keys=True) + "\n")
+    (root / IN_PROGRESS).write_text(json.dumps(params, sort_keys=True) + "\n")
     shutil.rmtree(root / ".wsss_cache", ignore_errors=True)  # labels cached from a partial folder
     dirs = {d: root / d for d in ("JPEGImages", "SegmentationClass", "SegmentationClassAug")}
     for d in dirs.values():
@@ -398,6 +398,6 @@ def generate_synthetic(root: Union[str, Path], *, num_train: int = 240, num_val:
         (sets / f"{split}.txt").write_text("".join(f"{n}\n" for n in ids))
 
     atomic_write_text(marker, json.dumps(params, indent=2, sort_keys=True) + "\n")
-    (root / _IN_PROGRESS).unlink()
+    (root / IN_PROGRESS).unlink()
     _logger.info("synthetic dataset written to %s", root)
     return root

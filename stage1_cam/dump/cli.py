@@ -14,7 +14,8 @@ import torch
 from ..config import DumpCfg, load_config, with_head
 from ..data import build_dataset
 from ..heads import is_training_free
-from ..io import write_manifest
+from ..io import ShardWriter, write_manifest
+from ..io.shards import check_split
 from ..utils.cli import BadInputError, add_config_args, config_overrides, exit_on_user_error
 from ..utils.files import DiskFullError, disk_full_error, is_disk_full
 from ..utils.logging import setup_logging
@@ -52,6 +53,20 @@ def _process_slot() -> Tuple[int, int, int]:
 
 def _pct(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _check_evaluable(out_dir: Path, num_shards: int) -> None:
+    """Refuse ``--evaluate`` (without a dump) on a folder with no finished shard of this split, before anything
+    (manifest, logs) is written into it."""
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"shard directory {out_dir} does not exist: nothing to evaluate; dump the "
+                                f"pseudo-masks first (drop --evaluate, or add --shard all), or point --out to the "
+                                f"shard directory of a run")
+    check_split(out_dir, num_shards)
+    if not any(ShardWriter.shard_complete(out_dir, i, num_shards) for i in range(num_shards)):
+        raise FileNotFoundError(f"{out_dir} holds no finished pseudo-mask shards (shard-*-of-{num_shards:05d}.h5): "
+                                f"nothing to evaluate; dump the pseudo-masks first (drop --evaluate, or add --shard "
+                                f"all), or point --out to the shard directory of a run")
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -94,6 +109,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         setup_logging(rank=rank)  # stderr only until the inputs are checked (no folders for a failed start)
         if do_dump:
             shards = _shard_list(args.shard, num_shards)
+            check_split(out_dir, num_shards)  # before the log file: another split is refused with nothing written
             if world > 1:  # torchrun with --shard all: rank r takes shards r, r + world, ...
                 if len(shards) == 1 and args.shard not in (None, "all"):
                     raise BadInputError(f"--shard {args.shard} under torchrun (WORLD_SIZE={world}): use --shard all to "
@@ -119,6 +135,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                      from_probs=Path(args.from_probs) if args.from_probs else None,
                      progress=rank == 0 and not args.no_progress)
         if args.evaluate and rank == 0:
+            if not do_dump:
+                _check_evaluable(out_dir, num_shards)
             manifest = write_manifest(out_dir, num_shards)
             setup_logging(log_file, rank=rank)
             if not manifest["complete"]:

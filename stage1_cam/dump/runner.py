@@ -16,7 +16,7 @@ from ..data import build_dataset
 from ..data.class_names import voc_palette
 from ..heads import is_training_free
 from ..io import ShardFormatError, ShardMeta, ShardReader, ShardWriter, assign_shards, shard_filename, write_manifest
-from ..io.shards import DISK_FULL_FIX
+from ..io.shards import DISK_FULL_FIX, check_split
 from ..utils.cli import BadInputError
 from ..utils.dist import peak_memory_mb
 from ..utils.files import DiskFullError, atomic_write_text, check_free_space, disk_full_error, file_sha256, \
@@ -107,11 +107,13 @@ def run_dump(cfg: Any, *, shards: Sequence[int], out_dir: Path, checkpoint: Opti
 
     Raises:
         FileNotFoundError: checkpoint, dataset or source shards missing.
-        ValueError / ShardFormatError: inconsistent inputs (messages name the fix).
+        ValueError / ShardFormatError: inconsistent inputs (messages name the fix); ``out_dir`` holding shards of
+            another split (``num_shards``) is refused before anything is written.
         DiskFullError: a shard does not fit on the disk (checked before each shard), or the disk filled up
             while writing (the shard stays partial and resumes on the next run).
     """
     num_shards = cfg["dump"]["num_shards"]
+    check_split(out_dir, num_shards)  # before anything is written: another split is never mixed in
     settings = DumpCfg.from_config(cfg)
     chash = config_hash(cfg)
     reader: Optional[ShardReader] = None
@@ -194,20 +196,18 @@ def run_dump(cfg: Any, *, shards: Sequence[int], out_dir: Path, checkpoint: Opti
     finally:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
-    if stats:
-        _write_summary(out_dir, num_shards, stats, device=device, settings=settings, from_probs=from_probs)
+    if stats:  # the timings of the shards just finished (those files are complete whatever follows)
+        _write_shard_timings(out_dir, num_shards, stats, device=device, settings=settings, from_probs=from_probs)
     # Every process rebuilds the manifest from the finished files: the last one to finish lists them all.
     write_manifest(out_dir, num_shards)
+    if stats:  # only once the manifest accepted the shard set: a refused dump never replaces the summary
+        _write_summary(out_dir, num_shards, device=device)
     return stats
 
 
-def _write_summary(out_dir: Path, num_shards: int, stats: Dict[int, Dict[str, float]], *, device: torch.device,
-                   settings: DumpCfg, from_probs: Optional[Path]) -> None:
-    """Per-shard timing files (``logs/<shard>.summary.json``) and their sum in ``dump_summary.json``.
-
-    Each process writes only its own shards' files and then re-aggregates all of them (atomic replace), so
-    concurrent array tasks never lose each other's entries.
-    """
+def _write_shard_timings(out_dir: Path, num_shards: int, stats: Dict[int, Dict[str, float]], *,
+                         device: torch.device, settings: DumpCfg, from_probs: Optional[Path]) -> None:
+    """Per-shard timing files (``logs/<shard>.summary.json``) of the shards this process produced."""
     logs = Path(out_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     for i, st in stats.items():
@@ -215,6 +215,16 @@ def _write_summary(out_dir: Path, num_shards: int, stats: Dict[int, Dict[str, fl
                  "batch_size": settings.batch_size, "crf": settings.crf_params is not None,
                  "crf_workers": settings.num_crf_workers(), "from_probs": str(from_probs) if from_probs else None}
         (logs / f"{shard_filename(i, num_shards)}.summary.json").write_text(json.dumps(entry, indent=1) + "\n")
+
+
+def _write_summary(out_dir: Path, num_shards: int, *, device: torch.device) -> None:
+    """The sum of the per-shard timing files (:func:`_write_shard_timings`) in ``dump_summary.json``.
+
+    Each process writes only its own shards' files and then re-aggregates all of them (atomic replace), so
+    concurrent array tasks never lose each other's entries. Called after :func:`write_manifest` accepted the
+    shard set, so a dump that is refused at the end leaves the previous summary as it was.
+    """
+    logs = Path(out_dir) / "logs"
     entries = []
     for path in sorted(logs.glob(f"shard-*-of-{num_shards:05d}.h5.summary.json")):
         try:

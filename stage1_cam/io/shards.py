@@ -49,7 +49,7 @@ import h5py
 import numpy as np
 
 from ..constants import IGNORE_INDEX
-from ..utils.cli import UserError, describe_error
+from ..utils.cli import BadInputError, UserError, describe_error
 from ..utils.files import abandon_until_exit, atomic_write_text, check_free_space, disk_full_error, file_sha256, \
     fsync_dir, is_disk_full
 from ..utils.locks import FileLock, LockedError
@@ -64,6 +64,8 @@ _SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.h5(\.partial)?$")
 _PARTIAL_SUFFIX = ".partial"
 _LOCK_SUFFIX = ".lock"
 _CHECKSUM_SUFFIX = ".sha256"
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_MAX_SHARDS = 99999  # five digits in the file names
 _IMAGES = "images"
 # Settings that must agree between a partial shard and the writer resuming it, and across the shards
 # of one directory. ``git_sha`` and the rest of ``extra`` may differ (a warning is logged for ``git_sha``).
@@ -90,13 +92,54 @@ def shard_filename(index: int, num_shards: int) -> str:
     """File name of one shard, e.g. ``shard_filename(0, 16) == "shard-00000-of-00016.h5"``.
 
     Raises:
-        ValueError: ``num_shards < 1`` or ``index`` outside ``[0, num_shards)``.
+        BadInputError: ``num_shards`` outside ``[1, 99999]`` (a ``ValueError``; see :func:`check_num_shards`).
+        ValueError: ``index`` outside ``[0, num_shards)``.
     """
-    if int(num_shards) < 1 or int(num_shards) > 99999:
-        raise ValueError(f"num_shards must be in [1, 99999], got {num_shards}")
+    check_num_shards(num_shards)
     if not 0 <= int(index) < int(num_shards):
         raise ValueError(f"shard index {index} is outside [0, {num_shards})")
     return f"shard-{int(index):05d}-of-{int(num_shards):05d}.h5"
+
+
+def check_num_shards(num_shards: int, what: str = "num_shards") -> None:
+    """Refuse a shard count that no shard file name can hold (``what`` names the option in the message).
+
+    Raises:
+        BadInputError: ``num_shards`` is not an integer in ``[1, 99999]``.
+    """
+    try:
+        n = int(num_shards)
+        ok = 1 <= n <= _MAX_SHARDS and (not isinstance(num_shards, float) or n == num_shards)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise BadInputError(f"{what} must be an integer in [1, {_MAX_SHARDS}] (the number of shards the dump is split "
+                            f"into), got {num_shards!r}")
+
+
+def check_split(out_dir: str | os.PathLike, num_shards: int) -> None:
+    """Refuse a shard directory that already holds shard files (finished or unfinished) of another split.
+
+    Called before a dump writes anything into ``out_dir`` (and before ``--evaluate`` reads it): a dump with
+    another shard count would otherwise add a second split that :func:`write_manifest` refuses only at the end,
+    leaving the directory blocked until the extra files are deleted by hand. A missing directory passes.
+
+    Raises:
+        BadInputError: ``num_shards`` is out of range.
+        ShardFormatError: ``out_dir`` holds shards of another split; the message names both shard counts and the fix.
+    """
+    check_num_shards(num_shards)
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    other = sorted(_shard_counts_in(out_dir) - {int(num_shards)})
+    if other:
+        ways = "/".join(str(n) for n in other)
+        same = " or ".join(f"--num-shards {n}" for n in other)
+        raise ShardFormatError(
+            f"{out_dir} already holds shards of a {ways}-way split (shard-*-of-{other[0]:05d}.h5), but {num_shards} "
+            f"shards were requested; nothing was written. Use the same shard count ({same}, i.e. dump.num_shards), "
+            f"write to another directory (--out DIR), or remove the old shard files first (they are never mixed)")
 
 
 def assign_shards(ids: Sequence[str], num_shards: int) -> list[list[str]]:
@@ -318,12 +361,32 @@ def _write_checksum(shard: Path, digest: str) -> None:
 
 
 def _read_checksum(shard: Path) -> str | None:
-    """The recorded sha256 of ``shard``, or None if there is no (readable) checksum file."""
+    """The sha256 of ``shard`` as its writer recorded it, or None if there is no checksum file at all (a shard
+    written by a version before those files existed).
+
+    A checksum file that exists but holds no sha256 is damaged, not absent: it is never taken for an old shard's
+    missing record (which would record the hash of whatever the shard holds now).
+
+    Raises:
+        ShardFormatError: the checksum file is damaged (names it and the fix).
+        OSError: the checksum file cannot be read (permissions, I/O); the error names it.
+    """
+    path = checksum_path(shard)
     try:
-        digest = checksum_path(shard).read_text().split()[0]
-    except (OSError, IndexError):
+        raw = path.read_bytes()
+    except FileNotFoundError:
         return None
-    return digest if re.fullmatch(r"[0-9a-f]{64}", digest) else None
+    words = raw.split()
+    try:
+        digest = words[0].decode("ascii") if words else ""
+    except UnicodeDecodeError:
+        digest = ""
+    if _SHA256_RE.fullmatch(digest):
+        return digest
+    raise ShardFormatError(
+        f"{path} is damaged (it holds {_short(raw, 60)}, not the sha256 its writer recorded), so {shard.name} cannot "
+        f"be checked; delete {shard} and {path.name}, then re-run `make pseudo-labels` (or the dump for that shard) "
+        f"to regenerate it")
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -897,8 +960,10 @@ def _shard_digest(path: Path, st: os.stat_result, old: dict[str, Any] | None, *,
                   verify: bool) -> tuple[str, str | None]:
     """(sha256 of a finished shard, a description of the damage or None).
 
-    The reference is the checksum file its writer left (else, for shards written before those existed, the
-    previous manifest's entry; else none, and the checksum file is written now). Without ``verify``, a file
+    The reference is the checksum file its writer left (else, for shards written before those existed, i.e. with
+    no checksum file at all, the previous manifest's entry; else none, and the checksum file is written now). A
+    checksum file that exists but holds no sha256 is damaged and refused (:func:`_read_checksum`), never taken for
+    an old shard's missing one. Without ``verify``, a file
     not modified since its checksum file was written, or of the size and mtime the previous manifest lists
     with that checksum, is not hashed again (a write after the checksum would have moved its mtime).
     """
@@ -1059,7 +1124,7 @@ def write_manifest(out_dir: str | os.PathLike, num_shards: int, *, verify: bool 
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"shard directory {out_dir} does not exist; run the pseudo-mask dump first")
-    shard_filename(0, num_shards)  # validates num_shards
+    check_num_shards(num_shards)
     mpath = out_dir / MANIFEST_NAME
     previous, why = _load_manifest(mpath)
     if previous is None and mpath.is_file():
@@ -1122,7 +1187,7 @@ def verify_shards(out_dir: str | os.PathLike, num_shards: int | None = None, *,
                 f"{out_dir} holds {'no pseudo-mask shards' if not counts else f'shards of {sorted(counts)}-way splits'}"
                 f"; {'run the pseudo-mask dump first' if not counts else 'keep one split'}")
         num_shards = counts.pop()
-    shard_filename(0, num_shards)  # validates num_shards
+    check_num_shards(num_shards)
     manifest = _collect(out_dir, int(num_shards), checksum=True, previous=previous, verify=not quick)
     changes = [why] if previous is None else _manifest_changes(previous, manifest)
     if changes:
@@ -1201,6 +1266,10 @@ class ShardReader:
             if not allow_incomplete:
                 raise ShardFormatError(msg + "; resume the dump to finish them and rebuild the manifest, or pass "
                                              "allow_incomplete=True to read the finished ones only")
+            if not meta.get("shards"):  # nothing to read: not "dataset None" further down
+                raise FileNotFoundError(f"{self.shard_dir} holds no finished pseudo-mask shards (0 of "
+                                        f"{meta.get('num_shards')}); run the pseudo-mask dump first, or point to the "
+                                        f"shard directory of a run that has them")
             _logger.warning(msg + "; reading the finished shards only")
         if expected_dataset is not None and meta.get("dataset") != expected_dataset:
             raise ShardFormatError(f"{source} holds pseudo-masks of dataset {meta.get('dataset')!r}, not "

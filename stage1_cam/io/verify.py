@@ -14,7 +14,7 @@ import logging
 from typing import List, Optional
 
 from ..utils.cli import parse_and_run
-from .shards import verify_shards
+from .shards import check_num_shards, verify_shards
 
 _logger = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    if args.num_shards is not None:
+        check_num_shards(args.num_shards, what="--num-shards")
     m = verify_shards(args.shard_dir, args.num_shards, quick=args.quick)
     _logger.info("%s: %d images in %d/%d finished shards, %s%s", args.shard_dir, m["num_images"], len(m["shards"]),
                  m["num_shards"], "checksums verified" if not args.quick else "changed shards verified",
