@@ -12,7 +12,8 @@ entry. ``metrics.json`` (in ``--work-dir``, default: the checkpoint's folder) ho
 ``aAcc``, ``mAcc`` and per-class IoU and accuracy for every class by name, as fractions in [0, 1]
 (``null`` where a class has neither ground truth nor prediction).
 
-Exit codes: 0 done; 2 bad input (missing config, checkpoint or dataset), with a message.
+Exit codes: 0 done; 2 bad input (a missing or unparsable config, a config that is not a stage-2 one, a missing,
+damaged or foreign checkpoint, an unusable ``--device``, a missing dataset), with a one-line message.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import json
 import logging
 import os
 import os.path as osp
+import re
 import time
+import zipfile
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -36,7 +39,7 @@ from stage1_cam.utils.files import atomic_write_text, file_sha256
 from stage1_cam.utils.logging import setup_logging, utc_timestamp
 
 from .checkpoint import safe_checkpoint_loading
-from .train import apply_data_root, check_override_keys, resolve_data_root
+from .train import apply_data_root, check_override_keys, check_runner_values, load_stage2_config, resolve_data_root
 
 _logger = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ METRICS_FORMAT = "wsss-stage2-metrics"
 METRICS_VERSION = 1
 SINGLE_SCALE = "single_scale"
 MSC_FLIP = "msc_flip"
+
+_CHECKPOINT_FIX = "pass a checkpoint that stage2_seg.train wrote with this config (WORK_DIR/iter_N.pth)"
 
 # (probs (C, H, W) float on the model's device, data sample with gt_sem_seg and img_path)
 Prediction = Tuple[torch.Tensor, Any]
@@ -162,6 +167,80 @@ def _tta_loader_cfg(cfg: Any) -> dict:
     return loader
 
 
+def resolve_device(name: Optional[str]) -> torch.device:
+    """The ``--device`` to evaluate on: ``cpu`` or ``cuda[:i]`` (default: cuda if available).
+
+    Raises:
+        BadInputError: not a device name, a device type other than cpu/cuda, or a GPU this machine does not have.
+    """
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise BadInputError(f"--device {name!r} is not a device ({e}); use cpu, cuda or cuda:N") from e
+    if device.type not in ("cpu", "cuda"):
+        raise BadInputError(f"--device {name!r}: only cpu and cuda[:N] are supported; use one of them")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise BadInputError(f"--device {name!r}: no CUDA GPU is available on this machine; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise BadInputError(f"--device {name!r}: this machine has {count} CUDA GPU(s) (cuda:0 to "
+                                f"cuda:{count - 1}); pick one of them or use --device cpu")
+    return device
+
+
+def load_weights(model: torch.nn.Module, path: str, config: str) -> None:
+    """Load a ``stage2_seg.train`` checkpoint strictly into ``model`` (weights_only, mmengine's globals allowed).
+
+    Raises:
+        BadInputError: the file is empty, not a PyTorch checkpoint, truncated or damaged, holds no state dict, or
+            its weights do not fit the model of ``config`` (counts and examples of missing, unexpected and
+            misshapen weights); the message names the file.
+    """
+    from mmengine.runner import load_state_dict
+
+    size = osp.getsize(path)
+    if size == 0:
+        raise BadInputError(f"checkpoint {path} is empty (0 bytes; an interrupted copy or a full disk?); "
+                            f"{_CHECKPOINT_FIX}")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80" and head != b"PK":
+        raise BadInputError(f"{path} ({size} bytes) is not a PyTorch checkpoint (neither a torch.save zip archive "
+                            f"nor a pickle); {_CHECKPOINT_FIX}")
+    try:
+        with safe_checkpoint_loading():
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # no access and the like: mapped (with the file) by the entry point
+    except Exception as e:  # noqa: BLE001  (torch.load of a damaged file raises many kinds)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # torch's hints: dropped
+        raise BadInputError(f"could not read checkpoint {path} (truncated, damaged or not an mmengine checkpoint?): "
+                            f"{type(e).__name__}: {first}; {_CHECKPOINT_FIX}") from e
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        keys = f" (its keys: {', '.join(map(str, list(ckpt)[:8]))})" if isinstance(ckpt, dict) else ""
+        raise BadInputError(f"checkpoint {path} holds no state dict of model weights{keys}; {_CHECKPOINT_FIX}")
+    metadata = getattr(state, "_metadata", None)
+    state = type(state)((re.sub(r"^module\.", "", k), v) for k, v in state.items())  # as mmengine's load_checkpoint
+    if metadata is not None:
+        state._metadata = metadata  # type: ignore[attr-defined]
+    want = model.state_dict()
+    missing = [k for k in want if k not in state and "num_batches_tracked" not in k]  # mmengine skips those too
+    unexpected = [k for k in state if k not in want]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(lst)} {what} (e.g. {', '.join(lst[:3])})" for lst, what in (
+            (missing, f"of the model's {len(want)} weights missing"), (unexpected, "unexpected entries"),
+            (shapes, "weights of another shape (checkpoint vs model)")) if lst]
+        raise BadInputError(f"checkpoint {path} does not fit the model of {config}: {'; '.join(parts)}; "
+                            f"{_CHECKPOINT_FIX}")
+    load_state_dict(model, state, strict=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the process exit code (2 for bad input, with one message naming the file)."""
     return run_main(lambda: _main(parse_args(argv)), logger=_logger)
@@ -169,19 +248,20 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     setup_logging()
-    from mmengine.config import Config
     from mmengine.model import revert_sync_batchnorm
     from mmengine.registry import init_default_scope
-    from mmengine.runner import Runner, load_checkpoint
+    from mmengine.runner import Runner
     from mmseg.registry import MODELS
 
     for path, what in ((args.config, "config"), (args.checkpoint, "checkpoint")):
         if not osp.isfile(path):
             raise FileNotFoundError(f"{what} {path} does not exist")
-    cfg = Config.fromfile(args.config)
+    device = resolve_device(args.device)
+    cfg = load_stage2_config(args.config, sections=("model", "test_dataloader"))
     if args.cfg_options:
         check_override_keys(cfg, args.cfg_options)
         cfg.merge_from_dict(args.cfg_options)
+    check_runner_values(cfg, args.config)
     apply_data_root(cfg, resolve_data_root(cfg, args.data_root))
     init_default_scope(cfg.get("default_scope", "mmseg"))
     loaders = {SINGLE_SCALE: Runner.build_dataloader(cfg.test_dataloader)}
@@ -191,10 +271,8 @@ def _main(args: argparse.Namespace) -> int:
     dataset = loaders[SINGLE_SCALE].dataset
     class_names = [str(c) for c in dataset.metainfo["classes"]]
     ignore_index = int(getattr(dataset, "ignore_index", 255))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = MODELS.build(cfg.model)  # weights come from the checkpoint: init_weights (pretrained) is not run
-    with safe_checkpoint_loading():
-        load_checkpoint(model, args.checkpoint, map_location="cpu", strict=True)
+    load_weights(model, args.checkpoint, args.config)
     model = revert_sync_batchnorm(model).to(device).eval()
 
     results: Dict[str, Any] = {}
