@@ -39,6 +39,24 @@ def test_decoder_shapes():
         dec(toks[:2], (4, 6))
 
 
+def test_decoder_affinity_is_on_the_unnormalised_post_dropout_features():
+    """reference_spec 1.8: A_f = sigmoid(F_u^T F_u) on the fused features after Dropout2d, not L2-normalised; in
+    training mode the dropped channels are missing from it (and from the returned F_u)."""
+    torch.manual_seed(0)
+    dec = WeCLIPDecoder(in_dim=32, num_inputs=3, embed_dim=16, num_classes=5, decoder_layers=1, decoder_heads=2,
+                        dropout=0.5).train()
+    toks = [torch.randn(2, 1 + 4 * 6, 32) for _ in range(3)]
+    _, fu, aff = dec(toks, (4, 6))
+    f = fu.flatten(2)
+    assert (f.abs().sum(-1) == 0).any()  # some channels dropped (p = 0.5 over 16 channels)
+    # a sum of 16 products (the sigmoid's slope is at most 1/4) and the sigmoid's own rounding
+    ref = torch.sigmoid(f.transpose(1, 2) @ f)
+    tol = f32_tolerance(16, f.abs().transpose(1, 2) @ f.abs()) / 4 + f32_tolerance(1, 1.0)
+    assert bool(((aff - ref).abs() <= tol).all())
+    norms = f.norm(dim=1)
+    assert not torch.allclose(norms, torch.ones_like(norms))  # not normalised
+
+
 def test_balanced_loss_equals_reference_and_is_finite_without_foreground():
     logits = torch.randn(2, 4, 8, 8)
     label = torch.randint(0, 4, (2, 8, 8))
