@@ -18,8 +18,7 @@ from typing import Any, List, Optional
 
 from stage1_cam.config import config_hash, load_config, with_head
 from stage1_cam.heads import HEADS, is_training_free
-from stage1_cam.utils.cli import (BadInputError, add_cfg_options, add_config_args, config_overrides,
-                                  exit_on_user_error, whole_number)
+from stage1_cam.utils.cli import add_cfg_options, add_config_args, config_overrides, exit_on_user_error, whole_number
 from stage1_cam.utils.logging import setup_logging
 from stage1_cam.utils.run_dir import RunDir
 
@@ -230,18 +229,6 @@ def cmd_cancel(args: argparse.Namespace) -> None:
     cancel_jobs(run.path / "slurm" / "jobs.json")
 
 
-def _check_gpus(args: argparse.Namespace) -> None:
-    """``--gpus 0`` is a SLURM job without GPUs; the local scheduler runs at least one process (and would use a
-    GPU anyway), so there it is refused rather than read as 1.
-
-    Raises:
-        BadInputError: ``--gpus 0`` with the local scheduler.
-    """
-    if args.gpus < 1 and args.scheduler == "local":
-        raise BadInputError(f"--gpus {args.gpus} (GPUS={args.gpus}): the local scheduler runs the stages with at "
-                            f"least one process; use GPUS=1 (one process, on the GPU if there is one) or more")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -251,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                         cfg_options_help="stage-1 config overrides a.b=v (resolved once into the run directory)")
         s.add_argument("--scheduler", choices=("local", "slurm"), default="local")
         s.add_argument("--gpus", type=whole_number(0), default=1,
-                       help="GPUs (processes) of the training stages, >= 1; with --scheduler slurm 0 requests none")
+                       help="GPUs (processes) of the training stages; 0: SLURM jobs request none, locally one process")
         if name == "pseudo-labels":
             s.add_argument("--shards", type=int, default=None, help="number of shards (default: config)")
             s.add_argument("--head", default=None,
@@ -271,7 +258,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        _check_gpus(args)
         COMMANDS[args.command](args)
         return 0
     except Exception as e:  # bad input -> exit 2 with one line (stage1_cam.utils.cli); bugs keep their traceback

@@ -317,17 +317,14 @@ def test_pipelines_gpus_negative_is_an_argparse_error(value, tmp_path, monkeypat
     assert "--gpus" in line and ">= 0" in line and value in line
 
 
-def test_pipelines_gpus_zero_is_refused_locally_but_means_no_gpus_on_slurm(tmp_path, monkeypatch, caplog, capfd):
-    from pipelines.__main__ import build_parser, main
+def test_pipelines_gpus_zero_means_a_job_without_gpus():
+    """``--gpus 0``: SLURM jobs without --gres (the finalise job that only evaluates runs ``--scheduler local --gpus
+    0``); the local scheduler runs one process."""
+    from pipelines.__main__ import build_parser
 
-    _no_stage_runs(monkeypatch)
-    assert main(["pseudo-labels", "--config", TINY, "--run", "g", "--gpus", "0",
-                 "--cfg-options", f"run.root={tmp_path}"]) == 2
-    msg = _one_error(caplog, capfd)
-    assert "--gpus 0" in msg and "GPUS=1" in msg
-    assert not (tmp_path / "synthetic").exists()
-    args = build_parser().parse_args(["pseudo-labels", "--config", TINY, "--scheduler", "slurm", "--gpus", "0"])
-    assert args.gpus == 0  # SbatchOptions: a job without --gres
+    for scheduler in ("local", "slurm"):
+        args = build_parser().parse_args(["pseudo-labels", "--config", TINY, "--scheduler", scheduler, "--gpus", "0"])
+        assert args.gpus == 0
 
 
 # ---------------------------------------------------------------------------------- 13: full disk: export, data
