@@ -412,12 +412,16 @@ def save_config(cfg: ConfigDict, path: Union[str, Path]) -> None:
 _CONFIG_SUFFIXES = (".py", ".json", ".yml", ".yaml")
 
 
-def read_config_file(path: Union[str, Path]) -> Config:
-    """``Config.fromfile`` of a config file the user named, whose parse errors are bad input.
+def read_config_file(path: Union[str, Path], *, examples: str = "configs/stage1/") -> Config:
+    """``Config.fromfile`` of a config file the user named, whose parse errors are bad input (both stages).
 
     mmengine raises whatever reading the file raised (a ``SyntaxError``, a YAML or JSON error, the exception of
     a config that fails when it is executed, an ``OSError`` for another extension); each becomes one line naming
-    the file and the error.
+    the file and the error. An ``OSError`` with an errno (no access, ...) is left to the entry point's mapping.
+
+    Args:
+        path: an existing config file.
+        examples: the folder of working configs the messages point to.
 
     Raises:
         ConfigError: the file cannot be read as an mmengine config, or a file it inherits (``_base_``) is missing.
@@ -425,17 +429,21 @@ def read_config_file(path: Union[str, Path]) -> Config:
     path = Path(path)
     if path.suffix.lower() not in _CONFIG_SUFFIXES:
         raise ConfigError(f"{path}: a config file must be an mmengine .py (or .json, .yml, .yaml) file, not "
-                          f"{path.suffix or 'a file without extension'!r}; pass the config file itself (configs/)")
+                          f"{path.suffix or 'a file without extension'!r}; pass the config file itself ({examples})")
     try:
         return Config.fromfile(str(path))
     except FileNotFoundError as e:  # the file exists (checked by the callers): a _base_ file it names does not
-        raise ConfigError(f"{path}: a file it inherits (_base_) does not exist: {e.filename or e}; fix the _base_ "
-                          f"path (relative to the config file's folder)") from e
+        raise ConfigError(f"{path}: a file it inherits (_base_) does not exist: "
+                          f"{os.path.normpath(e.filename) if e.filename else e}; fix the _base_ path (relative to the "
+                          f"config file's folder)") from e
     except Exception as e:  # anything reading the user's file raised: the file is bad, not the code
+        if isinstance(e, OSError) and e.errno is not None:
+            raise
         where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
-        detail = " ".join(str(e.msg if isinstance(e, SyntaxError) else e).split()) or "no message"
+        detail = " ".join(str(e.msg if isinstance(e, SyntaxError) and e.msg else e).split()) or "no message"
         fix = ("it is a run's resolved config (damaged?): `make pseudo-labels` with the run's CONFIG, RUN and "
-               "OPTIONS writes it again" if (path.parent / "config_hash.txt").is_file() else "fix the file")
+               "OPTIONS writes it again" if (path.parent / "config_hash.txt").is_file()
+               else f"fix the file ({examples}*.py are working examples)")
         raise ConfigError(f"{path}: cannot read this config file{where}: {type(e).__name__}: {detail}; "
                           f"{fix}") from e
 

@@ -34,7 +34,7 @@ from .utils.cli import BadInputError, add_config_args, config_overrides, exit_on
 from .utils.cpu_malloc import retain_freed_memory
 from .utils.dist import DistInfo, device_for, init_distributed, peak_memory_mb, shutdown_distributed
 from .utils.logging import setup_logging
-from .utils.files import DiskFullError, atomic_write, disk_full_error, is_disk_full
+from .utils.files import DiskFullError, atomic_write, check_free_space, disk_full_error, is_disk_full
 from .utils.precision import autocast, autocast_dtype, precision_name
 from .utils.run_dir import RunDir, RunDirError, git_sha, stage_hash
 
@@ -206,9 +206,8 @@ def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
     """
     what = f"checkpoint {path.name}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    needed = _tensor_bytes(payload)  # a lower bound: a disk with less free space cannot take the checkpoint
-    if shutil.disk_usage(path.parent).free < needed:
-        raise disk_full_error(path.parent, needed=needed, what=what, fix=_CKPT_DISK_FIX, then=_CKPT_DISK_THEN)
+    # the payload's tensors are a lower bound: a disk with less free space cannot take the checkpoint
+    check_free_space(path.parent, _tensor_bytes(payload), what=what, fix=_CKPT_DISK_FIX, then=_CKPT_DISK_THEN)
     try:
         with atomic_write(path, fsync=True) as tmp:
             torch.save(payload, tmp)

@@ -29,6 +29,7 @@ import os
 import os.path as osp
 from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Set
 
+from stage1_cam.config import read_config_file
 from stage1_cam.constants import ENV_DATA_ROOT
 from stage1_cam.utils.cli import BadInputError, UnknownNameError, add_cfg_options, run_main
 from stage1_cam.utils.dist import import_before_process_group, shutdown_distributed
@@ -58,7 +59,6 @@ RUNNER_VALUES: Dict[str, Range] = {
 # checked against the registered class's constructor instead).
 _LOADER_KEYS = ("dataset", "sampler", "batch_sampler", "collate_fn", "worker_init_fn", "num_batch_per_epoch")
 
-_CONFIG_SUFFIXES = (".py", ".json", ".yml", ".yaml")  # what mmengine's Config.fromfile reads
 _DISK_FULL_FIX = "pass --work-dir on a disk with room"
 _DISK_FULL_THEN = "add --resume to continue from the last complete checkpoint in the work dir"
 
@@ -154,49 +154,22 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def load_stage2_config(path: str, sections: Collection[str] = ("model",)) -> Any:
-    """Parse a stage-2 (MMSegmentation) config file the user named; its parse errors are bad input.
-
-    The messages have the form of stage 1's (``stage1_cam.config.read_config_file``): the file, the error, the fix.
+    """Parse a stage-2 (MMSegmentation) config file the user named (``stage1_cam.config.read_config_file``: its
+    parse errors are bad input) and check that it is one.
 
     Args:
         path: an existing config file.
         sections: top-level keys the command needs (a stage-1 config has none of mmseg's).
 
     Raises:
-        ConfigError: the file cannot be parsed (another extension, a syntax error, bad YAML/JSON, an exception
-            while it runs), a file it inherits (``_base_``) is missing, or it lacks ``sections``.
+        ConfigError: the file cannot be parsed, a file it inherits (``_base_``) is missing, or it lacks ``sections``.
     """
-    from mmengine.config import Config
-
-    suffix = osp.splitext(path)[1]
-    if suffix.lower() not in _CONFIG_SUFFIXES:
-        raise ConfigError(f"{path}: a config file must be an mmengine .py (or .json, .yml, .yaml) file, not "
-                          f"{suffix or 'a file without extension'!r}; stage-2 configs live in configs/stage2/")
-    try:
-        cfg = Config.fromfile(path)
-    except FileNotFoundError as e:  # the file exists (checked by the callers): a _base_ file it names does not
-        raise ConfigError(f"{path}: a file it inherits (_base_) does not exist: "
-                          f"{osp.normpath(e.filename) if e.filename else e}; fix the _base_ path (relative to the "
-                          "config file's folder)") from e
-    except OSError as e:
-        if e.errno is not None:  # no access and the like: mapped (with the file) by the entry point
-            raise
-        raise ConfigError(f"{path}: cannot read this config file: {_one_line(e)}; fix the file") from e
-    except Exception as e:  # noqa: BLE001  (whatever reading or running the user's file raised: the file is bad)
-        where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
-        detail = _one_line(e.msg if isinstance(e, SyntaxError) and e.msg else e)
-        raise ConfigError(f"{path}: cannot read this config file{where}: {type(e).__name__}: {detail}; fix the "
-                          "file (configs/stage2/*.py are working examples)") from e
+    cfg = read_config_file(path, examples="configs/stage2/")
     missing = [key for key in sections if cfg.get(key) is None]
     if missing:
         raise ConfigError(f"{path} is not a stage-2 (MMSegmentation) config: it has no {', '.join(missing)}; "
                           "pass one of configs/stage2/*.py (stage-1 configs are for python -m stage1_cam)")
     return cfg
-
-
-def _one_line(err: Any) -> str:
-    """An exception's message on one line (YAML and mmengine messages span several)."""
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 def build_config(args: argparse.Namespace) -> Any:

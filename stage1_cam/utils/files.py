@@ -151,7 +151,8 @@ def disk_full_error(directory: PathLike, *, needed: Optional[int] = None, what: 
     return err
 
 
-def check_free_space(directory: PathLike, needed: int, *, what: str = "the output", fix: str = "") -> None:
+def check_free_space(directory: PathLike, needed: int, *, what: str = "the output", fix: str = "",
+                     then: str = "") -> None:
     """Raise :class:`DiskFullError` when the disk holding ``directory`` has less than ``needed`` bytes free.
 
     Args:
@@ -159,10 +160,11 @@ def check_free_space(directory: PathLike, needed: int, *, what: str = "the outpu
         needed: bytes the next output needs (an estimate).
         what: what is about to be written (for the message).
         fix: an alternative to freeing space (e.g. "write the shards elsewhere with --out DIR").
+        then: what the re-run does (see :func:`disk_full_error`).
     """
     free = shutil.disk_usage(Path(directory)).free
     if free < needed:
-        raise disk_full_error(directory, needed=needed, what=what, fix=fix)
+        raise disk_full_error(directory, needed=needed, what=what, fix=fix, then=then)
 
 
 _ABANDONED: List[Any] = []
