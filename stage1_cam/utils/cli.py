@@ -137,7 +137,7 @@ def describe_error(err: BaseException, *, output: Optional[Tuple[str, str]] = No
     message; only the original message is kept.
 
     Args:
-        output: the command's output argument and its value (e.g. ``("OUT_DIR", "/data/png")``): a full disk
+        output: the command's output argument and its value (e.g. ``("OUT_DIR", "masks_png")``): a full disk
             suggests writing it to another disk, and names it when neither the error nor the traceback names the
             file (:func:`_file_being_written`).
     """
@@ -173,7 +173,7 @@ def exit_on_user_error(err: BaseException, logger: Union[str, logging.Logger], *
         err: the exception caught by ``except Exception as err``.
         logger: logger (or its name) that reports the error.
         extra: further exception classes that are bad input for this entry point (e.g. ``StageError``).
-        output: the command's output argument and its value (``("OUT_DIR", "/data/png")``; see
+        output: the command's output argument and its value (``("OUT_DIR", "masks_png")``; see
             :func:`describe_error`).
     """
     if not is_user_error(err, extra):
@@ -206,7 +206,7 @@ _OUTPUT_DESTS = ("out_dir", "out", "work_dir")
 
 
 def _output_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[Tuple[str, str]]:
-    """The command's output argument and its value (``("OUT_DIR", "/data/png")``), or None when it has none."""
+    """The command's output argument and its value (``("OUT_DIR", "masks_png")``), or None when it has none."""
     for action in parser._actions:
         if action.dest in _OUTPUT_DESTS and getattr(args, action.dest, None) is not None:
             name = action.option_strings[0] if action.option_strings else (action.metavar or action.dest.upper())
