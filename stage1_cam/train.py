@@ -34,7 +34,8 @@ from .utils.cli import BadInputError, add_config_args, config_overrides, exit_on
 from .utils.cpu_malloc import retain_freed_memory
 from .utils.dist import DistInfo, device_for, init_distributed, peak_memory_mb, shutdown_distributed
 from .utils.logging import setup_logging
-from .utils.files import DiskFullError, atomic_write, check_free_space, disk_full_error, is_disk_full
+from .utils.files import (DiskFullError, atomic_write, check_free_space, check_torch_file, disk_full_error,
+                          is_disk_full, unreadable_file_error)
 from .utils.precision import autocast, autocast_dtype, precision_name
 from .utils.run_dir import RunDir, RunDirError, git_sha, stage_hash
 
@@ -252,29 +253,18 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     """
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    size = path.stat().st_size
-    if size == 0:
-        raise BadInputError(f"checkpoint {path} is empty (0 bytes; an interrupted save or copy?); "
-                            f"{_CKPT_DAMAGED_FIX}")
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic != b"PK" and magic[:1] != b"\x80":  # neither a torch.save zip archive nor a (legacy) pickle
-        raise BadInputError(f"{path} ({size} bytes) is not a PyTorch checkpoint (neither a torch.save zip archive "
-                            f"nor a pickle); {_CKPT_FOREIGN_FIX}")
+    check_torch_file(path, what="checkpoint", fix=_CKPT_DAMAGED_FIX, fix_foreign=_CKPT_FOREIGN_FIX)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refuses the objects of other checkpoints (mmengine's)
         if "weights only" not in str(e).lower():  # a damaged pickle
-            raise BadInputError(f"could not read checkpoint {path} ({size} bytes; a truncated or damaged file?): "
-                                f"{' '.join(str(e).split())[:160]}; {_CKPT_DAMAGED_FIX}") from e
+            raise unreadable_file_error(path, e, what="checkpoint", fix=_CKPT_DAMAGED_FIX) from e
         raise BadInputError(f"{path} is not a stage-1 head checkpoint: it holds objects that one does not (a "
                             f"stage-2 or other checkpoint?); {_CKPT_FOREIGN_FIX}") from e
     except (PermissionError, IsADirectoryError, FileNotFoundError):
         raise  # the file system's own errors are named by the error mapping (utils/cli.py)
     except Exception as e:  # torch.load of a truncated or damaged archive: RuntimeError, EOFError, BadZipFile, ...
-        detail = " ".join(str(e).split()).split(". ")[0][:160] or type(e).__name__
-        raise BadInputError(f"could not read checkpoint {path} ({size} bytes; a truncated or damaged file?): "
-                            f"{detail}; {_CKPT_DAMAGED_FIX}") from e
+        raise unreadable_file_error(path, e, what="checkpoint", fix=_CKPT_DAMAGED_FIX) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise BadInputError(f"{path} is not a stage-1 head checkpoint (format {CKPT_FORMAT!r} expected); "
                             f"{_CKPT_FOREIGN_FIX}")

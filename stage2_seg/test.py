@@ -24,9 +24,9 @@ import json
 import logging
 import os
 import os.path as osp
+import pickle
 import re
 import time
-import zipfile
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -35,7 +35,7 @@ import torch
 from stage1_cam.data.datasets import check_label_values
 from stage1_cam.metrics import ConfusionMatrix, json_safe
 from stage1_cam.utils.cli import BadInputError, add_cfg_options, run_main
-from stage1_cam.utils.files import atomic_write_text, file_sha256
+from stage1_cam.utils.files import atomic_write_text, check_torch_file, file_sha256, unreadable_file_error
 from stage1_cam.utils.logging import setup_logging, utc_timestamp
 
 from .checkpoint import safe_checkpoint_loading
@@ -201,24 +201,19 @@ def load_weights(model: torch.nn.Module, path: str, config: str) -> None:
     """
     from mmengine.runner import load_state_dict
 
-    size = osp.getsize(path)
-    if size == 0:
-        raise BadInputError(f"checkpoint {path} is empty (0 bytes; an interrupted copy or a full disk?); "
-                            f"{_CHECKPOINT_FIX}")
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if not zipfile.is_zipfile(path) and head[:1] != b"\x80" and head != b"PK":
-        raise BadInputError(f"{path} ({size} bytes) is not a PyTorch checkpoint (neither a torch.save zip archive "
-                            f"nor a pickle); {_CHECKPOINT_FIX}")
+    check_torch_file(path, what="checkpoint", fix=_CHECKPOINT_FIX)
     try:
         with safe_checkpoint_loading():
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
         raise  # no access and the like: mapped (with the file) by the entry point
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():  # objects neither torch nor mmengine allow: not a stage-2 checkpoint
+            raise BadInputError(f"{path} is not an mmengine checkpoint: it holds objects that one does not "
+                                f"(another program's checkpoint?); {_CHECKPOINT_FIX}") from e
+        raise unreadable_file_error(path, e, what="checkpoint", fix=_CHECKPOINT_FIX) from e
     except Exception as e:  # noqa: BLE001  (torch.load of a damaged file raises many kinds)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # torch's hints: dropped
-        raise BadInputError(f"could not read checkpoint {path} (truncated, damaged or not an mmengine checkpoint?): "
-                            f"{type(e).__name__}: {first}; {_CHECKPOINT_FIX}") from e
+        raise unreadable_file_error(path, e, what="checkpoint", fix=_CHECKPOINT_FIX) from e
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         keys = f" (its keys: {', '.join(map(str, list(ckpt)[:8]))})" if isinstance(ckpt, dict) else ""

@@ -7,6 +7,7 @@ and two small shard files.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import re
@@ -144,7 +145,10 @@ def _truncated(path: Path, state: dict) -> None:
 
 
 CHECKPOINTS = {
-    "truncated": (_truncated, "truncated, damaged"),
+    "truncated": (_truncated, "truncated or damaged"),
+    # an object torch's weights_only loader refuses (not in mmengine's allowlist either)
+    "foreign_object": (lambda path, state: torch.save({"state_dict": state, "args": argparse.Namespace(lr=1)}, path),
+                       "is not an mmengine checkpoint: it holds objects"),
     "empty": (lambda path, state: path.write_bytes(b""), "is empty"),
     "text": (lambda path, state: path.write_text("not a checkpoint\n"), "is not a PyTorch checkpoint"),
     "stage1_head": (lambda path, state: torch.save({"format": "wsss-stage1-checkpoint", "head": {

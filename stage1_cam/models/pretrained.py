@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from ..constants import ENV_CLIP_WEIGHTS
 from ..utils.cli import BadInputError
+from ..utils.files import check_torch_file
 from .model_configs import register_model_configs
 from .world_weights import WORLD_SCHEME, resolve_world_weights
 
@@ -256,25 +257,6 @@ _WEIGHTS_FIX = ("point clip.weights / ${env} at an OpenAI .pt or an open_clip st
                 "download it again").format(env=ENV_CLIP_WEIGHTS)
 
 
-def _check_weights_file(path: str) -> None:
-    """Refuse a file that cannot hold weights (empty, or neither a zip archive nor a pickle) before torch reads it.
-
-    Raises:
-        BadInputError: naming the file and the fix.
-    """
-    size = os.path.getsize(path)
-    if size == 0:
-        raise BadInputError(f"CLIP weights file {path} is empty (0 bytes; an interrupted download or copy?); "
-                            f"{_WEIGHTS_FIX}")
-    if zipfile.is_zipfile(path) or path.endswith((".safetensors", ".npz", ".npy")):
-        return  # torch.save archives (and open_clip's other formats) are read by their own loaders
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head[:1] != b"\x80" and head != b"PK":  # a pickle (legacy torch.save) or a (damaged) zip archive
-        raise BadInputError(f"CLIP weights file {path} ({size} bytes) is not a PyTorch checkpoint (neither a "
-                            f"torch.save zip archive nor a pickle); {_WEIGHTS_FIX}")
-
-
 def _load_weights(model: nn.Module, path: str, model_name: str) -> None:
     """Load a checkpoint strictly into an open_clip model (TorchScript or state dict).
 
@@ -284,7 +266,9 @@ def _load_weights(model: nn.Module, path: str, model_name: str) -> None:
     """
     import open_clip
 
-    _check_weights_file(path)
+    # empty or foreign files refused up front; open_clip's other formats are read by their own loaders
+    check_torch_file(path, what="CLIP weights file", fix=_WEIGHTS_FIX,
+                     magic=not (zipfile.is_zipfile(path) or path.endswith((".safetensors", ".npz", ".npy"))))
     try:
         if _is_torchscript_archive(path):
             # torch.load(weights_only=True) refuses TorchScript archives; jit.load reads them without pickle.

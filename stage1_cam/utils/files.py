@@ -6,6 +6,8 @@
   or left as it was when the writer fails or is killed.
 * :func:`check_free_space` and :func:`is_disk_full`: a full disk becomes one :class:`DiskFullError` that
   names the directory, the space needed and free, and the fix.
+* :func:`check_torch_file` and :func:`unreadable_file_error`: the one wording for an empty, foreign, truncated
+  or damaged checkpoint or weights file (the stage-1 and stage-2 checkpoints, the CLIP weights).
 * :func:`abandon_until_exit`: a native file handle that must never be closed (HDF5 crashes closing a file one
   of whose writes failed) is kept alive, and the process then ends without running native exit handlers.
 """
@@ -24,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Union
 
-from .cli import UserError
+from .cli import BadInputError, UserError
 
 PathLike = Union[str, os.PathLike]
 
@@ -165,6 +167,46 @@ def check_free_space(directory: PathLike, needed: int, *, what: str = "the outpu
     free = shutil.disk_usage(Path(directory)).free
     if free < needed:
         raise disk_full_error(directory, needed=needed, what=what, fix=fix, then=then)
+
+
+def check_torch_file(path: PathLike, *, what: str, fix: str, fix_foreign: str = "", magic: bool = True) -> int:
+    """Refuse a file ``torch.load`` cannot hold weights in before it reads it; returns its size in bytes.
+
+    Args:
+        path: the file (it exists).
+        what: what it should be, for the message ("checkpoint", "CLIP weights file").
+        fix: the fix for an empty file (and a foreign one without ``fix_foreign``).
+        fix_foreign: the fix for a file that is neither a zip archive nor a pickle.
+        magic: check the first bytes (off for formats with loaders of their own, e.g. safetensors).
+
+    Raises:
+        BadInputError: the file is empty, or (``magic``) starts as neither a ``torch.save`` zip archive nor a
+            (legacy) pickle; the message names the file and the fix.
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        raise BadInputError(f"{what} {path} is empty (0 bytes; an interrupted save, download or copy?); {fix}")
+    if magic:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head != b"PK" and head[:1] != b"\x80":
+            raise BadInputError(f"{what} {path} ({size} bytes) is not a PyTorch checkpoint (neither a torch.save zip "
+                                f"archive nor a pickle); {fix_foreign or fix}")
+    return size
+
+
+def unreadable_file_error(path: PathLike, err: BaseException, *, what: str, fix: str) -> BadInputError:
+    """The error for a file ``torch.load`` (or another reader) failed on: truncated or damaged.
+
+    The detail is the first sentence of the reader's message on one line (torch's hints about ``weights_only``
+    that follow it are dropped), or the exception's type when it says nothing.
+    """
+    try:
+        size = f"{os.path.getsize(path)} bytes; "
+    except OSError:
+        size = ""
+    detail = " ".join(str(err).split()).split(". ")[0][:160] or type(err).__name__
+    return BadInputError(f"could not read {what} {path} ({size}a truncated or damaged file?): {detail}; {fix}")
 
 
 _ABANDONED: List[Any] = []
