@@ -402,28 +402,21 @@ def save_checkpoints_atomically(runner: Any) -> None:
             save(out_dir, filename, *args, **kwargs)
             return
         final = osp.join(out_dir, filename)
-        try:
-            with atomic_write(final, fsync=True) as tmp:
-                save(out_dir, tmp.name, *args, **kwargs)
-        except Exception as e:
-            if is_disk_full(e) and not isinstance(e, DiskFullError):
-                raise disk_full_error(out_dir, what=f"checkpoint {final}", fix=_DISK_FULL_FIX,
-                                      then=_DISK_FULL_THEN) from e
-            raise
+        with _naming_full_disk(out_dir, what=f"checkpoint {final}"), atomic_write(final, fsync=True) as tmp:
+            save(out_dir, tmp.name, *args, **kwargs)
 
     runner.save_checkpoint = save_atomically
 
 
 @contextlib.contextmanager
-def _naming_full_disk(work_dir: str) -> Iterator[None]:
-    """A full disk while the runner writes (logs, checkpoints) becomes one :class:`DiskFullError` naming
-    ``work_dir`` and the fixes this command has (mmengine's writes raise ``ENOSPC`` without a file name)."""
+def _naming_full_disk(work_dir: str, what: str = "the training outputs (logs, checkpoints)") -> Iterator[None]:
+    """A full disk while the runner writes ``what`` becomes one :class:`DiskFullError` naming ``work_dir`` and the
+    fixes this command has (mmengine's writes raise ``ENOSPC`` without a file name)."""
     try:
         yield
     except Exception as e:
         if is_disk_full(e) and not isinstance(e, DiskFullError):
-            raise disk_full_error(work_dir, what="the training outputs (logs, checkpoints)", fix=_DISK_FULL_FIX,
-                                  then=_DISK_FULL_THEN) from e
+            raise disk_full_error(work_dir, what=what, fix=_DISK_FULL_FIX, then=_DISK_FULL_THEN) from e
         raise
 
 

@@ -169,8 +169,8 @@ def check_free_space(directory: PathLike, needed: int, *, what: str = "the outpu
         raise disk_full_error(directory, needed=needed, what=what, fix=fix, then=then)
 
 
-def check_torch_file(path: PathLike, *, what: str, fix: str, fix_foreign: str = "", magic: bool = True) -> int:
-    """Refuse a file ``torch.load`` cannot hold weights in before it reads it; returns its size in bytes.
+def check_torch_file(path: PathLike, *, what: str, fix: str, fix_foreign: str = "", magic: bool = True) -> None:
+    """Refuse a file ``torch.load`` cannot hold weights in, before it reads it.
 
     Args:
         path: the file (it exists).
@@ -192,7 +192,6 @@ def check_torch_file(path: PathLike, *, what: str, fix: str, fix_foreign: str = 
         if head != b"PK" and head[:1] != b"\x80":
             raise BadInputError(f"{what} {path} ({size} bytes) is not a PyTorch checkpoint (neither a torch.save zip "
                                 f"archive nor a pickle); {fix_foreign or fix}")
-    return size
 
 
 def unreadable_file_error(path: PathLike, err: BaseException, *, what: str, fix: str) -> BadInputError:
