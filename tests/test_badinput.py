@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-import re
 import shutil
 from pathlib import Path
 from typing import Union, get_args, get_origin, get_type_hints
@@ -20,6 +19,7 @@ from PIL import Image
 from stage1_cam.config import SECTIONS, ConfigError, all_ranges, head_config_class, load_config
 from stage1_cam.utils.cli import BadInputError, UnknownNameError, exit_on_user_error
 from stage1_cam.utils.files import disk_full_error
+from tests.cli_errors import error_lines
 
 TINY = "configs/stage1/weclip_tiny-clip_synthetic-160x160_300i.py"
 VOC = "configs/stage1/weclip_vit-b16_voc12aug-320x320_30k.py"
@@ -27,16 +27,6 @@ VOC = "configs/stage1/weclip_vit-b16_voc12aug-320x320_30k.py"
 
 def _argv(opts: dict) -> list:
     return [f"{k}={v}" for k, v in opts.items()]
-
-
-def _errors(caplog, capfd=None) -> list:
-    """Error messages logged: captured by caplog, or printed once an entry point configured our loggers."""
-    msgs = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    if capfd is not None:
-        err = capfd.readouterr().err
-        assert "Traceback" not in err
-        msgs += [m.group(1) for m in re.finditer(r"^\d\d:\d\d:\d\d E \S+: (.*)$", err, re.M)]
-    return msgs
 
 
 # --------------------------------------------------------------------------------------------------- case 3
@@ -128,7 +118,7 @@ def test_train_main_refuses_a_bad_value_before_making_the_run_dir(option, key, s
     rc = train_main([TINY, "--run", "r", "--cfg-options", f"data.root={synthetic_root}", f"run.root={runs}", option])
     assert rc == 2
     assert not runs.exists()  # nothing created for a failed start
-    (msg,) = _errors(caplog, capfd)
+    (msg,) = error_lines(caplog, capfd)
     assert key in msg and "out of range" in msg and "[1, inf)" in msg
 
 
@@ -139,7 +129,7 @@ def test_pipelines_head_nonexistent_lists_the_heads_before_anything_is_built(tmp
     rc = main(["pseudo-labels", "--config", TINY, "--run", "h", "--head", "nonexistent",
                "--cfg-options", f"run.root={runs}"])
     assert rc == 2 and not runs.exists()
-    (msg,) = _errors(caplog, capfd)
+    (msg,) = error_lines(caplog, capfd)
     assert "head.type='nonexistent'" in msg and "excel, none, weakclip, weclip" in msg
 
 
@@ -192,7 +182,7 @@ def test_dump_evaluate_refuses_bad_ground_truth(bad_gt_root, tmp_path, caplog, c
         w.finalize()
     opts = {"data.root": str(root), "data.eval_split": "val", "dump.num_shards": 1, "run.root": str(tmp_path)}
     assert dump_mod.main([TINY, "--evaluate", "--out", str(out), "--cfg-options", *_argv(opts)]) == 2
-    (msg,) = _errors(caplog, capfd)
+    (msg,) = error_lines(caplog, capfd)
     assert str(path) in msg and "[50]" in msg
     assert not (out / "metrics.json").exists()
 
@@ -204,7 +194,7 @@ def test_cams_entry_point_refuses_bad_ground_truth(bad_gt_root, tmp_path, caplog
     rc = cams_main([TINY, "--run", "c", "--cfg-options", f"data.root={root}", f"run.root={tmp_path / 'runs'}",
                     "data.eval_split=val"])
     assert rc == 2
-    (msg,) = _errors(caplog, capfd)
+    (msg,) = error_lines(caplog, capfd)
     assert str(path) in msg and "[50]" in msg
 
 
@@ -254,7 +244,7 @@ def test_unusable_weights_file_exits_2_from_train(synthetic_root, tmp_path, capl
     rc = train_main([TINY, "--run", "w", "--cfg-options", f"data.root={synthetic_root}",
                      f"run.root={tmp_path / 'runs'}", f"clip.weights={path}"])
     assert rc == 2
-    (msg,) = _errors(caplog, capfd)
+    (msg,) = error_lines(caplog, capfd)
     assert str(path) in msg and expected in msg
 
 
@@ -279,7 +269,7 @@ def test_unwritable_run_dir_exits_2_naming_it(synthetic_root, tmp_path, caplog, 
     _refuse_mkdir_under(monkeypatch, runs, PermissionError, errno.EACCES, "Permission denied")
     rc = train_main([TINY, "--run", "ro", "--cfg-options", f"data.root={synthetic_root}", f"run.root={runs}"])
     assert rc == 2
-    msgs = _errors(caplog, capfd)
+    msgs = error_lines(caplog, capfd)
     assert len(msgs) == 1 and str(runs) in msgs[0] and "Permission denied" in msgs[0] and "run.root" in msgs[0]
 
 
@@ -289,7 +279,7 @@ def test_read_only_data_root_exits_2(tmp_path, caplog, capfd, monkeypatch):
     root = tmp_path / "ro"
     _refuse_mkdir_under(monkeypatch, root, OSError, errno.EROFS, "Read-only file system")
     assert data_main(["--dataset", "synthetic", "--root", str(root)]) == 2
-    (msg,) = _errors(caplog, capfd)
+    (msg,) = error_lines(caplog, capfd)
     assert str(root) in msg and "read-only" in msg.lower()
 
 
@@ -302,14 +292,14 @@ def test_retrain_refuses_stage1_options_it_would_ignore(tmp_path, monkeypatch, c
     caplog.clear()
     capfd.readouterr()
     assert main(["retrain", "--config", VOC, "--run", "o", "--cfg-options", runs, "train.lr=0.1"]) == 2
-    (msg,) = _errors(caplog, capfd)
+    (msg,) = error_lines(caplog, capfd)
     assert "train.lr=0.1" in msg and "config.py" in msg and "S2_OPTIONS" in msg and "pseudo-labels" in msg
     caplog.clear()
     capfd.readouterr()
     # The options the run was made with are fine (make demo passes OPTIONS to every target): the next error is
     # the real one, the missing pseudo-masks.
     assert main(["retrain", "--config", VOC, "--run", "o", "--cfg-options", runs]) == 2
-    (msg,) = _errors(caplog, capfd)
+    (msg,) = error_lines(caplog, capfd)
     assert "manifest" in msg and "OPTIONS" not in msg
 
 
@@ -320,7 +310,7 @@ def test_mapping_user_errors_and_bugs(caplog, capfd):
     assert exit_on_user_error(UnknownNameError("unknown dataset 'x'; valid: voc"), log) == 2
     own = disk_full_error("/", needed=2 ** 60, what="shard 0/4", fix="write the shards elsewhere (--out DIR)")
     assert exit_on_user_error(own, log) == 2
-    msgs = _errors(caplog, capfd)
+    msgs = error_lines(caplog, capfd)
     assert msgs[0].startswith("/runs/x/shard.h5: No space left on device; free disk space")
     assert msgs[1] == "unknown dataset 'x'; valid: voc"
     assert msgs[2] == str(own)  # our own message as it is: the generic fix is not appended a second time
@@ -349,6 +339,6 @@ def test_stage2_test_refuses_bad_ground_truth(bad_gt_root, tmp_path, caplog, cap
     ckpt = tmp_path / "random.pth"
     torch.save({"state_dict": model.state_dict(), "meta": {"iter": 0}}, ckpt)
     assert test_main([str(config), str(ckpt), "--data-root", str(root), "--device", "cpu"]) == 2
-    (msg,) = _errors(caplog, capfd)
+    (msg,) = error_lines(caplog, capfd)
     assert str(aug) in msg and "[50]" in msg
     assert not (tmp_path / "metrics.json").exists()

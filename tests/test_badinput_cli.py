@@ -22,27 +22,12 @@ import torch
 
 from stage1_cam.config import load_config
 from stage1_cam.utils.run_dir import RunDir
+from tests.cli_errors import one_error
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/stage1/weclip_tiny-clip_synthetic-160x160_300i.py")
 S2CFG = str(REPO / "configs/stage2/fcn_r18-c16-d8_1xb8-800i_synthetic-pseudo-128x128.py")
 FULL = Path("/dev/full")  # every write to it fails with ENOSPC: a full disk without filling one
-
-
-def _errors(caplog, capfd, level: str = "E") -> list:
-    """Lines logged at ``level`` (E, W) by caplog or printed by our handlers once an entry point configured them;
-    asserts that no traceback was printed."""
-    msgs = [r.getMessage() for r in caplog.records if r.levelname[0] == level]
-    err = capfd.readouterr().err
-    assert "Traceback" not in err, err
-    msgs += [m.group(1) for m in re.finditer(rf"^\d\d:\d\d:\d\d {level} \S+: (.*)$", err, re.M)]
-    return msgs
-
-
-def _one_error(caplog, capfd) -> str:
-    msgs = _errors(caplog, capfd)
-    assert len(msgs) == 1, msgs
-    return msgs[0]
 
 
 def _argparse_error(capfd, info) -> str:
@@ -117,7 +102,7 @@ def test_unreadable_config_file_is_one_line_naming_it(name, text, what, tmp_path
     path = tmp_path / name
     path.write_text(text)
     assert train_main([str(path), "--run", "x", "--cfg-options", f"run.root={tmp_path / 'runs'}"]) == 2
-    msg = _one_error(caplog, capfd)
+    msg = one_error(caplog, capfd)
     assert str(path) in msg and what in msg
     assert not (tmp_path / "runs").exists()
 
@@ -128,7 +113,7 @@ def test_damaged_run_config_is_named_by_status(tmp_path, caplog, capfd):
     run = _prepared_run(tmp_path)
     run.config_file.write_text(run.config_file.read_text()[:300])  # cut off mid-file
     assert main(["status", "--config", TINY, "--run", "r", "--cfg-options", f"run.root={tmp_path}"]) == 2
-    msg = _one_error(caplog, capfd)
+    msg = one_error(caplog, capfd)
     assert str(run.config_file) in msg and "cannot read this config file" in msg and "pseudo-labels" in msg
 
 
@@ -166,7 +151,7 @@ def test_dump_checkpoint_unusable_is_one_line(kind, what, synthetic_root, tmp_pa
     rc = dump_main([TINY, "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--no-progress",
                     *_opts(synthetic_root, tmp_path / "runs")])
     assert rc == 2
-    msg = _one_error(caplog, capfd)
+    msg = one_error(caplog, capfd)
     assert str(ckpt) in msg and what in msg and "stage-1 checkpoint" in msg
 
 
@@ -175,7 +160,7 @@ def test_train_resume_from_a_stage2_checkpoint_is_one_line(synthetic_root, tmp_p
 
     ckpt = _bad_checkpoint("foreign", tmp_path)
     assert train_main([TINY, "--run", "t", "--resume", str(ckpt), *_opts(synthetic_root, tmp_path / "runs")]) == 2
-    msg = _one_error(caplog, capfd)
+    msg = one_error(caplog, capfd)
     assert str(ckpt) in msg and "is not a stage-1 head checkpoint" in msg
 
 
@@ -188,7 +173,7 @@ def test_pseudo_labels_names_a_truncated_final_checkpoint(tmp_path, monkeypatch,
     shutil.copy(truncated, run.final_ckpt)
     monkeypatch.setattr(pm, "run_cmd", lambda cmd, **kw: {})  # the data step: the dataset is not needed here
     assert pm.main(["pseudo-labels", "--config", TINY, "--run", "r", "--cfg-options", f"run.root={tmp_path}"]) == 2
-    msg = _one_error(caplog, capfd)
+    msg = one_error(caplog, capfd)
     assert str(run.final_ckpt) in msg and "truncated or damaged" in msg and "delete it" in msg
     assert run.final_ckpt.read_bytes() == truncated.read_bytes()  # left for the user to look at
 
@@ -211,7 +196,7 @@ def test_train_on_a_full_disk_is_one_line_naming_the_checkpoint_folder(synthetic
 
     monkeypatch.setattr(shutil, "disk_usage", _usage_without_space(shutil.disk_usage, "checkpoints"))
     assert train_main([TINY, "--run", "full", *_opts(synthetic_root, tmp_path / "runs")]) == 2
-    msg = _one_error(caplog, capfd)
+    msg = one_error(caplog, capfd)
     ckpt_dir = tmp_path / "runs" / "synthetic" / "full" / "stage1" / "checkpoints"
     assert f"no space left on the disk of {ckpt_dir}" in msg and "checkpoint iter_000001.pth" in msg
     assert "run.root" in msg
@@ -267,7 +252,7 @@ def test_malformed_run_lock_is_refused_while_fresh_and_taken_over_when_old(recor
     run.lock_file.write_text(json.dumps(record))
     argv = ["retrain", "--config", TINY, "--run", "r", "--cfg-options", f"run.root={tmp_path}"]
     assert pm.main(argv) == 2  # written just now: it may be a lock being written
-    msg = _one_error(caplog, capfd)
+    msg = one_error(caplog, capfd)
     assert str(run.lock_file) in msg and ("malformed" in msg or "unreadable" in msg) and "delete the lock" in msg
     old = time.time() - 3600
     os.utime(run.lock_file, (old, old))
@@ -287,7 +272,7 @@ def test_run_name_must_be_one_folder_name(name, synthetic_root, tmp_path, caplog
     name = str(tmp_path / "abs") if name == "ABSOLUTE" else name  # (an absolute path the test may write to)
     runs = tmp_path / "a" / "runs"
     assert train_main([TINY, "--run", name, *_opts(synthetic_root, runs)]) == 2
-    msg = _one_error(caplog, capfd)
+    msg = one_error(caplog, capfd)
     assert f"run.name={name!r}" in msg and "not a valid run name" in msg and "'/'" in msg and "'..'" in msg
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, inside run.root or out of it
 
@@ -296,7 +281,7 @@ def test_pipelines_run_name_empty_is_refused(tmp_path, caplog, capfd):
     from pipelines.__main__ import main
 
     assert main(["status", "--config", TINY, "--run", "", "--cfg-options", f"run.root={tmp_path}"]) == 2
-    assert "run.name=''" in _one_error(caplog, capfd)
+    assert "run.name=''" in one_error(caplog, capfd)
 
 
 def _no_stage_runs(monkeypatch) -> None:
@@ -354,7 +339,7 @@ def test_export_on_a_full_disk_names_the_file_and_out_dir(tmp_path, monkeypatch,
     out = tmp_path / "png"
     monkeypatch.setattr(export_mod, "atomic_write", _write_into_full_disk)
     assert export_mod.main([str(shards), str(out)]) == 2
-    msg = _one_error(caplog, capfd)
+    msg = one_error(caplog, capfd)
     assert msg.startswith(f"{out}/") and "No space left on device" in msg and "OUT_DIR" in msg
     assert "run.root" not in msg and "--out" not in msg
 
@@ -373,7 +358,7 @@ def test_data_on_a_full_disk_names_the_file(tmp_path, monkeypatch, caplog, capfd
 
     monkeypatch.setattr(Path, "write_bytes", write_bytes)
     assert data_main(["--dataset", "synthetic", "--root", str(root)]) == 2
-    msg = _one_error(caplog, capfd)
+    msg = one_error(caplog, capfd)
     assert msg.startswith(f"{root}/JPEGImages/") and "No space left on device" in msg
     assert "run.root" not in msg and "--out" not in msg and "another disk" in msg
 
@@ -388,7 +373,7 @@ def test_damaged_hash_record_is_its_own_error(content, synthetic_root, tmp_path,
     (run.ckpt_dir / "latest.pth").write_bytes(b"an output of the run")
     run.hash_file.write_text(content)
     assert train_main([TINY, "--run", "h", "--cfg-options", f"run.root={tmp_path}"]) == 2
-    msg = _one_error(caplog, capfd)
+    msg = one_error(caplog, capfd)
     assert str(run.hash_file) in msg and "damaged" in msg and "OVERWRITE=1" in msg and "delete" in msg
     assert "config hash ," not in msg
     assert run.hash_file.read_text() == content and (run.ckpt_dir / "latest.pth").is_file()  # nothing touched

@@ -31,19 +31,11 @@ from stage1_cam.io.shards import check_split
 from stage1_cam.io.verify import main as verify_main
 from stage1_cam.utils.cli import BadInputError
 from stage1_cam.utils.files import file_sha256
+from tests.cli_errors import error_lines
 from tests.test_integrity import _damage_label_chunks, _shard_set
 from tests.test_shards import _meta
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs/stage1/weclip_tiny-clip_synthetic-160x160_300i.py")
-
-
-def _errors(caplog, capfd) -> List[str]:
-    """Error lines logged (caplog, or stderr once an entry point configured our loggers); never a traceback."""
-    msgs = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    err = capfd.readouterr().err
-    assert "Traceback" not in err
-    msgs += [m.group(1) for m in re.finditer(r"^\d\d:\d\d:\d\d E \S+: (.*)$", err, re.M)]
-    return msgs
 
 
 def _tree(root: Path) -> Dict[str, Any]:
@@ -72,7 +64,7 @@ def test_dump_with_another_shard_count_is_refused_before_writing(tmp_path, synth
     argv = [TINY, "--checkpoint", str(ckpt), "--num-shards", "4", "--shard", "all", "--out", str(out),
             "--no-progress"] + _opts(synthetic_root, tmp_path / "runs")
     assert dump_mod.main(argv) == 2
-    (msg,) = _errors(caplog, capfd)
+    (msg,) = error_lines(caplog, capfd)
     assert str(out) in msg and "2-way" in msg and "4 shards" in msg
     assert "--num-shards 2" in msg and "--out" in msg and "remove the old shard files" in msg
     assert _tree(out) == before  # no new shard, no logs/, the summary and the manifest untouched
@@ -139,7 +131,7 @@ def test_verify_refuses_a_damaged_checksum_record(tmp_path, caplog, capfd, recor
     (out / "manifest.json").unlink()  # nothing else remembers the shard's hash
     before = _tree(out)
     assert verify_main([str(out)]) == 2
-    (msg,) = _errors(caplog, capfd)
+    (msg,) = error_lines(caplog, capfd)
     assert str(checksum_path(path)) in msg and "damaged" in msg and f"delete {path}" in msg
     assert "make pseudo-labels" in msg
     assert _tree(out) == before  # the damaged file's hash is not recorded, no manifest is written
@@ -176,7 +168,7 @@ def test_verify_num_shards_out_of_range_exits_2(tmp_path, caplog, capfd, value):
     out = _shard_set(tmp_path, 2)
     before = _tree(out)
     assert verify_main([str(out), "--num-shards", value]) == 2
-    (msg,) = _errors(caplog, capfd)
+    (msg,) = error_lines(caplog, capfd)
     assert "--num-shards" in msg and value in msg and "[1, 99999]" in msg
     assert _tree(out) == before
     with pytest.raises(BadInputError):  # the library refuses it as bad input too (still a ValueError)
@@ -255,7 +247,7 @@ def test_evaluate_without_shards_is_refused_before_writing(tmp_path, synthetic_r
     before = _tree(out) if out.exists() else None
     argv = [TINY, "--evaluate", "--out", str(out)] + _opts(synthetic_root, tmp_path / "runs", **{"dump.num_shards": 2})
     assert dump_mod.main(argv) == 2
-    (msg,) = _errors(caplog, capfd)
+    (msg,) = error_lines(caplog, capfd)
     assert str(out) in msg and "nothing to evaluate" in msg and "dataset None" not in msg
     assert (_tree(out) if out.exists() else None) == before  # no manifest.json, no logs/
     assert content != "missing" or not out.exists()

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
-import re
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ from stage2_seg.checkpoint import safe_checkpoint_loading  # noqa: E402
 from stage2_seg.test import main as eval_main  # noqa: E402
 from stage2_seg.train import build_config, check_runner_values, parse_args  # noqa: E402
 from stage2_seg.train import main as train_main  # noqa: E402
+from tests.cli_errors import one_error  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 S2_CONFIG = REPO / "configs" / "stage2" / "fcn_r18-c16-d8_1xb8-800i_synthetic-pseudo-128x128.py"
@@ -46,19 +45,6 @@ BAD_CONFIGS = [
     ("bad.yaml", "train_cfg:\n  max_iters: [1\n", "ParserError"),
     ("bad.json", '{"train_cfg": train_cfg}\n', "JSONDecodeError"),
 ]
-
-
-def _errors(caplog, capfd) -> list:
-    """The error lines logged (captured by caplog, or printed once the entry point configured our loggers)."""
-    err = capfd.readouterr().err
-    assert "Traceback" not in err
-    msgs = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    return msgs + [m.group(1) for m in re.finditer(r"^\d\d:\d\d:\d\d E \S+: (.*)$", err, re.M)]
-
-
-def _one_error(caplog, capfd) -> str:
-    (msg,) = _errors(caplog, capfd)
-    return msg
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +91,7 @@ def test_test_refuses_a_config_that_cannot_be_parsed(name, content, cause, tmp_p
     ckpt = tmp_path / "any.pth"
     ckpt.write_bytes(b"unused")
     assert eval_main([str(config), str(ckpt), "--device", "cpu"]) == 2
-    msg = _one_error(caplog, capfd)
+    msg = one_error(caplog, capfd)
     assert str(config) in msg and cause in msg, msg
 
 
@@ -114,7 +100,7 @@ def test_train_refuses_a_config_that_cannot_be_parsed(name, content, cause, shar
     config = tmp_path / name
     config.write_text(content)
     assert train_main([str(config), "--shards", str(shard_dir), "--work-dir", str(tmp_path / "w")]) == 2
-    msg = _one_error(caplog, capfd)
+    msg = one_error(caplog, capfd)
     assert str(config) in msg and cause in msg and "fix the file" in msg, msg
     assert not (tmp_path / "w").exists()
 
@@ -125,7 +111,7 @@ def test_missing_base_file_names_it_and_the_config(tmp_path, caplog, capfd):
     ckpt = tmp_path / "any.pth"
     ckpt.write_bytes(b"unused")
     assert eval_main([str(config), str(ckpt), "--device", "cpu"]) == 2
-    msg = _one_error(caplog, capfd)
+    msg = one_error(caplog, capfd)
     assert str(tmp_path / "nowhere" / "base.py") in msg and str(config) in msg and "_base_" in msg, msg
 
 
@@ -134,7 +120,7 @@ def test_test_refuses_a_stage1_config(synthetic_root, tmp_path, model_state, cap
     ckpt = tmp_path / "iter_1.pth"
     torch.save({"state_dict": model_state, "meta": {"iter": 1}}, ckpt)
     assert eval_main([str(S1_CONFIG), str(ckpt), "--data-root", str(synthetic_root), "--device", "cpu"]) == 2
-    msg = _one_error(caplog, capfd)
+    msg = one_error(caplog, capfd)
     assert str(S1_CONFIG) in msg and "not a stage-2" in msg and "configs/stage2/" in msg, msg
 
 
@@ -168,7 +154,7 @@ def test_test_refuses_an_unusable_checkpoint(kind, synthetic_root, tmp_path, mod
     ckpt = tmp_path / "iter_1.pth"
     write(ckpt, model_state)
     assert eval_main(_test_argv(ckpt, synthetic_root, tmp_path)) == 2
-    msg = _one_error(caplog, capfd)
+    msg = one_error(caplog, capfd)
     assert str(ckpt) in msg and expected in msg and "stage2_seg.train" in msg, msg
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
@@ -187,7 +173,7 @@ def test_test_refuses_an_unusable_device(device, expected, tmp_path, monkeypatch
     ckpt = tmp_path / "iter_1.pth"
     ckpt.write_bytes(b"unused")
     assert eval_main([str(S2_CONFIG), str(ckpt), "--device", device]) == 2
-    msg = _one_error(caplog, capfd)
+    msg = one_error(caplog, capfd)
     assert f"--device {device!r}" in msg and expected in msg, msg
 
 
@@ -209,7 +195,7 @@ def test_train_refuses_bad_cfg_options_before_the_runner(option, expected, shard
                                                          caplog, capfd):
     work = tmp_path / "w"
     assert train_main(_train_argv(shard_dir, synthetic_root, work, option)) == 2
-    msg = _one_error(caplog, capfd)
+    msg = one_error(caplog, capfd)
     assert expected in msg and str(S2_CONFIG) in msg, msg
     assert not work.exists()  # refused before the runner made the work dir
 
@@ -250,7 +236,7 @@ def test_full_disk_while_saving_names_the_work_dir_and_leaves_no_truncated_check
     argv = _train_argv(shard_dir, synthetic_root, work, "train_cfg.max_iters=2", "train_cfg.val_interval=2",
                        "default_hooks.checkpoint.interval=1", "train_dataloader.batch_size=2", "--no-pretrained")
     assert train_main(argv) == 2
-    msg = _one_error(caplog, capfd)
+    msg = one_error(caplog, capfd)
     assert str(work) in msg and "iter_2.pth" in msg and "--work-dir" in msg and "--resume" in msg, msg
     assert "run.root" not in msg and "--out" not in msg  # options this command does not have
     assert sorted(p.name for p in work.glob("*.pth")) == ["iter_1.pth"]  # iter_2 not left truncated

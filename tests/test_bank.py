@@ -21,6 +21,7 @@ from stage1_cam.data.class_names import CLASSES, PROMPT_NAMES
 from stage1_cam.data.descriptions import (COLOUR_NAMES, synthetic_descriptions, write_synthetic_descriptions)
 from stage1_cam.data.synthetic import CLASS_STYLES
 from stage1_cam.utils.cli import BadInputError
+from tests.cli_errors import error_lines
 
 pytest.importorskip("sklearn")
 
@@ -31,13 +32,6 @@ K = 16  # small: fast KMeans (ExCEL's 112 works the same way)
 def _cfg(tmp_path: Path, descriptors, k: int = K, run: str = "r"):
     return load_config(TINY, {"run.root": str(tmp_path / "runs"), "run.name": run, "cam.source": "excel_svc",
                               "cam.descriptors": str(descriptors), "cam.num_attributes": k})
-
-
-def _errors(caplog, capfd) -> list:
-    msgs = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    err = capfd.readouterr().err
-    assert "Traceback" not in err
-    return msgs + [m.group(1) for m in re.finditer(r"^\d\d:\d\d:\d\d E \S+: (.*)$", err, re.M)]
 
 
 @pytest.fixture
@@ -175,7 +169,7 @@ def test_class_name_mismatch_is_refused(tmp_path, desc_file, tiny_clip, caplog, 
         cached_attribute_bank(_cfg(tmp_path, bad), tiny_clip)
     rc = main([TINY, "--descriptions", str(bad), "--cfg-options", f"run.root={tmp_path / 'runs'}"])
     assert rc == 2
-    (msg,) = _errors(caplog, capfd)
+    (msg,) = error_lines(caplog, capfd)
     assert "bad_classes.json" in msg and "sheep" in msg and "unicorn" in msg
     assert not (tmp_path / "runs" / "synthetic" / "demo" / "bank").exists()
 
@@ -211,7 +205,7 @@ def test_wrong_bank_file_exits_2_naming_it(content, expect, tmp_path, caplog, ca
     else:
         torch.save(content, path)
     assert main([TINY, "--descriptions", str(path)]) == 2
-    (msg,) = _errors(caplog, capfd)
+    (msg,) = error_lines(caplog, capfd)
     assert "wrong_embedding_bank.pth" in msg and re.search(expect, msg), msg
 
 
@@ -219,7 +213,7 @@ def test_too_few_sentences_and_missing_file_exit_2(tmp_path, desc_file, caplog, 
     assert main([TINY, "--descriptions", str(tmp_path / "nope.json")]) == 2
     assert main([TINY, "--descriptions", str(desc_file), "-k", "500",
                  "--cfg-options", f"run.root={tmp_path / 'runs'}"]) == 2
-    msgs = _errors(caplog, capfd)
+    msgs = error_lines(caplog, capfd)
     assert "nope.json not found" in msgs[0] and "240 sentences, fewer than the 500" in msgs[1]
 
 
